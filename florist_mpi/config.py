@@ -1,0 +1,340 @@
+"""Experiment configuration: YAML in, validated pydantic model out.
+
+Every key is validated on load; errors name the dotted key and what to do. The
+key names under `run`, `federation`, `lora`, `log` and the section names `model`,
+`data`, `train`, `eval` are a public contract (see docs/configuration.md).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+METHODS = ("florist", "fedit", "flora", "flexlora", "ffa")
+ALPHA_PER_RANK = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*r\s*$")
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the message is one line."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(_Section):
+    rounds: int = Field(5, ge=1)
+    seed: int = Field(0, ge=0)
+    output: str = "runs/run.h5"
+
+
+class FederationConfig(_Section):
+    num_clients: int = Field(8, ge=1)
+    # An int is a count of clients per round, a float in (0, 1] a fraction of them.
+    clients_per_round: int | float | None = None
+    method: Literal["florist", "fedit", "flora", "flexlora", "ffa"] = "florist"
+    tau: float = Field(0.9, gt=0.0, le=1.0)
+    max_rank: int | None = Field(None, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @field_validator("clients_per_round")
+    @classmethod
+    def _positive(cls, value):
+        if value is None:
+            return value
+        if isinstance(value, float) and not value.is_integer():
+            if not 0.0 < value <= 1.0:
+                raise ValueError("a fraction must be in (0, 1]")
+        elif value < 1:
+            raise ValueError("must be a positive count or a fraction in (0, 1]")
+        return value
+
+    def participants_per_round(self) -> int:
+        value = self.clients_per_round
+        if value is None:
+            return self.num_clients
+        if isinstance(value, float) and not value.is_integer():
+            return max(1, math.ceil(value * self.num_clients))
+        return int(value)
+
+
+class TinyModelConfig(_Section):
+    vocab_size: int = Field(512, ge=64)
+    hidden_size: int = Field(64, ge=8)
+    intermediate_size: int = Field(128, ge=8)
+    num_hidden_layers: int = Field(2, ge=1)
+    num_attention_heads: int = Field(4, ge=1)
+    max_position_embeddings: int = Field(256, ge=16)
+
+
+class ModelConfig(_Section):
+    # "tiny" builds a small Llama-style model locally; anything else is a
+    # Hugging Face id or a local directory loaded with from_pretrained.
+    name: str = "tiny"
+    tiny: TinyModelConfig = TinyModelConfig()
+    # Centralised full fine-tuning steps on the pooled training data before
+    # federation starts (tiny model only); the result is cached.
+    warmup_steps: int = Field(0, ge=0)
+    warmup_lr: float = Field(3e-3, gt=0.0)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+
+
+class LoraConfig(_Section):
+    rank: int = Field(8, ge=1)
+    ranks: list[int] | None = None
+    # A number, or "<k>r" for alpha = k * rank (the paper's alpha = 2r).
+    alpha: float | str = 16.0
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = ["q_proj", "v_proj"]
+
+    @field_validator("ranks")
+    @classmethod
+    def _ranks_positive(cls, value):
+        if value is not None and (not value or any(r < 1 for r in value)):
+            raise ValueError("every rank must be a positive integer")
+        return value
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha_form(cls, value):
+        if isinstance(value, str):
+            if not ALPHA_PER_RANK.match(value):
+                raise ValueError("use a number or the form '<k>r', e.g. '2r' for alpha = 2 * rank")
+        elif value <= 0:
+            raise ValueError("must be positive")
+        return value
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, value):
+        if not value:
+            raise ValueError("name at least one module, e.g. [q_proj, v_proj]")
+        return value
+
+    def rank_of(self, client_id: int) -> int:
+        return self.ranks[client_id] if self.ranks is not None else self.rank
+
+    def alpha_of(self, client_id: int) -> float:
+        if isinstance(self.alpha, str):
+            return float(ALPHA_PER_RANK.match(self.alpha).group(1)) * self.rank_of(client_id)
+        return float(self.alpha)
+
+    def scaling_of(self, client_id: int) -> float:
+        return self.alpha_of(client_id) / self.rank_of(client_id)
+
+
+class SyntheticDataConfig(_Section):
+    tasks: list[str] = ["reverse", "sort", "add", "copy", "count", "upper"]
+    examples_per_client: int = Field(256, ge=1)
+    eval_examples: int = Field(256, ge=1)
+    # Dirichlet concentration of each client's task mix: small = strongly non-IID.
+    concentration: float = Field(0.3, gt=0.0)
+
+
+class DataConfig(_Section):
+    source: Literal["synthetic", "json"] = "synthetic"
+    synthetic: SyntheticDataConfig = SyntheticDataConfig()
+    # json: a directory holding one file per client (client_pattern) or one file
+    # that `partition` splits over the clients.
+    path: str | None = None
+    client_pattern: str = "local_training_{client}.json"
+    eval_path: str | None = None
+    partition: Literal["files", "iid", "dirichlet"] = "files"
+    category_field: str = "category"
+    dirichlet_alpha: float = Field(0.5, gt=0.0)
+    max_length: int = Field(128, ge=8)
+    # Tokenizer for the tiny model (trained locally on the client data); ignored
+    # for pretrained models, which bring their own.
+    tokenizer_vocab_size: int | None = None
+
+    @model_validator(mode="after")
+    def _json_needs_path(self):
+        if self.source == "json" and not self.path:
+            raise ValueError("data.path is required when data.source is 'json'")
+        return self
+
+
+class TrainConfig(_Section):
+    local_steps: int | None = Field(10, ge=1)
+    local_epochs: float | None = Field(None, gt=0.0)
+    micro_batch_size: int = Field(8, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    lr: float = Field(3e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    zero_stage: int = Field(0, ge=0, le=2)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    gradient_clipping: float | None = Field(1.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _one_budget(self):
+        if self.local_epochs is not None:
+            self.__dict__["local_steps"] = None
+        return self
+
+
+class EvalConfig(_Section):
+    every: int = Field(1, ge=0)  # 0 disables evaluation
+    kind: Literal["loss", "mmlu"] = "loss"
+    max_examples: int | None = Field(None, ge=1)
+    batch_size: int = Field(16, ge=1)
+    path: str | None = None  # mmlu JSON, or Dolly-style JSON for held-out loss
+
+    @model_validator(mode="after")
+    def _mmlu_needs_path(self):
+        if self.kind == "mmlu" and not self.path:
+            raise ValueError("eval.path is required when eval.kind is 'mmlu'")
+        return self
+
+
+class LogConfig(_Section):
+    client_adapters: bool = False
+
+
+class ExperimentConfig(_Section):
+    run: RunConfig = RunConfig()
+    federation: FederationConfig = FederationConfig()
+    model: ModelConfig = ModelConfig()
+    lora: LoraConfig = LoraConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    log: LogConfig = LogConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        fed, lora = self.federation, self.lora
+        if lora.ranks is not None and len(lora.ranks) != fed.num_clients:
+            raise ValueError(
+                f"lora.ranks has {len(lora.ranks)} entries but federation.num_clients is "
+                f"{fed.num_clients}; give one rank per client or use lora.rank"
+            )
+        if fed.participants_per_round() > fed.num_clients:
+            raise ValueError(
+                f"federation.clients_per_round ({fed.clients_per_round}) exceeds "
+                f"federation.num_clients ({fed.num_clients})"
+            )
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _apply_override(tree: dict, assignment: str) -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"--set '{assignment}' is not of the form key.path=value")
+    key, raw = assignment.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"--set '{assignment}' has an empty key")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: '{part}' is not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        node[parts[-1]] = raw
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "config"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        return f"unknown config key '{key}': remove it or check its spelling (docs/configuration.md lists the keys)"
+    msg = msg.removeprefix("Value error, ")
+    value = first.get("input")
+    shown = "" if isinstance(value, (dict, list)) or value is None else f" (got {value!r})"
+    return f"invalid config value for '{key}'{shown}: {msg}"
+
+
+def config_from_tree(tree: Any, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    if tree is None:
+        tree = {}
+    if not isinstance(tree, dict):
+        raise ConfigError("the config must be a YAML mapping of sections (run:, federation:, ...)")
+    tree = copy.deepcopy(tree)
+    for assignment in overrides:
+        _apply_override(tree, assignment)
+    try:
+        return ExperimentConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def parse_config_text(text: str, overrides=(), source: str = "config") -> ExperimentConfig:
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{source} is not valid YAML{where}: fix the syntax") from None
+    return config_from_tree(tree, overrides)
+
+
+def load_config(path: str | Path, overrides=()) -> ExperimentConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' not found: pass the path of a YAML config (see configs/)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read config file '{path}': {err.__class__.__name__}") from None
+    return parse_config_text(text, overrides, source=f"config file '{path}'")
+
+
+# Keys that must match between a log and a config used to resume it.
+RESUME_KEYS = (
+    "run.seed",
+    "federation.num_clients",
+    "federation.clients_per_round",
+    "federation.method",
+    "federation.tau",
+    "federation.max_rank",
+    "federation.dropout",
+    "model",
+    "lora",
+    "data",
+    "train",
+)
+
+
+def _lookup(tree: dict, dotted: str):
+    node = tree
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _first_difference(a, b, prefix: str) -> str | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in list(a) + [k for k in b if k not in a]:
+            found = _first_difference(a.get(key), b.get(key), f"{prefix}.{key}")
+            if found:
+                return found
+        return None
+    return None if a == b else prefix
+
+
+def resume_mismatch(logged: ExperimentConfig, current: ExperimentConfig) -> str | None:
+    """The first key (dotted) whose value differs in a way that forbids resuming."""
+    old, new = logged.model_dump(mode="json"), current.model_dump(mode="json")
+    for key in RESUME_KEYS:
+        diff = _first_difference(_lookup(old, key), _lookup(new, key), key)
+        if diff:
+            return diff
+    return None

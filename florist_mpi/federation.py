@@ -1,0 +1,371 @@
+"""The federated round loop run by every rank (rank 0 also aggregates and logs)."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from florist_mpi import comm, exchange, storage
+from florist_mpi import data as data_lib
+from florist_mpi import evaluation
+from florist_mpi.config import ExperimentConfig
+from florist_mpi.model import adapted_modules, cores_for_rank, load_base, merge_update, select_device, weights_digest
+from florist_mpi.seeding import Stream, derive_seed, rng
+from florist_mpi.training import ClientJob, ClientTrainingError, ClientUpdate, isolate_torch_distributed, prepare_deepspeed, train_client
+
+
+class SharedFailure(RuntimeError):
+    """A failure every rank learned from rank 0's verdict: only rank 0 reports it."""
+
+
+class RoundFailed(SharedFailure):
+    """A round that cannot be completed (e.g. every client was excluded)."""
+
+
+class RanksDiverged(SharedFailure):
+    """The ranks' base weights differ after a merge: the simulation is no longer sound."""
+
+
+def sample_participants(cfg: ExperimentConfig, round_index: int) -> list[int]:
+    total, count = cfg.federation.num_clients, cfg.federation.participants_per_round()
+    if count >= total:
+        return list(range(total))
+    chosen = rng(cfg.run.seed, round_index, 0, Stream.SAMPLING).choice(total, size=count, replace=False)
+    return sorted(int(c) for c in chosen)
+
+
+def dropped_out(cfg: ExperimentConfig, round_index: int, client_id: int) -> bool:
+    """Simulated straggler/dropout, deterministic in (seed, round, client)."""
+    if cfg.federation.dropout <= 0:
+        return False
+    return bool(rng(cfg.run.seed, round_index, client_id, Stream.DROPOUT).random() < cfg.federation.dropout)
+
+
+def frozen_A(cfg: ExperimentConfig, shapes: dict[str, tuple[int, int]]) -> dict[str, np.ndarray]:
+    """FFA-LoRA's shared A: drawn once from the run seed, identical for every client and round."""
+    largest = max(cfg.lora.rank_of(c) for c in range(cfg.federation.num_clients))
+    generator = torch.Generator().manual_seed(derive_seed(cfg.run.seed, 0, 0, Stream.FROZEN_A))
+    result = {}
+    for name, (_, n) in shapes.items():
+        bound = 1.0 / math.sqrt(n)  # PEFT's default A init (kaiming-uniform, a=sqrt(5))
+        result[name] = ((torch.rand(largest, n, generator=generator) * 2 - 1) * bound).numpy()
+    return result
+
+
+def library_versions() -> dict:
+    import deepspeed
+    import h5py
+    import mpi4py
+    import peft
+    import transformers
+    from mpi4py import MPI
+
+    from florist_mpi import __version__
+
+    return {
+        "florist_mpi": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+        "peft": peft.__version__, "deepspeed": deepspeed.__version__, "mpi4py": mpi4py.__version__,
+        "h5py": h5py.__version__, "mpi": MPI.Get_library_version().splitlines()[0].strip(),
+    }
+
+
+class Federation:
+    def __init__(self, world, cfg: ExperimentConfig, plan, verbose: bool = False):
+        self.world, self.cfg, self.plan, self.verbose = world, cfg, plan, verbose
+        self.output = Path(cfg.run.output)
+        self.device = select_device(world.local_rank)
+        if self.device.type == "cpu":
+            torch.set_num_threads(cores_for_rank(world.local_size))
+        isolate_torch_distributed(world.local_rank)
+        prepare_deepspeed(verbose)
+        self.model, self.tokenizer = load_base(cfg, world, self.device)
+        self.modules = adapted_modules(self.model, cfg.lora.target_modules)
+        self.shapes = {name: tuple(module.weight.shape) for name, module in self.modules.items()}
+        self.client_records = data_lib.client_records(cfg.data, cfg.federation.num_clients, cfg.run.seed)
+        self._encoded: dict[int, list] = {}
+        self.eval_set = self._load_eval_shard()
+        self.frozen_A = frozen_A(cfg, self.shapes) if cfg.federation.method == "ffa" else None
+        self.client_init: dict[str, tuple[np.ndarray, np.ndarray]] | None = None  # FlexLoRA carry-over
+        self.log_started = plan.resume_from >= 0
+        self.initial_eval = math.nan
+
+    # ------------------------------------------------------------------ set-up
+
+    def _load_eval_shard(self):
+        from florist_mpi.runner import _eval_records
+
+        if not self.cfg.eval.every:
+            return None
+        records = evaluation.shard(_eval_records(self.cfg), self.world.rank, self.world.size)
+        if self.cfg.eval.kind == "mmlu":
+            return evaluation.multiple_choice_items(records, self.tokenizer, self.cfg.data.max_length)
+        return data_lib.encode_records(records, self.tokenizer, self.cfg.data.max_length)
+
+    def _encoded_client(self, client_id: int):
+        if client_id not in self._encoded:
+            self._encoded[client_id] = data_lib.encode_records(
+                self.client_records[client_id], self.tokenizer, self.cfg.data.max_length
+            )
+        return self._encoded[client_id]
+
+    def _restore_from_log(self) -> None:
+        """Replay the logged global updates onto the freshly built base (bitwise the same ops)."""
+        with storage.open_log(self.output) as handle:
+            rounds = storage.completed_rounds(handle)
+            self.initial_eval = float(handle.attrs.get("initial_eval_loss", math.nan))
+            for round_index in rounds:
+                factors = storage.read_global_factors(handle, round_index)
+                if self.cfg.federation.method == "flexlora":
+                    self.client_init = factors
+                else:
+                    merge_update(self.modules, {name: factors[name] for name in self.shapes})
+
+    # --------------------------------------------------------------------- loop
+
+    def run(self) -> None:
+        cfg, world = self.cfg, self.world
+        first = self.plan.resume_from + 1
+        if first > 0:
+            self._restore_from_log()
+        elif cfg.eval.every:
+            self.initial_eval = self._evaluate()[0]
+        if world.is_root:
+            self._say(self._banner(first))
+        for round_index in range(first, cfg.run.rounds):
+            self._run_round(round_index)
+        if world.is_root:
+            self._say(f"done: {cfg.run.rounds} rounds logged to {self.output}")
+
+    def _run_round(self, round_index: int) -> None:
+        cfg, world = self.cfg, self.world
+        timings: dict[str, float] = {}
+        participants = sample_participants(cfg, round_index)
+        dropped = [c for c in participants if dropped_out(cfg, round_index, c)]
+        training = [c for c in participants if c not in dropped]
+        mine = training[world.rank :: world.size]
+
+        start = time.perf_counter()
+        updates = [self._train_one(client_id, round_index) for client_id in mine]
+        timings["time_train"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        received = exchange.gather_updates(world, updates, self.shapes)
+        timings["time_gather"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        outcome = self._aggregate(round_index, received, dropped) if world.is_root else None
+        failure = comm.root_verdict(world, outcome.get("error") if world.is_root else None)
+        if failure:
+            raise RoundFailed(failure)
+        timings["time_aggregate"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        global_factors = exchange.broadcast_global(world, outcome["global"] if world.is_root else None, self.shapes)
+        timings["time_broadcast"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        if cfg.federation.method == "flexlora":
+            self.client_init = global_factors
+        else:
+            merge_update(self.modules, global_factors)
+        timings["time_merge"] = time.perf_counter() - start
+        self._check_consistency(round_index)
+
+        start = time.perf_counter()
+        evaluate = cfg.eval.every and ((round_index + 1) % cfg.eval.every == 0 or round_index + 1 == cfg.run.rounds)
+        eval_loss, eval_accuracy = self._evaluate(global_factors) if evaluate else (math.nan, math.nan)
+        timings["time_eval"] = time.perf_counter() - start
+
+        # aggregation happens on rank 0 only; the other phases report their slowest rank
+        slowest = comm.reduce_max(world, np.array([timings[k] for k in sorted(timings)])) if world.size > 1 else None
+        if slowest is not None:
+            timings = dict(zip(sorted(timings), slowest.tolist()))
+        if world.is_root:
+            timings["time_aggregate"] = outcome["time_aggregate"]
+            self._commit_round(round_index, outcome, timings, eval_loss, eval_accuracy, participants)
+
+    # ------------------------------------------------------------ client side
+
+    def _job(self, client_id: int, round_index: int) -> ClientJob:
+        lora = self.cfg.lora
+        return ClientJob(
+            client_id=client_id, round_index=round_index, rank=lora.rank_of(client_id), alpha=lora.alpha_of(client_id),
+            encoded=self._encoded_client(client_id), init_factors=self.client_init, frozen_A=self.frozen_A,
+        )
+
+    def _train_one(self, client_id: int, round_index: int) -> ClientUpdate:
+        job = self._job(client_id, round_index)
+        start = time.perf_counter()
+        try:
+            update = train_client(self.model, set(self.shapes), job, self.cfg, self.device)
+        except (ClientTrainingError, torch.OutOfMemoryError) as err:
+            print(f"florist-mpi: warning (rank {self.world.rank}): client {client_id} failed in round "
+                  f"{round_index} and is left out: {err}", file=sys.stderr, flush=True)
+            return ClientUpdate(client_id, len(job.encoded), job.rank, math.nan, error=str(err))
+        if self.verbose:
+            print(f"[rank {self.world.rank}] round {round_index} client {client_id}: r={job.rank} "
+                  f"n={len(job.encoded)} loss={update.train_loss:.4f} ({time.perf_counter() - start:.1f}s)", flush=True)
+        return update
+
+    # ------------------------------------------------------------ server side
+
+    def _aggregate(self, round_index: int, received, dropped: list[int]) -> dict:
+        from florist_mpi.aggregation import aggregate_adapter
+
+        excluded = [(c, "dropout (simulated, federation.dropout)") for c in dropped]
+        kept = []
+        for client in received:
+            if client.failed:
+                excluded.append((client.client_id, "local training failed (see that rank's stderr)"))
+            elif not all(np.isfinite(B).all() and np.isfinite(A).all() for B, A in client.factors.values()):
+                excluded.append((client.client_id, "non-finite factors (NaN/Inf)"))
+            else:
+                kept.append(client)
+        outcome = {"received": received, "kept": kept, "excluded": sorted(excluded)}
+        if not kept:
+            reasons = "; ".join(f"client {c}: {why}" for c, why in sorted(excluded))
+            outcome["error"] = f"round {round_index} has no client left to aggregate ({reasons})"
+            return outcome
+        fed = self.cfg.federation
+        start = time.perf_counter()
+        per_module = {
+            name: [(torch.from_numpy(c.factors[name][0]), torch.from_numpy(c.factors[name][1])) for c in kept]
+            for name in self.shapes
+        }
+        results = aggregate_adapter(fed.method, per_module, [c.num_samples for c in kept], tau=fed.tau, max_rank=fed.max_rank)
+        outcome["time_aggregate"] = time.perf_counter() - start
+        outcome["results"] = results
+        outcome["global"] = {
+            name: (results[name].B.float().contiguous().numpy(), results[name].A.float().contiguous().numpy())
+            for name in self.shapes
+        }
+        return outcome
+
+    def _check_consistency(self, round_index: int) -> None:
+        digest = weights_digest(self.modules)
+        if self.world.size == 1:
+            return
+        digests = comm.gather_digests(self.world, digest)
+        verdict = None
+        if self.world.is_root:
+            differing = [rank for rank, d in enumerate(digests) if d != digests[0]]
+            if differing:
+                verdict = f"base weights differ between rank 0 and ranks {differing} after round {round_index}"
+        verdict = comm.root_verdict(self.world, verdict)
+        if verdict:
+            raise RanksDiverged(verdict)
+
+    # ------------------------------------------------------------- evaluation
+
+    def _evaluate(self, global_factors=None) -> tuple[float, float]:
+        """Held-out loss (and MMLU accuracy) of the global model, split over ranks."""
+        if self.eval_set is None:
+            return math.nan, math.nan
+        restore = None
+        if self.cfg.federation.method == "flexlora" and global_factors is not None:
+            # FlexLoRA keeps the base; its global model is base + the aggregated update.
+            restore = {name: self.modules[name].weight.detach().clone() for name in global_factors}
+            merge_update(self.modules, global_factors)
+        try:
+            return self._evaluate_model()
+        finally:
+            if restore is not None:
+                with torch.no_grad():
+                    for name, weight in restore.items():
+                        self.modules[name].weight.copy_(weight)
+
+    def _evaluate_model(self) -> tuple[float, float]:
+        if self.cfg.eval.kind == "mmlu":
+            correct, total = evaluation.multiple_choice_correct(self.model, self.eval_set, self.device)
+            correct, total = comm.allreduce_sum(self.world, np.array([correct, total])) if self.world.size > 1 else (correct, total)
+            return math.nan, float(correct) / float(total) if total else math.nan
+        total, count = evaluation.loss_sums(self.model, self.eval_set, self.cfg.eval.batch_size, self.device)
+        if self.world.size > 1:
+            total, count = comm.allreduce_sum(self.world, np.array([total, count]))
+        return evaluation.mean_loss(float(total), int(count)), math.nan
+
+    # ---------------------------------------------------------------- logging
+
+    def _header(self) -> storage.RunHeader:
+        return storage.RunHeader(
+            config_yaml=self.cfg.to_yaml(), method=self.cfg.federation.method, tau=self.cfg.federation.tau,
+            num_clients=self.cfg.federation.num_clients, world_size=self.world.size,
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"), versions=library_versions(),
+            modules=list(self.shapes), module_shapes=list(self.shapes.values()), initial_eval_loss=self.initial_eval,
+        )
+
+    def _commit_round(self, round_index, outcome, timings, eval_loss, eval_accuracy, participants) -> None:
+        kept, received = outcome["kept"], {c.client_id: c for c in outcome["received"]}
+        results = outcome["results"]
+        lora = self.cfg.lora
+        clients = {
+            "id": np.array(participants, dtype=np.int64),
+            "num_samples": np.array([len(self.client_records[c]) for c in participants], dtype=np.int64),
+            "rank": np.array([lora.rank_of(c) for c in participants], dtype=np.int64),
+            "train_loss": np.array([received[c].train_loss if c in received else math.nan for c in participants]),
+        }
+        bytes_up = 4 * sum(exchange.factor_floats(self.shapes, c.rank) for c in kept)
+        attrs = {
+            "tau": float(self.cfg.federation.tau), **{k: float(v) for k, v in timings.items()},
+            "bytes_up": int(bytes_up), "bytes_down": int(self._bytes_down(outcome["global"])),
+            "eval_loss": float(eval_loss), "eval_accuracy": float(eval_accuracy),
+        }
+        record = storage.RoundRecord(
+            index=round_index, attrs=attrs, clients=clients, excluded=outcome["excluded"],
+            global_factors={
+                name: (B, A, results[name].singular_values.double().numpy(), results[name].rank, float(results[name].energy))
+                for name, (B, A) in outcome["global"].items()
+            },
+            client_adapters={c.client_id: c.factors for c in kept} if self.cfg.log.client_adapters else None,
+        )
+        if not self.log_started:
+            storage.create_log(self.output, self._header(), replace=self.plan.overwrite, first_round=record)
+            self.log_started = True
+        else:
+            storage.append_round(self.output, record)
+        self._say(self._round_line(round_index, attrs, kept, outcome, participants))
+
+    def _bytes_down(self, global_factors) -> int:
+        """fp32 bytes the server sends, summed over every client (each gets its own prefix in FlexLoRA)."""
+        lora, fed = self.cfg.lora, self.cfg.federation
+        total = 0
+        for client_id in range(fed.num_clients):
+            for name, (B, A) in global_factors.items():
+                r = B.shape[1] if fed.method != "flexlora" else min(B.shape[1], lora.rank_of(client_id))
+                total += 4 * r * (B.shape[0] + A.shape[1])
+        return total
+
+    # ---------------------------------------------------------------- output
+
+    def _say(self, line: str) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(line, file=sys.stdout)
+        sys.stdout.flush()
+
+    def _banner(self, first: int) -> str:
+        cfg, world = self.cfg, self.world
+        what = f"resuming after round {first - 1}" if first else "starting"
+        initial = f", initial eval loss {self.initial_eval:.4f}" if math.isfinite(self.initial_eval) else ""
+        return (f"florist-mpi {what}: {cfg.federation.method} (tau={cfg.federation.tau}) | {cfg.federation.num_clients} clients "
+                f"on {world.size} rank(s), device {self.device.type} | {len(self.shapes)} adapted modules | "
+                f"{cfg.run.rounds} rounds -> {self.output}{initial}")
+
+    def _round_line(self, round_index, attrs, kept, outcome, participants) -> str:
+        ranks = [r.rank for r in outcome["results"].values()]
+        losses = [c.train_loss for c in kept]
+        eval_part = f"eval loss {attrs['eval_loss']:.4f}" if math.isfinite(attrs["eval_loss"]) else "eval -"
+        if math.isfinite(attrs.get("eval_accuracy", math.nan)):
+            eval_part = f"eval acc {attrs['eval_accuracy']:.3f}"
+        phases = " ".join(f"{k.removeprefix('time_')} {attrs[k]:.2f}s" for k in
+                          ("time_train", "time_gather", "time_aggregate", "time_broadcast", "time_merge", "time_eval"))
+        excluded = f" ({len(outcome['excluded'])} excluded)" if outcome["excluded"] else ""
+        return (f"round {round_index + 1}/{self.cfg.run.rounds} | clients {len(kept)}/{len(participants)}{excluded} | "
+                f"train loss {np.mean(losses):.4f} | {eval_part} | global rank mean {np.mean(ranks):.1f} "
+                f"| down {attrs['bytes_down'] / 1e6:.2f} MB | {phases}")

@@ -1,0 +1,238 @@
+"""The base model: building or loading it, finding adapted modules, merging updates.
+
+The tiny Llama-style model is built from the config with seeded random weights
+and a tokenizer trained locally, so the default run needs no download. Rank 0
+builds it (or takes it from the cache) and broadcasts the bytes, so every rank
+starts from bit-identical weights without needing a shared file system.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from florist_mpi.config import ExperimentConfig
+from florist_mpi.errors import UserError
+
+CACHE_ENV = "FLORIST_MPI_CACHE"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "florist_mpi")
+
+
+@contextmanager
+def file_lock(path: Path):
+    """An exclusive advisory lock; released by the OS even if the holder is killed."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# ------------------------------------------------------------------ devices & threads
+
+
+def select_device(local_rank: int) -> torch.device:
+    """One GPU per rank, chosen by node-local rank; CPU when there is none."""
+    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+        index = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+def cores_for_rank(local_size: int) -> int:
+    """Cores this rank may use: the scheduler's word first, else an even share of the node."""
+    for variable in ("SLURM_CPUS_PER_TASK", "OMP_NUM_THREADS"):
+        value = os.environ.get(variable, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    try:
+        available = len(os.sched_getaffinity(0))
+    except AttributeError:
+        available = os.cpu_count() or 1
+    # Under mpirun the affinity mask may already be this rank's share.
+    total = os.cpu_count() or available
+    share = available if available < total else total // max(1, local_size)
+    return max(1, share)
+
+
+# ---------------------------------------------------------------------- base model
+
+
+def _tiny_cache_key(cfg: ExperimentConfig) -> str:
+    spec = {
+        "tiny": cfg.model.tiny.model_dump(),
+        "seed": cfg.run.seed,
+        "warmup_steps": cfg.model.warmup_steps,
+        "warmup_lr": cfg.model.warmup_lr,
+        "data": cfg.data.model_dump(mode="json"),
+        "num_clients": cfg.federation.num_clients,
+        "format": 1,
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_tiny_model(cfg: ExperimentConfig, vocab_size: int, pad_id: int, bos_id: int, eos_id: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tiny = cfg.model.tiny
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=tiny.hidden_size,
+        intermediate_size=tiny.intermediate_size,
+        num_hidden_layers=tiny.num_hidden_layers,
+        num_attention_heads=tiny.num_attention_heads,
+        num_key_value_heads=tiny.num_attention_heads,
+        max_position_embeddings=tiny.max_position_embeddings,
+        pad_token_id=pad_id,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(cfg.run.seed)
+    return LlamaForCausalLM(config)
+
+
+def _build_tiny_artifacts(cfg: ExperimentConfig, directory: Path) -> None:
+    """Train the tokenizer, build the model, optionally warm it up; save to `directory`."""
+    from florist_mpi import data as data_lib
+    from florist_mpi.warmup import warm_up
+
+    records = [r for client in data_lib.client_records(cfg.data, cfg.federation.num_clients, cfg.run.seed) for r in client]
+    vocab = cfg.data.tokenizer_vocab_size or cfg.model.tiny.vocab_size
+    tokenizer = data_lib.build_tokenizer(records, vocab)
+    model = build_tiny_model(cfg, len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    if cfg.model.warmup_steps:
+        warm_up(model, tokenizer, records, cfg)
+    tmp = directory.with_name(directory.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, directory)
+
+
+def ensure_tiny_artifacts(cfg: ExperimentConfig) -> Path:
+    directory = cache_root() / "tiny" / _tiny_cache_key(cfg)
+    if not (directory / "config.json").is_file():
+        with file_lock(directory.with_name(directory.name + ".lock")):
+            if not (directory / "config.json").is_file():
+                _build_tiny_artifacts(cfg, directory)
+    return directory
+
+
+def _directory_bytes(directory: Path) -> bytes:
+    files = {p.name: p.read_bytes().hex() for p in sorted(directory.iterdir()) if p.is_file()}
+    return json.dumps(files).encode()
+
+
+def _materialise(payload: bytes, key: str) -> Path:
+    """Write broadcast artifacts into this process's cache (atomic, idempotent)."""
+    directory = cache_root() / "tiny" / key
+    if (directory / "config.json").is_file():
+        return directory
+    tmp = directory.with_name(directory.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    for name, content in json.loads(payload).items():
+        (tmp / name).write_bytes(bytes.fromhex(content))
+    try:
+        os.replace(tmp, directory)
+    except OSError:  # another rank on this node got there first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def load_base(cfg: ExperimentConfig, world, device: torch.device):
+    """The base model (eval mode, frozen) and its tokenizer, identical on every rank."""
+    from florist_mpi import comm
+
+    if cfg.model.name == "tiny":
+        key = _tiny_cache_key(cfg)
+        payload = _directory_bytes(ensure_tiny_artifacts(cfg)) if world.is_root else None
+        if world.size > 1:
+            payload = comm.bcast_bytes(world, payload)
+        directory = cache_root() / "tiny" / key if world.is_root else _materialise(payload, key)
+        return _load_pretrained(str(directory), cfg, device, local_only=True)
+    return _load_pretrained(cfg.model.name, cfg, device, local_only=False)
+
+
+def _load_pretrained(name: str, cfg: ExperimentConfig, device: torch.device, local_only: bool):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = DTYPES[cfg.model.dtype] if device.type == "cuda" else torch.float32
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_only, trust_remote_code=cfg.model.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            name, dtype=dtype, local_files_only=local_only, trust_remote_code=cfg.model.trust_remote_code
+        )
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
+        raise UserError(
+            f"cannot load model '{name}' ({first[:160]}): set model.name to a local model directory, "
+            "a reachable Hugging Face id, or 'tiny'"
+        ) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device)
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model, tokenizer
+
+
+# ------------------------------------------------------------------ adapted modules
+
+
+def adapted_modules(model, target_modules: list[str]) -> dict[str, torch.nn.Linear]:
+    """Linear modules whose last name component is a target, by dotted name, in model order."""
+    found = {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in target_modules
+    }
+    if not found:
+        raise UserError(
+            f"lora.target_modules {target_modules} match no linear layer of the model: "
+            "use names such as q_proj, v_proj (see the model's named_modules)"
+        )
+    return found
+
+
+@torch.no_grad()
+def merge_update(modules: dict[str, torch.nn.Linear], factors: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """W += B @ A for every module (the global update with LoRA scaling folded in)."""
+    for name, (B, A) in factors.items():
+        weight = modules[name].weight
+        if B.shape[1] == 0:
+            continue
+        delta = torch.from_numpy(np.ascontiguousarray(B)).to(weight.device) @ torch.from_numpy(
+            np.ascontiguousarray(A)
+        ).to(weight.device)
+        weight.add_(delta.to(weight.dtype))
+
+
+@torch.no_grad()
+def weights_digest(modules: dict[str, torch.nn.Linear]) -> bytes:
+    """A cheap fingerprint of the adapted weights (exact bytes of a strided sample + fp64 sums)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(modules):
+        weight = modules[name].weight.detach().reshape(-1)
+        sample = weight[:: max(1, weight.numel() // 4096)].float().cpu().numpy()
+        sums = torch.stack([weight.double().sum(), weight.double().square().sum()]).cpu().numpy()
+        digest.update(name.encode())
+        digest.update(sample.tobytes())
+        digest.update(sums.tobytes())
+    return digest.digest()

@@ -1,0 +1,206 @@
+"""`florist-mpi run`: the federated round loop.
+
+Rank 0 checks everything the user gave (config, log, data, model) before any rank
+does work, then every round: sample clients -> local training on the ranks that
+host them -> gather factors to rank 0 (MPI buffers) -> aggregate -> broadcast ->
+every rank merges the global update -> evaluate -> rank 0 appends the round to the
+log. See docs/log-format.md for what is recorded.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from florist_mpi import comm
+from florist_mpi.config import ConfigError, ExperimentConfig, load_config, parse_config_text, resume_mismatch
+from florist_mpi.errors import USER_ERRORS, UserError
+from florist_mpi.seeding import Stream, derive_seed, rng
+
+STATUS_OK, STATUS_FAILED = 0, 1
+META_FIELDS = 6  # client id, num_samples, rank, train_loss, status, payload floats
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("config", help="experiment YAML (see configs/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set federation.tau=0.8 (repeatable)")
+    parser.add_argument("--resume", action="store_true", help="continue the run recorded in run.output")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing run.output (the old log stays until round 0 completes)")
+    parser.add_argument("--verbose", action="store_true", help="per-client lines from every rank")
+
+
+def main(args) -> int:
+    world = comm.init_world()
+    try:
+        return run_job(world, args)
+    except SystemExit:
+        raise
+    except BaseException as err:  # noqa: BLE001 - any failure must end every rank
+        _fail(world, err, debug=getattr(args, "debug", False))
+
+
+def _fail(world, err: BaseException, debug: bool):
+    from florist_mpi.federation import SharedFailure
+
+    if isinstance(err, SharedFailure) and not world.is_root:
+        world.barrier()  # rank 0 reports it and aborts the job; wait to be ended
+    user = isinstance(err, USER_ERRORS)
+    prefix = f"florist-mpi: error (rank {world.rank}): " if world.size > 1 else "florist-mpi: error: "
+    if user and not debug:
+        message = prefix + UserError.one_line(err)
+    elif isinstance(err, SharedFailure) and not debug:
+        message = prefix.replace(f" (rank {world.rank})", "") + str(err)
+    elif isinstance(err, KeyboardInterrupt):
+        message = prefix + "interrupted"
+    else:
+        message = prefix + f"{err.__class__.__name__}: {err}\n" + "".join(traceback.format_exception(err))
+    if world.size == 1 and user and not debug:
+        raise err  # the CLI prints it once and exits with 2
+    comm.abort(world, message, code=2 if user else 1)
+
+
+# ---------------------------------------------------------------- preflight (rank 0)
+
+
+@dataclass
+class Plan:
+    """What rank 0 decided before any work; broadcast to every rank as JSON."""
+
+    config_yaml: str
+    resume_from: int = -1  # last completed round in the log being resumed
+    overwrite: bool = False
+    error: str | None = None
+
+
+def _preflight(args) -> Plan:
+    cfg = load_config(args.config, args.overrides)
+    output = Path(cfg.run.output)
+    plan = Plan(config_yaml=cfg.to_yaml(), overwrite=bool(args.overwrite))
+    if args.resume and args.overwrite:
+        raise UserError("--resume and --overwrite contradict each other: pass only one")
+    if args.resume:
+        plan.resume_from = _check_resumable(output, cfg)
+    elif output.exists() and not args.overwrite:
+        raise UserError(
+            f"log '{output}' already exists: pass --resume to continue it, --overwrite to replace it, "
+            "or set run.output to a new path"
+        )
+    if output.exists() and output.is_dir():
+        raise UserError(f"run.output '{output}' is a directory: give a file path such as runs/demo.h5")
+    _check_inputs(cfg)
+    return plan
+
+
+def _check_resumable(output: Path, cfg: ExperimentConfig) -> int:
+    from florist_mpi import storage
+
+    if not output.exists():
+        raise UserError(f"cannot resume: log '{output}' does not exist; drop --resume to start a new run")
+    with storage.open_log(output) as handle:
+        logged = parse_config_text(storage.decode_str(handle.attrs["config"]), source=f"log '{output}'")
+        rounds = storage.completed_rounds(handle)
+    differing = resume_mismatch(logged, cfg)
+    if differing:
+        raise UserError(
+            f"cannot resume '{output}': config key '{differing}' differs from the logged run; "
+            "restore it or start a new run with another run.output"
+        )
+    if rounds != list(range(len(rounds))):
+        raise UserError(f"cannot resume '{output}': its rounds {rounds} are not contiguous from 0")
+    return len(rounds) - 1
+
+
+def _check_inputs(cfg: ExperimentConfig) -> None:
+    from florist_mpi import data as data_lib
+
+    clients = data_lib.client_records(cfg.data, cfg.federation.num_clients, cfg.run.seed)
+    for client_id, records in enumerate(clients):
+        if not records:
+            raise UserError(f"client {client_id} has no training examples: fix the data split or lower federation.num_clients")
+    if cfg.eval.every:
+        _eval_records(cfg)
+    if cfg.model.name != "tiny":
+        _check_model_reference(cfg.model.name)
+
+
+def _check_model_reference(name: str) -> None:
+    looks_local = name.startswith((".", "/", "~")) or os.sep in name and Path(name).expanduser().exists()
+    if looks_local and not (Path(name).expanduser() / "config.json").is_file():
+        raise UserError(f"model.name '{name}' is not a model directory (no config.json): give a local model path, a Hugging Face id, or 'tiny'")
+
+
+def _eval_records(cfg: ExperimentConfig) -> list[dict]:
+    from florist_mpi import data as data_lib
+
+    if cfg.eval.kind == "mmlu" or cfg.eval.path:
+        records = data_lib.load_json_records(Path(cfg.eval.path))
+    else:
+        records = data_lib.eval_records(cfg.data, cfg.run.seed)
+    if cfg.eval.max_examples:
+        records = records[: cfg.eval.max_examples]
+    if not records:
+        raise UserError("the evaluation set is empty: point eval.path at a file with examples or set eval.every: 0")
+    return records
+
+
+def _agree_on_plan(world, args) -> Plan:
+    """Rank 0 validates; everyone gets the same verdict, so bad input fails before any work."""
+    payload = None
+    if world.is_root:
+        try:
+            plan = _preflight(args)
+        except USER_ERRORS as err:
+            if world.size == 1:
+                raise
+            plan = Plan(config_yaml="", error=UserError.one_line(err))
+        payload = json.dumps(plan.__dict__).encode()
+    if world.size > 1:
+        payload = comm.bcast_bytes(world, payload)
+    plan = Plan(**json.loads(payload))
+    if plan.error:
+        if world.is_root:
+            print(f"florist-mpi: error: {plan.error}", file=sys.stderr)
+        raise SystemExit(2)
+    return plan
+
+
+# ------------------------------------------------------------------------ the job
+
+
+@dataclass
+class Timer:
+    phases: dict = field(default_factory=dict)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.phases[name] = self.phases.get(name, 0.0) + seconds
+
+
+class _Clock:
+    def __init__(self, timer: Timer, name: str):
+        self.timer, self.name = timer, name
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.timer.add(self.name, time.perf_counter() - self.start)
+
+
+def run_job(world, args) -> int:
+    plan = _agree_on_plan(world, args)
+    cfg = parse_config_text(plan.config_yaml)
+    from florist_mpi.federation import Federation
+
+    federation = Federation(world, cfg, plan, verbose=args.verbose)
+    federation.run()
+    return 0
