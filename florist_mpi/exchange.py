@@ -7,15 +7,27 @@ module the same way. Module order is the model's, identical on every rank.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from florist_mpi import comm
-from florist_mpi.training import ClientUpdate
 
 STATUS_OK, STATUS_FAILED = 0, 1
 META_WIDTH = 6  # client id, num_samples, rank, train_loss, status, payload floats
+
+
+@dataclass
+class ClientUpdate:
+    """One client's result of a round, as produced by local training."""
+
+    client_id: int
+    num_samples: int
+    rank: int
+    train_loss: float
+    # module -> (B_eff m×r, A r×n), float32, LoRA scaling folded into B
+    factors: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    error: str | None = None
 
 
 @dataclass

@@ -17,7 +17,8 @@ from florist_mpi import evaluation
 from florist_mpi.config import ExperimentConfig
 from florist_mpi.model import adapted_modules, cores_for_rank, load_base, merge_update, select_device, weights_digest
 from florist_mpi.seeding import Stream, derive_seed, rng
-from florist_mpi.training import ClientJob, ClientTrainingError, ClientUpdate, isolate_torch_distributed, prepare_deepspeed, train_client
+from florist_mpi.exchange import ClientUpdate
+from florist_mpi.training import ClientJob, ClientTrainingError, isolate_torch_distributed, prepare_deepspeed, train_client
 
 
 class SharedFailure(RuntimeError):

@@ -11,7 +11,7 @@ import gc
 import io
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,7 @@ import torch
 
 from florist_mpi import data as data_lib
 from florist_mpi.config import ExperimentConfig
+from florist_mpi.exchange import ClientUpdate
 from florist_mpi.model import file_lock
 from florist_mpi.seeding import derive_seed, Stream
 
@@ -27,17 +28,6 @@ FAULT_ENV = "FLORIST_MPI_FAULT"
 
 class ClientTrainingError(RuntimeError):
     """A recoverable failure of one client's local training (the round goes on without it)."""
-
-
-@dataclass
-class ClientUpdate:
-    client_id: int
-    num_samples: int
-    rank: int
-    train_loss: float
-    # module -> (B_eff m×r, A r×n), float32, LoRA scaling folded into B
-    factors: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
-    error: str | None = None
 
 
 # ------------------------------------------------------------ process-level set-up

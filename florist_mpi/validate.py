@@ -1,0 +1,29 @@
+"""`florist-mpi validate`: check a config and its inputs without running anything."""
+from __future__ import annotations
+
+from florist_mpi.config import load_config
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("config", help="experiment YAML")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key (repeatable)")
+    parser.add_argument("--no-data", action="store_true",
+                        help="check the config only, not the data files and model path it names")
+
+
+def main(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if not args.no_data:
+        from florist_mpi.runner import _check_inputs
+
+        _check_inputs(cfg)
+    fed, lora = cfg.federation, cfg.lora
+    ranks = lora.ranks if lora.ranks is not None else [lora.rank] * fed.num_clients
+    print(
+        f"{args.config}: OK | method {fed.method} (tau={fed.tau}) | {fed.num_clients} clients, "
+        f"{fed.participants_per_round()} per round | LoRA ranks {ranks}, alpha {lora.alpha} on "
+        f"{','.join(lora.target_modules)} | model {cfg.model.name} | data {cfg.data.source} | "
+        f"{cfg.run.rounds} rounds -> {cfg.run.output}"
+    )
+    return 0

@@ -1,0 +1,98 @@
+"""Config validation: every invalid value is a one-line ConfigError naming the key."""
+from pathlib import Path
+
+import pytest
+
+from florist_mpi.config import ConfigError, config_from_tree, load_config, parse_config_text, resume_mismatch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    cfg = load_config(path)
+    assert cfg.federation.method in ("florist", "fedit", "flora", "flexlora", "ffa")
+
+
+def test_defaults_and_alpha_per_rank():
+    cfg = config_from_tree({"federation": {"num_clients": 3}, "lora": {"ranks": [8, 4, 2], "alpha": "2r"}})
+    assert [cfg.lora.alpha_of(c) for c in range(3)] == [16.0, 8.0, 4.0]
+    assert [cfg.lora.scaling_of(c) for c in range(3)] == [2.0, 2.0, 2.0]
+    assert cfg.federation.participants_per_round() == 3
+
+
+def test_fraction_of_clients_per_round():
+    cfg = config_from_tree({"federation": {"num_clients": 10, "clients_per_round": 0.25}})
+    assert cfg.federation.participants_per_round() == 3
+
+
+def test_overrides_apply_with_yaml_types():
+    cfg = config_from_tree({}, ["federation.tau=0.75", "lora.ranks=[4, 4, 2, 2, 1, 1, 1, 1]", "run.output=x.h5"])
+    assert cfg.federation.tau == 0.75 and cfg.lora.ranks[-1] == 1 and cfg.run.output == "x.h5"
+
+
+def test_local_epochs_replace_steps():
+    cfg = config_from_tree({"train": {"local_epochs": 2}})
+    assert cfg.train.local_steps is None and cfg.train.local_epochs == 2
+
+
+@pytest.mark.parametrize(
+    "tree, overrides, key",
+    [
+        ({"federation": {"tau": 0}}, [], "federation.tau"),
+        ({"federation": {"tau": 1.5}}, [], "federation.tau"),
+        ({"federation": {"method": "fedavg"}}, [], "federation.method"),
+        ({"federation": {"num_clients": 0}}, [], "federation.num_clients"),
+        ({"federation": {"clients_per_round": 1.5}}, [], "federation.clients_per_round"),
+        ({"federation": {"num_clients": 2, "clients_per_round": 3}}, [], "clients_per_round"),
+        ({"lora": {"rank": 0}}, [], "lora.rank"),
+        ({"lora": {"ranks": [4, 4]}}, [], "lora.ranks"),
+        ({"lora": {"alpha": "two"}}, [], "lora.alpha"),
+        ({"lora": {"target_modules": []}}, [], "lora.target_modules"),
+        ({"run": {"rounds": -1}}, [], "run.rounds"),
+        ({"run": {"roundz": 3}}, [], "run.roundz"),
+        ({"train": {"zero_stage": 3}}, [], "train.zero_stage"),
+        ({"data": {"source": "json"}}, [], "data.path"),
+        ({"eval": {"kind": "mmlu"}}, [], "eval.path"),
+        ({}, ["federation.tau=abc"], "federation.tau"),
+    ],
+)
+def test_invalid_values_name_the_key(tree, overrides, key):
+    with pytest.raises(ConfigError) as info:
+        config_from_tree(tree, overrides)
+    message = str(info.value)
+    assert key in message and "\n" not in message
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="key.path=value"):
+        config_from_tree({}, ["federation.tau"])
+
+
+def test_yaml_errors_are_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run:\n  rounds: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="YAML mapping"):
+        parse_config_text("- a\n- b\n")
+
+
+def test_yaml_is_loaded_safely():
+    with pytest.raises(ConfigError):
+        parse_config_text("run: !!python/object/apply:os.system ['true']\n")
+
+
+def test_round_trip_through_yaml():
+    cfg = config_from_tree({"lora": {"alpha": "2r"}, "train": {"local_epochs": 1}})
+    assert parse_config_text(cfg.to_yaml()) == cfg
+
+
+def test_resume_mismatch_names_the_first_differing_key():
+    base = config_from_tree({})
+    assert resume_mismatch(base, config_from_tree({"run": {"rounds": 9}})) is None
+    assert resume_mismatch(base, config_from_tree({"federation": {"method": "fedit"}})) == "federation.method"
+    assert resume_mismatch(base, config_from_tree({"lora": {"rank": 4}})) == "lora.rank"
+    assert resume_mismatch(base, config_from_tree({"data": {"max_length": 32}})) == "data.max_length"

@@ -1,0 +1,18 @@
+"""The MPI exchange moves factors bit-exactly, including the chunked path for >2 GiB."""
+import sys
+
+import pytest
+
+from conftest import REPO, run_mpi, mpi_env
+
+pytestmark = pytest.mark.mpi
+
+
+@pytest.mark.parametrize("ranks, chunk", [(1, 5), (3, 5), (3, 1), (2, 1 << 28)])
+def test_gather_and_broadcast_are_exact(ranks, chunk):
+    env = mpi_env()
+    env["CHUNK"] = str(chunk)
+    env["FLORIST_MPI_CHUNK_ELEMENTS"] = str(chunk)
+    result = run_mpi(ranks, [sys.executable, "-m", "mpi4py", str(REPO / "tests/mpi_scripts/exchange_check.py")], env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count(" ok") == ranks
