@@ -50,18 +50,34 @@ class World:
         self.node_comm.Barrier()
 
 
+# Node-local rank as the launcher numbers it (Open MPI, Slurm, MPICH/Hydra, PMI).
+LAUNCHER_LOCAL_RANK = ("OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "MPI_LOCALRANKID", "PMI_LOCAL_RANK")
+
+
+def _launcher_local_rank(local_size: int) -> int | None:
+    for variable in LAUNCHER_LOCAL_RANK:
+        value = os.environ.get(variable, "")
+        if value.isdigit() and int(value) < local_size:
+            return int(value)
+    return None
+
+
 def init_world() -> World:
     """Join the MPI job (a single process without a launcher is a world of one)."""
     MPI = _mpi()
     comm = MPI.COMM_WORLD
     # A shared-memory split groups the ranks of one node under srun and mpirun alike.
     node_comm = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+    local_size = node_comm.Get_size()
+    # Prefer the launcher's numbering (it need not follow world-rank order, and DeepSpeed
+    # checks LOCAL_RANK against it); the split's numbering is the fallback.
+    launcher = _launcher_local_rank(local_size)
     return World(
         comm=comm,
         rank=comm.Get_rank(),
         size=comm.Get_size(),
-        local_rank=node_comm.Get_rank(),
-        local_size=node_comm.Get_size(),
+        local_rank=node_comm.Get_rank() if launcher is None else launcher,
+        local_size=local_size,
         node_comm=node_comm,
     )
 

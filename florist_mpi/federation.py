@@ -15,7 +15,8 @@ from florist_mpi import comm, exchange, storage
 from florist_mpi import data as data_lib
 from florist_mpi import evaluation
 from florist_mpi.config import ExperimentConfig
-from florist_mpi.model import adapted_modules, cores_for_rank, load_base, merge_update, select_device, weights_digest
+from florist_mpi.model import (adapted_modules, cores_for_rank, load_base, merge_update, quiet_libraries,
+                               select_device, weights_digest)
 from florist_mpi.seeding import Stream, derive_seed, rng
 from florist_mpi.exchange import ClientUpdate
 from florist_mpi.training import ClientJob, ClientTrainingError, isolate_torch_distributed, prepare_deepspeed, train_client
@@ -80,6 +81,7 @@ class Federation:
     def __init__(self, world, cfg: ExperimentConfig, plan, verbose: bool = False):
         self.world, self.cfg, self.plan, self.verbose = world, cfg, plan, verbose
         self.output = Path(cfg.run.output)
+        quiet_libraries(verbose)
         self.device = select_device(world.local_rank)
         if self.device.type == "cpu":
             torch.set_num_threads(cores_for_rank(world.local_size))

@@ -41,6 +41,20 @@ def file_lock(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def quiet_libraries(verbose: bool = False) -> None:
+    """Keep the ranks' output to florist_mpi's own lines (library bars and notices off)."""
+    import warnings
+
+    import transformers
+
+    if verbose:
+        return
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+
+
 # ------------------------------------------------------------------ devices & threads
 
 
