@@ -19,6 +19,7 @@ from florist_mpi.model import (adapted_modules, cores_for_rank, load_base, merge
                                select_device, weights_digest)
 from florist_mpi.seeding import Stream, derive_seed, rng
 from florist_mpi.exchange import ClientUpdate
+from florist_mpi.faults import kill_point
 from florist_mpi.training import ClientJob, ClientTrainingError, isolate_torch_distributed, prepare_deepspeed, train_client
 
 
@@ -154,8 +155,10 @@ class Federation:
         mine = training[world.rank :: world.size]
 
         start = time.perf_counter()
+        self._kill_point("train", round_index)
         updates = [self._train_one(client_id, round_index) for client_id in mine]
         timings["time_train"] = time.perf_counter() - start
+        self._kill_point("gather", round_index)
 
         start = time.perf_counter()
         received = exchange.gather_updates(world, updates, self.shapes)
@@ -192,6 +195,10 @@ class Federation:
         if world.is_root:
             timings["time_aggregate"] = outcome["time_aggregate"]
             self._commit_round(round_index, outcome, timings, eval_loss, eval_accuracy, participants)
+
+    def _kill_point(self, point: str, round_index: int) -> None:
+        if self.world.is_root:
+            kill_point(point, round_index)
 
     # ------------------------------------------------------------ client side
 
@@ -231,6 +238,7 @@ class Federation:
             else:
                 kept.append(client)
         outcome = {"received": received, "kept": kept, "excluded": sorted(excluded)}
+        self._kill_point("aggregate", round_index)
         if not kept:
             reasons = "; ".join(f"client {c}: {why}" for c, why in sorted(excluded))
             outcome["error"] = f"round {round_index} has no client left to aggregate ({reasons})"
@@ -331,7 +339,7 @@ class Federation:
             storage.create_log(self.output, self._header(), replace=self.plan.overwrite, first_round=record)
             self.log_started = True
         else:
-            storage.append_round(self.output, record)
+            storage.append_round(self.output, record, before_publish=lambda: self._kill_point("write", round_index))
         self._say(self._round_line(round_index, attrs, kept, outcome, participants))
 
     def _bytes_down(self, global_factors) -> int:

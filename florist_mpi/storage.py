@@ -144,8 +144,11 @@ def _write_header(handle: h5py.File, header: RunHeader) -> None:
         attrs[key] = value
 
 
-def append_round(path: str | Path, record: RoundRecord) -> None:
-    """Add one completed round; it becomes visible atomically."""
+def append_round(path: str | Path, record: RoundRecord, before_publish=None) -> None:
+    """Add one completed round; it becomes visible atomically.
+
+    `before_publish` (tests only) is called with the round written but not yet published.
+    """
     path = Path(path)
     with _atomic_update(path, start_from_existing=True) as handle:
         rounds = handle.require_group("rounds")
@@ -153,6 +156,9 @@ def append_round(path: str | Path, record: RoundRecord) -> None:
         if key in rounds:
             raise LogError(f"log '{path}' already holds round {record.index}")
         _write_round(rounds.create_group(key), record)
+        handle.flush()
+        if before_publish is not None:
+            before_publish()
 
 
 def _write_round(group: h5py.Group, record: RoundRecord) -> None:

@@ -20,10 +20,10 @@ import torch
 from florist_mpi import data as data_lib
 from florist_mpi.config import ExperimentConfig
 from florist_mpi.exchange import ClientUpdate
+from florist_mpi.faults import FAULT_ENV, client_fault
 from florist_mpi.model import file_lock
 from florist_mpi.seeding import derive_seed, Stream
 
-FAULT_ENV = "FLORIST_MPI_FAULT"
 
 
 class ClientTrainingError(RuntimeError):
@@ -173,18 +173,6 @@ def _extract_factors(layers, scaling: float) -> dict[str, tuple[np.ndarray, np.n
     return factors
 
 
-def _injected_fault(client_id: int, round_index: int) -> str | None:
-    """FLORIST_MPI_FAULT='nan@R:C,raise@R:C,exit@R:C' (see docs/fault-injection.md)."""
-    spec = os.environ.get(FAULT_ENV, "")
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        kind, _, where = item.partition("@")
-        round_text, _, client_text = where.partition(":")
-        if round_text.isdigit() and client_text.isdigit():
-            if int(round_text) == round_index and int(client_text) == client_id:
-                return kind
-    return None
-
-
 def train_client(base_model, module_names, job: ClientJob, cfg: ExperimentConfig, device: torch.device) -> ClientUpdate:
     """Wrap the shared base with a fresh LoRA, train it locally, return its factors.
 
@@ -208,9 +196,11 @@ def train_client(base_model, module_names, job: ClientJob, cfg: ExperimentConfig
             engine, *_ = deepspeed.initialize(model=peft_model, optimizer=optimizer, config=deepspeed_config(cfg, device))
         engine.train()
         loss = _local_steps(engine, job, cfg, device, base_model)
-        fault = _injected_fault(job.client_id, job.round_index)
+        fault = client_fault(job.client_id, job.round_index)
         if fault == "raise":
             raise ClientTrainingError(f"injected failure ({FAULT_ENV})")
+        if fault == "crash":
+            raise RuntimeError(f"injected fatal error ({FAULT_ENV})")
         if fault == "exit":
             os._exit(17)  # simulates a killed rank
         factors = _extract_factors(layers, scaling)

@@ -1,0 +1,35 @@
+"""Fault injection for tests and failure studies (docs/fault-injection.md).
+
+FLORIST_MPI_FAULT  = 'KIND@ROUND:CLIENT,...'  client faults: nan, raise, crash, exit
+FLORIST_MPI_KILL_AT = 'POINT@ROUND'           rank 0 SIGKILLs itself at a point of a round:
+                                              train, gather, aggregate, write (mid log write)
+"""
+from __future__ import annotations
+
+import os
+import signal
+
+FAULT_ENV = "FLORIST_MPI_FAULT"
+KILL_ENV = "FLORIST_MPI_KILL_AT"
+KILL_POINTS = ("train", "gather", "aggregate", "write")
+
+
+def client_fault(client_id: int, round_index: int) -> str | None:
+    """The fault injected into this client in this round, if any."""
+    for item in filter(None, (s.strip() for s in os.environ.get(FAULT_ENV, "").split(","))):
+        kind, _, where = item.partition("@")
+        round_text, _, client_text = where.partition(":")
+        if round_text.isdigit() and client_text.isdigit():
+            if int(round_text) == round_index and int(client_text) == client_id:
+                return kind
+    return None
+
+
+def kill_point(point: str, round_index: int) -> None:
+    """SIGKILL this process if FLORIST_MPI_KILL_AT names this point and round."""
+    spec = os.environ.get(KILL_ENV, "")
+    if not spec:
+        return
+    name, _, round_text = spec.partition("@")
+    if name == point and round_text.isdigit() and int(round_text) == round_index:
+        os.kill(os.getpid(), signal.SIGKILL)
