@@ -335,11 +335,13 @@ class Federation:
             },
             client_adapters={c.client_id: c.factors for c in kept} if self.cfg.log.client_adapters else None,
         )
+        before_publish = lambda: self._kill_point("write", round_index)  # noqa: E731 - test hook
         if not self.log_started:
-            storage.create_log(self.output, self._header(), replace=self.plan.overwrite, first_round=record)
+            storage.create_log(self.output, self._header(), replace=self.plan.overwrite, first_round=record,
+                               before_publish=before_publish)
             self.log_started = True
         else:
-            storage.append_round(self.output, record, before_publish=lambda: self._kill_point("write", round_index))
+            storage.append_round(self.output, record, before_publish=before_publish)
         self._say(self._round_line(round_index, attrs, kept, outcome, participants))
 
     def _bytes_down(self, global_factors) -> int:

@@ -64,8 +64,8 @@ def _fail(world, err: BaseException, debug: bool):
         message = prefix + "interrupted"
     else:
         message = prefix + f"{err.__class__.__name__}: {err}\n" + "".join(traceback.format_exception(err))
-    if world.size == 1 and user and not debug:
-        raise err  # the CLI prints it once and exits with 2
+    if world.size == 1:
+        raise err  # the CLI prints user errors as one line (exit 2), anything else with its traceback
     comm.abort(world, message, code=2 if user else 1)
 
 

@@ -107,7 +107,10 @@ def _atomic_update(path: Path, start_from_existing: bool):
 # ------------------------------------------------------------------------ writing
 
 
-def create_log(path: str | Path, header: RunHeader, *, replace: bool = False, first_round: RoundRecord | None = None) -> None:
+def create_log(
+    path: str | Path, header: RunHeader, *, replace: bool = False, first_round: RoundRecord | None = None,
+    before_publish=None,
+) -> None:
     """Create a log (with its first round, if given) in one atomic step.
 
     An existing file is refused unless `replace`; even then it is swapped out only
@@ -125,6 +128,9 @@ def create_log(path: str | Path, header: RunHeader, *, replace: bool = False, fi
         rounds = handle.create_group("rounds")
         if first_round is not None:
             _write_round(rounds.create_group(round_key(first_round.index)), first_round)
+        handle.flush()
+        if before_publish is not None:
+            before_publish()
 
 
 def _write_header(handle: h5py.File, header: RunHeader) -> None:
