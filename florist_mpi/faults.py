@@ -3,6 +3,7 @@
 FLORIST_MPI_FAULT  = 'KIND@ROUND:CLIENT,...'  client faults: nan, raise, crash, exit
 FLORIST_MPI_KILL_AT = 'POINT@ROUND'           rank 0 SIGKILLs itself at a point of a round:
                                               train, gather, aggregate, write (mid log write)
+FLORIST_MPI_DIVERGE = 'ROUND:RANK'            that rank perturbs its base weights after the merge
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import signal
 
 FAULT_ENV = "FLORIST_MPI_FAULT"
 KILL_ENV = "FLORIST_MPI_KILL_AT"
+DIVERGE_ENV = "FLORIST_MPI_DIVERGE"
 KILL_POINTS = ("train", "gather", "aggregate", "write")
 
 
@@ -33,3 +35,9 @@ def kill_point(point: str, round_index: int) -> None:
     name, _, round_text = spec.partition("@")
     if name == point and round_text.isdigit() and int(round_text) == round_index:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def diverges(round_index: int, rank: int) -> bool:
+    """Whether this rank should corrupt its merged weights (tests of the consistency check)."""
+    round_text, _, rank_text = os.environ.get(DIVERGE_ENV, "").partition(":")
+    return round_text.isdigit() and rank_text.isdigit() and (int(round_text), int(rank_text)) == (round_index, rank)

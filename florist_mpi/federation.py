@@ -19,7 +19,7 @@ from florist_mpi.model import (adapted_modules, cores_for_rank, load_base, merge
                                select_device, weights_digest)
 from florist_mpi.seeding import Stream, derive_seed, rng
 from florist_mpi.exchange import ClientUpdate
-from florist_mpi.faults import kill_point
+from florist_mpi.faults import diverges, kill_point
 from florist_mpi.training import ClientJob, ClientTrainingError, isolate_torch_distributed, prepare_deepspeed, train_client
 
 
@@ -259,6 +259,9 @@ class Federation:
         return outcome
 
     def _check_consistency(self, round_index: int) -> None:
+        if diverges(round_index, self.world.rank):
+            with torch.no_grad():
+                next(iter(self.modules.values())).weight.view(-1)[0] += 1e-3
         digest = weights_digest(self.modules)
         if self.world.size == 1:
             return

@@ -123,6 +123,16 @@ def test_failing_rank_ends_the_job_promptly(tmp_path, fault):
         assert result.stderr.count("florist-mpi: error") == 1 and "injected fatal error" in result.stderr
 
 
+def test_diverged_ranks_are_detected(tmp_path):
+    config, _ = write_config(tmp_path)
+    env = mpi_env()
+    env["FLORIST_MPI_DIVERGE"] = "0:1"
+    result = launch(3, config, env=env, timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.count("base weights differ between rank 0 and ranks [1] after round 0") == 1
+    assert not (tmp_path / "cfg.h5").exists()  # the round that diverged is not logged
+
+
 # ------------------------------------------------------------------------- bad input
 
 

@@ -189,3 +189,21 @@ def test_demo_config_learns(tmp_path):
         losses = [handle["rounds"][k].attrs["eval_loss"] for k in sorted(handle["rounds"].keys())]
     assert losses[-1] < 0.8 * initial, (initial, losses, result.stdout[-2000:])
     assert all(b < a for a, b in zip(losses, losses[1:])), losses
+
+
+def test_model_from_a_local_directory(tmp_path):
+    """model.name may be a local Hugging Face model directory (here: a saved tiny model)."""
+    from florist_mpi import data as data_lib
+    from florist_mpi.config import config_from_tree
+    from florist_mpi.model import build_tiny_model
+
+    config, log = write_config(tmp_path, run={"rounds": 1})
+    cfg = config_from_tree(yaml.safe_load(config.read_text()))
+    tokenizer = data_lib.build_tokenizer(data_lib.client_records(cfg.data, 4, 0)[0], 200)
+    model = build_tiny_model(cfg, len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    model.save_pretrained(tmp_path / "my-model")
+    tokenizer.save_pretrained(tmp_path / "my-model")
+    result = run_ok(1, config, "--set", f"model.name={tmp_path / 'my-model'}")
+    assert "round 1/1" in result.stdout
+    with h5py.File(log, "r") as handle:
+        assert math.isfinite(handle["rounds/00000"].attrs["eval_loss"])
