@@ -207,3 +207,20 @@ def test_model_from_a_local_directory(tmp_path):
     assert "round 1/1" in result.stdout
     with h5py.File(log, "r") as handle:
         assert math.isfinite(handle["rounds/00000"].attrs["eval_loss"])
+
+
+def test_first_deepspeed_build_is_safe_with_concurrent_ranks_and_a_stale_lock(tmp_path):
+    """Three ranks start with an empty extension cache and a lock left by a killed build."""
+    from conftest import mpi_env
+
+    extensions = tmp_path / "torch_extensions"
+    import sys
+
+    stale = extensions / f"py{sys.version_info.major}{sys.version_info.minor}_cpu" / "deepspeed_shm_comm"
+    stale.mkdir(parents=True)
+    (stale / "lock").write_text("")  # torch's own build lock, as a killed build leaves it
+    env = mpi_env()
+    env["TORCH_EXTENSIONS_DIR"] = str(extensions)
+    config, log = write_config(tmp_path, run={"rounds": 1})
+    run_ok(3, config, env=env, timeout=400)
+    assert list(extensions.rglob("deepspeed_shm_comm*.so"))
