@@ -106,11 +106,11 @@ def main() -> None:
     fedit, flora = results["fedit"], results["flora"]
     print(f"\ninitial eval loss (warmed-up base, before round 1): {results['fedit']['initial']:.4f}\n")
     print("| method | final eval loss | vs FLoRA | mean global rank | downlink params/client/round | "
-          "uplink params/client/round | downlink vs FedIT | aggregation ms (median) |")
+          "uplink params/client/round | FedIT downlink / this | aggregation ms (median) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for label, r in results.items():
         print(f"| {label} | {r['final']:.4f} | {100 * (r['final'] / flora['final'] - 1):+.2f}% | {r['rank']:.1f} | "
-              f"{r['down']:,.0f} | {r['up']:,.0f} | {fedit['down'] / r['down']:.2f}x less | {r['agg_ms']:.1f} |")
+              f"{r['down']:,.0f} | {r['up']:,.0f} | {fedit['down'] / r['down']:.2f}x | {r['agg_ms']:.1f} |")
     f9 = results["florist τ=0.9"]
     print("\nTarget (FLoRIST τ=0.9): eval loss <= FedIT's: "
           f"{'met' if f9['final'] <= fedit['final'] else 'NOT met'}; within 1% of FLoRA's: "

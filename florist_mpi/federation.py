@@ -324,7 +324,7 @@ class Federation:
             "rank": np.array([lora.rank_of(c) for c in participants], dtype=np.int64),
             "train_loss": np.array([received[c].train_loss if c in received else math.nan for c in participants]),
         }
-        bytes_up = 4 * sum(exchange.factor_floats(self.shapes, c.rank) for c in kept)
+        bytes_up = 4 * sum(self._factor_floats(c.rank) for c in kept)
         attrs = {
             "tau": float(self.cfg.federation.tau), **{k: float(v) for k, v in timings.items()},
             "bytes_up": int(bytes_up), "bytes_down": int(self._bytes_down(outcome["global"])),
@@ -347,14 +347,24 @@ class Federation:
             storage.append_round(self.output, record, before_publish=before_publish)
         self._say(self._round_line(round_index, attrs, kept, outcome, participants))
 
+    def _wire_floats(self, rank: int, m: int, n: int) -> int:
+        """Floats one module's factors of this rank take on the wire.
+
+        FFA-LoRA's A is frozen and derived from the shared seed: only B travels.
+        """
+        return rank * m if self.cfg.federation.method == "ffa" else rank * (m + n)
+
+    def _factor_floats(self, rank: int) -> int:
+        return sum(self._wire_floats(rank, m, n) for m, n in self.shapes.values())
+
     def _bytes_down(self, global_factors) -> int:
         """fp32 bytes the server sends, summed over every client (each gets its own prefix in FlexLoRA)."""
         lora, fed = self.cfg.lora, self.cfg.federation
         total = 0
         for client_id in range(fed.num_clients):
-            for name, (B, A) in global_factors.items():
-                r = B.shape[1] if fed.method != "flexlora" else min(B.shape[1], lora.rank_of(client_id))
-                total += 4 * r * (B.shape[0] + A.shape[1])
+            for B, A in global_factors.values():
+                r = min(B.shape[1], lora.rank_of(client_id)) if fed.method == "flexlora" else B.shape[1]
+                total += 4 * self._wire_floats(r, B.shape[0], A.shape[1])
         return total
 
     # ---------------------------------------------------------------- output

@@ -144,7 +144,11 @@ def test_log_matches_documented_schema(florist_runs):
             for key in ("tau", "time_train", "time_gather", "time_aggregate", "time_broadcast", "time_merge",
                         "bytes_up", "bytes_down", "eval_loss"):
                 assert key in group.attrs, key
-            assert group.attrs["bytes_up"] > 0 and group.attrs["bytes_down"] > 0
+            shapes = dict(zip(modules, (tuple(int(x) for x in mn) for mn in handle.attrs["module_shapes"])))
+            per_rank_floats = sum(m + n for m, n in shapes.values())
+            assert group.attrs["bytes_up"] == 4 * sum((4, 2, 2, 1)) * per_rank_floats
+            down = sum(group["global"][mod].attrs["rank"] * (m + n) for mod, (m, n) in shapes.items())
+            assert group.attrs["bytes_down"] == 4 * 4 * down  # every one of the 4 clients receives it
             assert list(group["clients/id"][()]) == [0, 1, 2, 3]
             assert list(group["clients/rank"][()]) == [4, 2, 2, 1]
             assert np.isfinite(group["clients/train_loss"][()]).all()
