@@ -1,0 +1,305 @@
+"""Reading run logs for analysis: `open_run(path)` gives a `Run` with pandas frames.
+
+The log layout is docs/log-format.md. Opening reads the header and a small per-round
+summary (round attributes, client counts, global ranks and energies) in one pass and
+closes the file; factors, spectra and client tables are read on demand, each call
+opening and closing the file again, so a `Run` never holds the file open.
+
+    >>> from florist_mpi.analysis import open_run
+    >>> run = open_run("runs/demo.h5")
+    >>> run.rounds[["eval_loss", "mean_rank", "cum_bytes_down"]]
+    >>> run.ranks                       # module x round global ranks
+    >>> B, A = run.global_factors(-1)["model.layers.0.self_attn.q_proj"]
+
+Every problem with the file (missing, not HDF5, truncated, not a florist_mpi log, a
+round that is not there) is a `storage.LogError` with a one-line message.
+"""
+from __future__ import annotations
+
+import json
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from florist_mpi import storage
+from florist_mpi.config import ConfigError, ExperimentConfig, parse_config_text
+from florist_mpi.storage import LogError
+
+# Round attributes in the order the frames show them (docs/log-format.md).
+PHASES = ("time_train", "time_gather", "time_aggregate", "time_broadcast", "time_merge", "time_eval")
+ROUND_ATTRS = ("eval_loss", "eval_accuracy", "tau", *PHASES, "bytes_up", "bytes_down")
+INTEGER_ATTRS = ("bytes_up", "bytes_down")
+# Columns `Run.rounds` derives from the log on top of the round attributes.
+DERIVED_COLUMNS = (
+    "num_sampled", "num_clients", "num_excluded", "mean_rank", "min_rank", "max_rank", "total_rank",
+    "mean_energy", "time_total", "cum_bytes_up", "cum_bytes_down",
+)
+
+CLIENT_ADAPTERS_HINT = "rerun with log.client_adapters: true (e.g. --set log.client_adapters=true)"
+
+
+def open_run(path: str | Path) -> "Run":
+    """Read a run log's header and round summary; raises LogError for anything that is not a readable log."""
+    path = Path(path)
+    with _reading(path) as handle:
+        attrs = handle.attrs
+        try:
+            config = parse_config_text(storage.decode_str(attrs["config"]), source=f"log '{path}'")
+        except ConfigError as err:
+            raise LogError(f"the config stored in log '{path}' cannot be read ({err}): the log is damaged or was "
+                           "written by another florist_mpi version; use an intact log or that version") from None
+        modules = storage.read_modules(handle)
+        shapes = np.asarray(attrs.get("module_shapes", np.zeros((0, 2))), dtype=np.int64).reshape(-1, 2)
+        if len(shapes) != len(modules):
+            raise LogError(f"log '{path}' lists {len(modules)} modules but {len(shapes)} module shapes: "
+                           "the file is damaged, use another copy of the log")
+        try:
+            versions = json.loads(storage.decode_str(attrs.get("versions", "{}")))
+        except json.JSONDecodeError:
+            versions = {}
+        rounds = storage.completed_rounds(handle)
+        summary = _read_summary(handle, rounds, modules)
+        run = Run(
+            path=path,
+            config=config,
+            method=storage.decode_str(attrs.get("method", config.federation.method)),
+            tau=float(attrs.get("tau", config.federation.tau)),
+            num_clients=int(attrs.get("num_clients", config.federation.num_clients)),
+            world_size=int(attrs.get("world_size", 1)),
+            created=storage.decode_str(attrs.get("created", "")),
+            versions=versions,
+            modules=modules,
+            module_shapes={m: (int(s[0]), int(s[1])) for m, s in zip(modules, shapes)},
+            initial_eval_loss=float(attrs.get("initial_eval_loss", math.nan)),
+            round_indices=rounds,
+        )
+    run._rounds_frame, run._ranks_frame, run._energy_frame = summary
+    return run
+
+
+@contextmanager
+def _reading(path: Path):
+    """storage.open_log plus: anything h5py raises while reading becomes a one-line LogError."""
+    with storage.open_log(path) as handle:
+        try:
+            yield handle
+        except LogError:
+            raise
+        except (OSError, KeyError, RuntimeError, TypeError, ValueError) as err:
+            detail = " ".join(str(err).split()) or err.__class__.__name__
+            raise LogError(f"log '{path}' is damaged or incomplete ({detail}): use an intact copy of the log") from None
+
+
+def _read_summary(handle, rounds: list[int], modules: list[str]):
+    """(rounds frame, ranks frame, energy frame) from one pass over the round groups."""
+    records, rank_columns, energy_columns = [], {}, {}
+    group_of_rounds = handle["rounds"]
+    for r in rounds:
+        group = group_of_rounds[storage.round_key(r)]
+        row = {}
+        for key, value in group.attrs.items():
+            row[key] = value.item() if isinstance(value, np.generic) else value
+        clients = group["clients"]
+        ids = clients["id"][()] if "id" in clients else np.zeros(0, dtype=np.int64)
+        excluded = clients["excluded"][()] if "excluded" in clients else np.zeros(0, dtype=np.int64)
+        num_excluded = len(set(excluded.tolist()) & set(ids.tolist())) if len(ids) else len(excluded)
+        row["num_sampled"] = int(len(ids))
+        row["num_clients"] = int(len(ids) - num_excluded)
+        row["num_excluded"] = int(len(set(excluded.tolist())))
+        global_group = group["global"]
+        ranks, energies = [], []
+        for module in modules:
+            node_attrs = global_group[module].attrs
+            ranks.append(int(node_attrs["rank"]))
+            energies.append(float(node_attrs.get("energy", math.nan)))
+        rank_columns[r] = ranks
+        energy_columns[r] = energies
+        records.append(row)
+
+    extra = sorted({k for row in records for k in row} - set(ROUND_ATTRS) - set(DERIVED_COLUMNS))
+    columns = list(ROUND_ATTRS) + extra
+    frame = pd.DataFrame.from_records(records, index=pd.Index(rounds, name="round", dtype=np.int64),
+                                      columns=columns + ["num_sampled", "num_clients", "num_excluded"])
+    for key in ROUND_ATTRS:
+        if key in INTEGER_ATTRS:
+            frame[key] = frame[key].fillna(0).astype(np.int64)
+        else:
+            frame[key] = frame[key].astype(np.float64)
+    for key in ("num_sampled", "num_clients", "num_excluded"):
+        frame[key] = frame[key].astype(np.int64)
+
+    ranks_frame = pd.DataFrame(rank_columns, index=pd.Index(modules, name="module"), dtype=np.int64)
+    ranks_frame.columns = pd.Index(rounds, name="round", dtype=np.int64)
+    energy_frame = pd.DataFrame(energy_columns, index=pd.Index(modules, name="module"), dtype=np.float64)
+    energy_frame.columns = pd.Index(rounds, name="round", dtype=np.int64)
+
+    if modules and rounds:
+        frame["mean_rank"] = ranks_frame.mean(axis=0).to_numpy()
+        frame["min_rank"] = ranks_frame.min(axis=0).to_numpy()
+        frame["max_rank"] = ranks_frame.max(axis=0).to_numpy()
+        frame["total_rank"] = ranks_frame.sum(axis=0).to_numpy()
+        frame["mean_energy"] = energy_frame.mean(axis=0).to_numpy()
+    else:
+        for key in ("mean_rank", "mean_energy"):
+            frame[key] = pd.Series(np.nan, index=frame.index, dtype=np.float64)
+        for key in ("min_rank", "max_rank", "total_rank"):
+            frame[key] = pd.Series(0, index=frame.index, dtype=np.int64)
+    frame["time_total"] = frame[list(PHASES)].fillna(0.0).sum(axis=1)
+    frame["cum_bytes_up"] = frame["bytes_up"].cumsum()
+    frame["cum_bytes_down"] = frame["bytes_down"].cumsum()
+    frame = frame[list(ROUND_ATTRS) + list(DERIVED_COLUMNS) + extra]
+    frame.index = pd.Index(rounds, name="round", dtype=np.int64)
+    return frame, ranks_frame, energy_frame
+
+
+@dataclass(eq=False)
+class Run:
+    """One run log. Frames are copies: change them freely."""
+
+    path: Path
+    config: ExperimentConfig
+    method: str
+    tau: float
+    num_clients: int
+    world_size: int
+    created: str
+    versions: dict
+    modules: list[str]
+    module_shapes: dict[str, tuple[int, int]]  # module -> (out_features m, in_features n), in `modules` order
+    initial_eval_loss: float
+    round_indices: list[int]  # completed rounds, ascending
+    _rounds_frame: pd.DataFrame = field(default=None, repr=False)
+    _ranks_frame: pd.DataFrame = field(default=None, repr=False)
+    _energy_frame: pd.DataFrame = field(default=None, repr=False)
+
+    # ------------------------------------------------------------ summary frames
+
+    @property
+    def rounds(self) -> pd.DataFrame:
+        """One row per completed round (index `round`): the round attributes plus derived columns.
+
+        Derived: num_sampled, num_clients (aggregated), num_excluded, mean/min/max/total_rank and
+        mean_energy over modules, time_total (sum of the phases), cum_bytes_up, cum_bytes_down.
+        """
+        return self._rounds_frame.copy()
+
+    @property
+    def ranks(self) -> pd.DataFrame:
+        """Global rank r_g, module (rows, exchange order) x round (columns)."""
+        return self._ranks_frame.copy()
+
+    @property
+    def energies(self) -> pd.DataFrame:
+        """Retained energy fraction of each module's global factors, module x round."""
+        return self._energy_frame.copy()
+
+    @property
+    def last_round(self) -> int | None:
+        return self.round_indices[-1] if self.round_indices else None
+
+    @property
+    def label(self) -> str:
+        return self.path.stem
+
+    # ------------------------------------------------------------ per-round reads
+
+    def resolve_round(self, round_index: int | None) -> int:
+        """A completed round index; None is the last one and negative values count from the end."""
+        if not self.round_indices:
+            raise LogError(f"log '{self.path}' holds no completed round yet: wait for round 0 to finish")
+        if round_index is None:
+            return self.round_indices[-1]
+        round_index = int(round_index)
+        if round_index < 0 and -round_index <= len(self.round_indices):
+            return self.round_indices[round_index]
+        if round_index not in self.round_indices:
+            first, last = self.round_indices[0], self.round_indices[-1]
+            raise LogError(f"round {round_index} is not in log '{self.path}' (completed rounds: {first}..{last}): "
+                           "pick one of those, or -1 for the last")
+        return round_index
+
+    def _module(self, module: str) -> str:
+        if module not in self.module_shapes:
+            shown = ", ".join(self.modules[:3]) + (", ..." if len(self.modules) > 3 else "")
+            raise LogError(f"module '{module}' is not adapted in log '{self.path}': use one of run.modules ({shown})")
+        return module
+
+    def clients(self, round_index: int | None = None) -> pd.DataFrame:
+        """The round's `clients/` datasets, one row per sampled client, plus `excluded`,
+        `excluded_reason` and the aggregation weight `weight` (p_k; 0 for excluded clients)."""
+        r = self.resolve_round(round_index)
+        with _reading(self.path) as handle:
+            group = handle["rounds"][storage.round_key(r)]["clients"]
+            data = {key: group[key][()] for key in group.keys() if key not in ("excluded", "excluded_reason")}
+            excluded = group["excluded"][()].tolist() if "excluded" in group else []
+            reasons = ([storage.decode_str(x) for x in group["excluded_reason"][()]]
+                       if "excluded_reason" in group else [""] * len(excluded))
+        ordered = ["id", "num_samples", "rank", "train_loss"]
+        columns = [k for k in ordered if k in data] + sorted(k for k in data if k not in ordered)
+        frame = pd.DataFrame({k: data[k] for k in columns})
+        why = dict(zip(excluded, reasons))
+        ids = frame["id"].tolist() if "id" in frame else []
+        frame["excluded"] = np.array([cid in why for cid in ids], dtype=bool)
+        frame["excluded_reason"] = pd.Series([why.get(cid, "") for cid in ids], dtype=object)
+        if "num_samples" in frame:
+            kept = np.where(frame["excluded"], 0.0, frame["num_samples"].astype(np.float64))
+            total = kept.sum()
+            frame["weight"] = kept / total if total > 0 else kept
+        return frame
+
+    def aggregation_weights(self, round_index: int | None = None) -> dict[int, int]:
+        """Client id -> n_k for the clients aggregated in the round (sampled minus excluded), by id."""
+        frame = self.clients(round_index)
+        kept = frame[~frame["excluded"]]
+        return {int(c): int(n) for c, n in sorted(zip(kept["id"], kept["num_samples"]))}
+
+    def spectrum(self, round_index: int | None, module: str) -> np.ndarray:
+        """The singular values the module's global rank was chosen from (float64, descending)."""
+        r, module = self.resolve_round(round_index), self._module(module)
+        with _reading(self.path) as handle:
+            return np.asarray(handle["rounds"][storage.round_key(r)]["global"][module]["singular_values"][()],
+                              dtype=np.float64)
+
+    def spectra(self, round_index: int | None = None) -> dict[str, np.ndarray]:
+        """Every module's spectrum for one round, in module order (one file open)."""
+        r = self.resolve_round(round_index)
+        with _reading(self.path) as handle:
+            group = handle["rounds"][storage.round_key(r)]["global"]
+            return {m: np.asarray(group[m]["singular_values"][()], dtype=np.float64) for m in self.modules}
+
+    def global_factors(self, round_index: int | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Module -> (B, A) float32 global factors of the round; B @ A is the ΔW merged that round."""
+        r = self.resolve_round(round_index)
+        with _reading(self.path) as handle:
+            group = handle["rounds"][storage.round_key(r)]["global"]
+            return {m: (group[m]["B"][()], group[m]["A"][()]) for m in self.modules}
+
+    def has_client_adapters(self, round_index: int | None = None) -> bool:
+        r = self.resolve_round(round_index)
+        with _reading(self.path) as handle:
+            return "client_adapters" in handle["rounds"][storage.round_key(r)]
+
+    def client_adapters(self, round_index: int | None = None) -> dict[int, dict[str, tuple[np.ndarray, np.ndarray]]]:
+        """Client id -> module -> (B, A): each aggregated client's effective factors (scaling folded in).
+
+        Raises LogError when the run did not log them (log.client_adapters was false).
+        """
+        r = self.resolve_round(round_index)
+        with _reading(self.path) as handle:
+            group = handle["rounds"][storage.round_key(r)]
+            if "client_adapters" not in group:
+                raise LogError(f"log '{self.path}' has no client adapters for round {r}: {CLIENT_ADAPTERS_HINT}")
+            adapters = group["client_adapters"]
+            result = {}
+            for key in sorted(adapters.keys(), key=int):
+                client = adapters[key]
+                result[int(key)] = {m: (client[m]["B"][()], client[m]["A"][()]) for m in self.modules if m in client}
+            return result
+
+    def __repr__(self) -> str:
+        return (f"Run('{self.path}', method={self.method}, tau={self.tau}, clients={self.num_clients}, "
+                f"rounds={len(self.round_indices)}, modules={len(self.modules)})")

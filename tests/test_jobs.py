@@ -1,0 +1,196 @@
+"""The job scripts in jobs/: valid bash, and every `florist-mpi` call parses with the real CLI."""
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from florist_mpi import cli
+
+JOBS = Path(__file__).resolve().parents[1] / "jobs"
+SCRIPTS = sorted(p for p in JOBS.iterdir() if p.suffix in (".sh", ".sbatch"))
+SBATCH = [p for p in SCRIPTS if p.suffix == ".sbatch"]
+PLACEHOLDER = "placeholder"
+
+# ${NAME:-default} with no nested expansion inside (innermost first), ${NAME}, $NAME, ${NAME[@]}
+BRACED = re.compile(r"\$\{(\w+)(?::-([^{}$]*))?\}")
+ARRAY = re.compile(r"\$\{(\w+)\[@\]\}")
+PLAIN = re.compile(r"\$(\w+)")
+ASSIGNMENT = re.compile(r"^\s*(?:export\s+)?(\w+)=(.*)$")
+SHELL_END = re.compile(r"\s(?:[0-9]?>>?|\||&&|\|\||;)\s|\s[0-9]?>\S")
+
+
+def logical_lines(text: str) -> list[str]:
+    """Lines with backslash continuations joined, comments dropped."""
+    joined = re.sub(r"\\\n\s*", " ", text)
+    return [line for line in joined.splitlines() if not line.lstrip().startswith("#")]
+
+
+def expand(text: str, values: dict[str, str]) -> str:
+    """Replace shell expansions: known values, else the ${VAR:-default}, else a placeholder."""
+    text = text.replace('"$@"', "").replace('"$*"', "").replace("$@", "").replace("$*", "")
+    text = ARRAY.sub(PLACEHOLDER, text)
+    previous = None
+    while previous != text:
+        previous = text
+        text = BRACED.sub(lambda m: values.get(m.group(1), m.group(2) if m.group(2) is not None else PLACEHOLDER), text)
+    return PLAIN.sub(lambda m: values.get(m.group(1), PLACEHOLDER), text)
+
+
+def script_values(lines: list[str]) -> dict[str, str]:
+    """Variables the script assigns, resolved to their defaults (in order of assignment)."""
+    values: dict[str, str] = {}
+    for line in lines:
+        match = ASSIGNMENT.match(line)
+        if match and not match.group(2).startswith("("):
+            name, raw = match.groups()
+            if re.search(r"\$\{\w+(?:\[|[#%/^,])", raw):
+                continue  # array items, pattern removal: left to the placeholder
+            try:
+                words = shlex.split(expand(raw, values))
+            except ValueError:
+                continue
+            values[name] = words[0] if len(words) == 1 else " ".join(words) if words else ""
+    return values
+
+
+def florist_invocations(path: Path) -> list[list[str]]:
+    """Every `florist-mpi SUBCOMMAND ...` in the script, as argv (after `florist-mpi`)."""
+    lines = logical_lines(path.read_text())
+    values = script_values(lines)
+    found = []
+    for line in lines:
+        start = line.find("florist-mpi ")
+        if start < 0 or line.lstrip().startswith(("echo ", "printf ")):
+            continue
+        command = line[start:]
+        end = SHELL_END.search(command)
+        if end:
+            command = command[: end.start()]
+        argv = shlex.split(expand(command, values))
+        if argv and argv[0] == "florist-mpi":
+            found.append(argv[1:])
+    return found
+
+
+def test_there_are_scripts():
+    names = {p.name for p in SCRIPTS}
+    assert {"slurm_single_node.sbatch", "slurm_multi_node.sbatch", "mpirun_local.sh", "scaling_study.sbatch",
+            "scaling_report.sh"} <= names
+    assert (JOBS / "README.md").is_file()
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_script_is_valid_bash_with_strict_mode(script):
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("no bash")
+    result = subprocess.run([bash, "-n", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    text = script.read_text()
+    assert text.startswith("#!/usr/bin/env bash") or text.startswith("#!/bin/bash")
+    assert "set -euo pipefail" in text
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_florist_invocations_parse_with_the_real_cli(script):
+    invocations = florist_invocations(script)
+    assert invocations, f"{script.name} runs no florist-mpi command"
+    parser = cli.build_parser()
+    for argv in invocations:
+        assert argv and argv[0] in cli.SUBCOMMANDS, f"{script.name}: unknown subcommand in florist-mpi {' '.join(argv)}"
+        try:
+            parser.parse_args(argv)
+        except SystemExit:
+            pytest.fail(f"{script.name}: florist-mpi {' '.join(argv)} is rejected by the CLI parser")
+
+
+def test_the_expected_commands_are_there():
+    single = florist_invocations(JOBS / "slurm_single_node.sbatch")
+    assert single[0][:2] == ["run", "configs/demo.yaml"] and any(a.startswith("run.output=") for a in single[0])
+    scaling = florist_invocations(JOBS / "scaling_study.sbatch")[0]
+    assert any(a.startswith("federation.num_clients=") for a in scaling)
+    assert any(re.fullmatch(r"run\.output=runs/scaling/clients.+_ranks.+\.h5", a) for a in scaling)
+    report = florist_invocations(JOBS / "scaling_report.sh")
+    assert any(argv[0] == "report" and "--csv" in argv and "--plots" in argv for argv in report)
+    local = florist_invocations(JOBS / "mpirun_local.sh")
+    assert local[0][0] == "run"
+
+
+@pytest.mark.parametrize("script", SBATCH, ids=lambda p: p.name)
+def test_sbatch_scripts_request_tasks_and_gpus(script):
+    directives = [line for line in script.read_text().splitlines() if line.startswith("#SBATCH")]
+    text = "\n".join(directives)
+    assert "--ntasks-per-node" in text
+    assert "--gpus-per-task" in text or "--gres=gpu" in text
+    assert "--time" in text and "--output" in text
+    assert "srun --mpi=" in script.read_text()
+    # Slurm ignores #SBATCH lines after the first command
+    body = [line for line in script.read_text().splitlines()[1:] if line.strip() and not line.startswith("#")]
+    first_command = script.read_text().splitlines().index(body[0])
+    assert all(script.read_text().splitlines().index(d) < first_command for d in directives)
+
+
+def test_mpirun_local_adds_root_flags_only_when_asked(tmp_path):
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("no bash")
+    fake = tmp_path / "fake-mpiexec"
+    fake.write_text("#!/usr/bin/env bash\necho \"ARGS $*\"\n")
+    fake.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "MPIEXEC": str(fake), "VENV": str(tmp_path / "none"), "NP": "3"}
+    for setting, expect in (("1", True), ("0", False)):
+        result = subprocess.run([bash, str(JOBS / "mpirun_local.sh"), "--set", "run.rounds=1"], capture_output=True,
+                                text=True, env={**env, "MPI_ROOT_FLAGS": setting})
+        assert result.returncode == 0, result.stderr
+        line = [l for l in result.stdout.splitlines() if l.startswith("ARGS")][0]
+        assert ("--allow-run-as-root --oversubscribe" in line) == expect
+        assert line.endswith("-n 3 florist-mpi run configs/demo.yaml --set run.rounds=1")
+
+
+def test_scaling_overrides_make_a_valid_config_for_any_client_count():
+    from florist_mpi.config import load_config
+
+    argv = florist_invocations(JOBS / "scaling_study.sbatch")[0]
+    config = JOBS.parent / argv[1]
+    for clients in ("4", "16", "32"):
+        overrides = [argv[i + 1].replace(PLACEHOLDER, clients) for i, a in enumerate(argv) if a == "--set"]
+        cfg = load_config(config, overrides)
+        assert cfg.federation.num_clients == int(clients)
+        assert cfg.run.output == f"runs/scaling/clients{clients}_ranks{clients}.h5"
+
+
+def test_scaling_report_end_to_end(tmp_path):
+    """jobs/scaling_report.sh over two synthetic logs writes summary.csv, summary.txt and plots."""
+    import sys
+
+    import pandas as pd
+
+    from test_analysis import build_log
+
+    bash = shutil.which("bash")
+    florist = Path(sys.executable).parent / "florist-mpi"
+    if bash is None or not florist.exists():
+        pytest.skip("needs bash and the florist-mpi entry point next to this Python")
+    scaling = tmp_path / "scaling"
+    scaling.mkdir()
+    for clients, ranks in ((4, 1), (4, 2)):
+        build_log(scaling / f"clients{clients}_ranks{ranks}.h5", rounds=2, adapters=False)
+    env = {"PATH": f"{florist.parent}:/usr/bin:/bin", "SCALING_DIR": str(scaling), "VENV": str(tmp_path / "none")}
+    result = subprocess.run([bash, str(JOBS / "scaling_report.sh")], capture_output=True, text=True, env=env,
+                            cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    summary = pd.read_csv(scaling / "summary.csv")
+    assert len(summary) == 4 and summary["run"].nunique() == 2
+    assert "Comparison" in (scaling / "summary.txt").read_text()
+    assert (scaling / "plots" / "eval_loss.png").is_file()
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = subprocess.run([bash, str(JOBS / "scaling_report.sh")], capture_output=True, text=True,
+                            env={**env, "SCALING_DIR": str(empty)}, cwd=tmp_path)
+    assert result.returncode == 2 and "no logs in" in result.stderr
