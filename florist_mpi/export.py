@@ -20,6 +20,7 @@ import torch
 from florist_mpi import storage
 from florist_mpi.config import parse_config_text
 from florist_mpi.errors import UserError
+from florist_mpi.replay import load_initial_base
 
 
 def add_arguments(parser) -> None:
@@ -65,13 +66,6 @@ def _prepare_out(out: Path) -> None:
         raise UserError(f"--out '{out}' already exists and is not an empty directory: choose a new directory")
 
 
-def _load_initial_base(cfg):
-    from florist_mpi import comm
-    from florist_mpi.model import load_base
-
-    return load_base(cfg, comm.init_world(), torch.device("cpu"))
-
-
 def write_adapter(model, factors: dict[str, tuple[np.ndarray, np.ndarray]], out: Path) -> None:
     import peft
 
@@ -99,7 +93,7 @@ def main(args) -> int:
     out = Path(args.out)
     _prepare_out(out)
     factors, round_index, cfg = cumulative_update(args.log, args.round)
-    model, tokenizer = _load_initial_base(cfg)
+    model, tokenizer = load_initial_base(cfg)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:

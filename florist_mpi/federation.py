@@ -20,6 +20,7 @@ from florist_mpi.model import (adapted_modules, cores_for_rank, load_base, merge
 from florist_mpi.seeding import Stream, derive_seed, rng
 from florist_mpi.exchange import ClientUpdate
 from florist_mpi.faults import diverges, kill_point
+from florist_mpi.replay import temporarily_merged
 from florist_mpi.training import ClientJob, ClientTrainingError, isolate_torch_distributed, prepare_deepspeed, train_client
 
 
@@ -281,18 +282,11 @@ class Federation:
         """Held-out loss (and MMLU accuracy) of the global model, split over ranks."""
         if self.eval_set is None:
             return math.nan, math.nan
-        restore = None
         if self.cfg.federation.method == "flexlora" and global_factors is not None:
             # FlexLoRA keeps the base; its global model is base + the aggregated update.
-            restore = {name: self.modules[name].weight.detach().clone() for name in global_factors}
-            merge_update(self.modules, global_factors)
-        try:
-            return self._evaluate_model()
-        finally:
-            if restore is not None:
-                with torch.no_grad():
-                    for name, weight in restore.items():
-                        self.modules[name].weight.copy_(weight)
+            with temporarily_merged(self.modules, global_factors):
+                return self._evaluate_model()
+        return self._evaluate_model()
 
     def _evaluate_model(self) -> tuple[float, float]:
         if self.cfg.eval.kind == "mmlu":
