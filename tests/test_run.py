@@ -228,3 +228,30 @@ def test_first_deepspeed_build_is_safe_with_concurrent_ranks_and_a_stale_lock(tm
     config, log = write_config(tmp_path, run={"rounds": 1})
     run_ok(3, config, env=env, timeout=400)
     assert list(extensions.rglob("deepspeed_shm_comm*.so"))
+
+
+@pytest.mark.parametrize("layout", ["files", "dirichlet"])
+def test_runs_on_dolly_format_data(tmp_path, layout):
+    from conftest import SHARED_DATA
+
+    dolly = SHARED_DATA / "dolly-8clients"
+    if not dolly.is_dir():
+        pytest.skip("../shared/data/dolly-8clients is not beside the checkout")
+    data = {"source": "json", "path": str(dolly), "partition": "files", "max_length": 64, "tokenizer_vocab_size": 512}
+    clients = 8
+    if layout == "dirichlet":
+        data.update(path=str(dolly / "local_training_1.json"), partition="dirichlet", dirichlet_alpha=0.5,
+                    eval_path=str(dolly / "global_test.json"))
+        clients = 4
+    config, log = write_config(
+        tmp_path, run={"rounds": 1}, data=data, federation={"num_clients": clients},
+        lora={"ranks": None, "rank": 2}, train={"local_steps": 2}, eval={"max_examples": 16},
+    )
+    run_ok(2, config)
+    with h5py.File(log, "r") as handle:
+        sizes = handle["rounds/00000/clients/num_samples"][()].tolist()
+        if layout == "files":
+            assert sizes == [1579, 685, 3775, 1830, 2152, 1776, 2531, 607]
+        else:
+            assert sum(sizes) == 685 and min(sizes) >= 1
+        assert math.isfinite(handle["rounds/00000"].attrs["eval_loss"])
