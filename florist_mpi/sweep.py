@@ -38,6 +38,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", metavar="DIR", help="also write DIR/sweep.csv and DIR/sweep.png (created if missing)")
     parser.add_argument("--csv", action="store_true", help="print the sweep as CSV instead of a table")
     parser.add_argument("--verbose", action="store_true", help="also print the global rank of every module for every τ")
+    parser.add_argument("--eval", action="store_true",
+                        help="also evaluate each τ's global model with the run's evaluation (held-out loss or MMLU); "
+                             "writes DIR/sweep_eval.png with --out")
 
 
 # ---------------------------------------------------------------------- τ lists
@@ -226,6 +229,49 @@ def sweep_table(basis: FloristBasis, taus: list[float]):
     return pd.DataFrame(rows)
 
 
+def evaluate_taus(basis: FloristBasis, taus: list[float]) -> list[tuple[float, float]]:
+    """(eval loss, accuracy) of each τ's global model: the base after the earlier rounds plus
+    that τ's FLoRIST update of this round, evaluated as the run evaluated (one process)."""
+    from florist_mpi import replay
+    from florist_mpi.model import adapted_modules
+
+    cfg = replay.logged_config(basis.path)
+    model, tokenizer = replay.load_initial_base(cfg)
+    modules = adapted_modules(model, cfg.lora.target_modules)
+    replay.merge_rounds_before(modules, basis.path, cfg, basis.round_index)
+    evaluate = replay.Evaluator(cfg, model, tokenizer)
+    results = []
+    for tau in taus:
+        with replay.temporarily_merged(modules, basis.factors_at(tau)):
+            results.append(evaluate())
+    return results
+
+
+def _plot_eval(basis: FloristBasis, table, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    from florist_mpi.report import byte_unit
+
+    metric = "eval_accuracy" if table["eval_accuracy"].notna().any() else "eval_loss"
+    label = "MMLU accuracy" if metric == "eval_accuracy" else "held-out loss (nats/token)"
+    scale, unit = byte_unit(float(table["down_bytes_total"].max()))
+    with plt.rc_context({"figure.dpi": 110, "savefig.bbox": "tight"}):
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        x = table["down_bytes_total"] / scale
+        ax.plot(x, table[metric], marker="o", ms=4)
+        for xi, yi, tau in zip(x, table[metric], table["tau"]):
+            ax.annotate(f"τ={tau:g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.set_xlabel(f"downlink per round ({unit}, fp32, {basis.num_clients} clients)")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        ax.set_title(f"{basis.path.stem}, round {basis.round_index}: {label.split(' (')[0]} vs downlink across τ")
+        fig.savefig(path)
+        plt.close(fig)
+
+
 # -------------------------------------------------------------------------- CLI
 
 
@@ -236,6 +282,10 @@ def main(args) -> int:
     out = _out_dir(args.out) if args.out else None
     basis = florist_basis(args.log, args.round)
     table = sweep_table(basis, taus)
+    if args.eval:
+        evaluated = evaluate_taus(basis, taus)
+        table.insert(1, "eval_loss", [loss for loss, _ in evaluated])
+        table.insert(2, "eval_accuracy", [accuracy for _, accuracy in evaluated])
 
     if args.csv:
         table.to_csv(sys.stdout, index=False, float_format="%.10g")
@@ -250,8 +300,13 @@ def main(args) -> int:
                          f"{row['min_rank']}/{row['max_rank']}", f"{row['mean_energy']:.4f}", f"{row['min_energy']:.4f}",
                          str(row["down_params_per_client"]), f"{row['down_bytes_per_client'] / per_client_scale:.3f}",
                          f"{row['down_bytes_total'] / total_scale:.3f}"])
+            if args.eval:
+                rows[-1].insert(1, f"{row['eval_accuracy']:.4f}" if row["eval_accuracy"] == row["eval_accuracy"]
+                                else f"{row['eval_loss']:.4f}")
         headers = ["tau", "total rank", "mean rank", "min/max", "mean energy", "min energy", "down params/client",
                    f"down {per_client_unit}/client", f"down {total_unit} ({basis.num_clients} clients)"]
+        if args.eval:
+            headers.insert(1, "eval acc" if table["eval_accuracy"].notna().any() else "eval loss")
         print(format_table(headers, rows))
         if basis.run_method == "florist" and any(abs(t - basis.run_tau) < 1e-12 for t in taus):
             print("* the run's own τ")
@@ -265,6 +320,8 @@ def main(args) -> int:
         csv_path, png_path = out / "sweep.csv", out / "sweep.png"
         table.to_csv(csv_path, index=False, float_format="%.10g")
         _plot(basis, table, png_path)
+        if args.eval:
+            _plot_eval(basis, table, out / "sweep_eval.png")
         print(f"wrote {csv_path} and {png_path}", file=sys.stderr if args.csv else sys.stdout)
     return 0
 

@@ -72,3 +72,17 @@ def test_export_refuses_a_missing_round_and_a_used_directory(tmp_path, capsys, r
     bogus.write_text("x")
     assert cli_main(["export", str(bogus), "--out", str(tmp_path / "b")]) == 2
     assert "not a readable HDF5" in capsys.readouterr().err
+
+
+def test_sweep_eval_at_the_runs_tau_reproduces_the_logged_eval_loss(tmp_path, capsys, runs):
+    import pandas as pd
+
+    out = tmp_path / "sweep"
+    code = cli_main(["sweep-tau", runs["florist"], "--round", "1", "--taus", "0.5,0.95,1.0", "--eval", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    table = pd.read_csv(out / "sweep.csv")
+    with h5py.File(runs["florist"], "r") as handle:
+        logged = handle["rounds/00001"].attrs["eval_loss"]
+    at_run_tau = float(table.loc[table["tau"] == 0.95, "eval_loss"].iloc[0])
+    assert abs(at_run_tau - logged) <= 1e-4 * logged
+    assert table["eval_loss"].notna().all() and (out / "sweep_eval.png").stat().st_size > 1000
