@@ -136,13 +136,21 @@ def test_ffa_averages_b_over_the_shared_frozen_a():
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_weights_are_normalised(method):
-    factors = clients([3, 3, 3])
+def test_weights_are_normalised_sample_counts(method):
+    factors = clients([3, 3, 3], decay=True)
     if method == "ffa":
         factors = [(B, factors[0][1]) for B, _ in factors]
-    a = aggregate(method, factors, [1, 2, 3], tau=0.9)
-    b = aggregate(method, factors, torch.tensor([7.0, 14.0, 21.0]), tau=0.9)
-    assert rel_err(product(a), product(b)) < 1e-6
+    counts = [1, 2, 3]
+    expected = dense_sum(factors, counts)  # Σ (n_k / Σ n) B_k A_k
+    if method == "fedit":  # FedIT multiplies the averages: (Σ p_k B_k)(Σ p_k A_k)
+        p = [c / 6 for c in counts]
+        expected = sum(pk * B.double() for pk, (B, _) in zip(p, factors)) @ sum(pk * A.double() for pk, (_, A) in zip(p, factors))
+    if method == "flexlora":  # the weighted sum's SVD cut to the largest client rank, 3
+        U, S, Vh = torch.linalg.svd(expected)
+        expected = (U[:, :3] * S[:3]) @ Vh[:3]
+    for weights in (counts, torch.tensor([7.0, 14.0, 21.0]), (0.5, 1.0, 1.5)):
+        result = aggregate(method, factors, weights, tau=1.0)
+        assert rel_err(product(result), expected) < 1e-5, (method, weights)
 
 
 def test_all_zero_updates_give_rank_zero():
@@ -257,3 +265,149 @@ def test_property_florist_matches_dense_truncation(ranks, m, n, tau, seed):
     tail = float(sigma[result.rank:].square().sum())
     assert abs(error - tail) <= 1e-8 * float(sigma.square().sum()) + 1e-12
     assert result.energy >= tau - 1e-9
+
+
+def test_zero_weight_client_with_a_huge_update_does_not_mask_the_others():
+    factors = clients([4, 4, 4], seed=11)
+    factors[2] = (factors[2][0] * 1e8, factors[2][1])  # excluded (weight 0) but enormous
+    for route in ("gram", "svd"):
+        result = aggregate("florist", factors, [1, 1, 0], tau=1.0, route=route)
+        assert result.rank == 8
+        assert rel_err(product(result), dense_sum(factors[:2], [1, 1])) < 1e-5
+
+
+@pytest.mark.parametrize("scale", [1e-7, 1e-3, 1e4])
+@pytest.mark.parametrize("route", ["gram", "svd"])
+def test_result_does_not_depend_on_how_a_client_splits_its_update(scale, route):
+    factors = clients([4, 3, 2], seed=12, decay=True)
+    split = list(factors)
+    split[1] = (factors[1][0] * scale, factors[1][1] / scale)  # same ΔW_1
+    reference = dense_sum(factors, WEIGHTS[:3])
+    for tau in (1.0, 0.9):
+        a = aggregate("florist", factors, WEIGHTS[:3], tau=tau, route=route)
+        b = aggregate("florist", split, WEIGHTS[:3], tau=tau, route=route)
+        assert a.rank == b.rank
+        assert rel_err(product(b), product(a)) < 1e-5
+    assert rel_err(product(b if tau == 1.0 else aggregate("florist", split, WEIGHTS[:3], tau=1.0, route=route)),
+                   reference) < 1e-5
+
+
+@pytest.mark.parametrize("route", ["gram", "svd"])
+def test_ill_conditioned_stacks_stay_exact_and_optimal(route):
+    """Column scales spread over 1e6 inside each client: cond(B_s) ~ 1e6, beyond the Cholesky limit."""
+    g = torch.Generator().manual_seed(21)
+    factors = []
+    for r in (6, 4, 4):
+        B = torch.randn(60, r, generator=g, dtype=torch.float64) * torch.logspace(0, -6, r, dtype=torch.float64)
+        A = torch.randn(r, 50, generator=g, dtype=torch.float64)
+        factors.append((B.float(), A.float()))
+    dense = dense_sum(factors, [3, 1, 2])
+    sigma = torch.linalg.svdvals(dense)
+    exact = aggregate("florist", factors, [3, 1, 2], tau=1.0, route=route)
+    assert rel_err(product(exact), dense) < 1e-5
+    truncated = aggregate("florist", factors, [3, 1, 2], tau=0.99, route=route)
+    error = float((dense - product(truncated)).square().sum())
+    tail = float(sigma[truncated.rank:].square().sum())
+    assert math.isclose(error, tail, rel_tol=1e-4, abs_tol=1e-10 * float(sigma.square().sum()))
+
+
+def test_gram_overflow_falls_back_to_the_svd_route():
+    factors = [(B * 1e160, A) for B, A in clients([3, 2], dtype=torch.float64, seed=4)]  # Grams overflow float64
+    result = aggregate("florist", factors, [1, 1], tau=1.0)
+    assert result is not None and torch.isfinite(result.B).all()
+    scaled = [(B / 1e160, A) for B, A in factors]
+    assert rel_err(product(result) / 1e160, dense_sum(scaled, [1, 1])) < 1e-10
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_handles_a_single_client_exactly(method):
+    factors = clients([4], decay=True, seed=8)
+    result = aggregate(method, factors, [5], tau=1.0)
+    assert rel_err(product(result), dense_sum(factors, [1])) < 1e-5
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_handles_all_zero_updates(method):
+    shared_A = torch.randn(3, 32)
+    factors = [(torch.zeros(40, 3), shared_A.clone()), (torch.zeros(40, 3), shared_A.clone())]
+    result = aggregate(method, factors, [1, 2], tau=0.9)
+    assert torch.isfinite(result.B).all() and torch.isfinite(result.A).all()
+    assert float(product(result).abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("method", ["fedit", "flora", "flexlora"])
+def test_stack_wider_than_the_matrix_for_baselines(method):
+    factors = clients([8, 8, 4], m=8, n=8, seed=2)
+    result = aggregate(method, factors, [1, 2, 3], tau=1.0)
+    if method == "flora":
+        assert rel_err(product(result), dense_sum(factors, [1, 2, 3])) < 1e-5
+    elif method == "flexlora":  # rank min(8, max r_k) = 8 = full: exact
+        assert result.rank == 8 and rel_err(product(result), dense_sum(factors, [1, 2, 3])) < 1e-5
+    else:
+        assert result.B.shape == (8, 8) and result.padded
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ("inf", "client 0: factors contain NaN or Inf"),
+        ("a_columns", "client 1: update is 40×33"),
+        ("nan_weight", "finite"),
+        ("negative_tau", "tau must be in"),
+        ("tau_text", "tau must be in"),
+        ("max_rank_float", "max_rank must be a positive integer"),
+        ("weights_text", "weights must be a sequence of numbers"),
+    ],
+)
+@pytest.mark.parametrize("method", METHODS)
+def test_more_bad_arguments_for_every_method(method, change, match):
+    factors = clients([2, 2])
+    kwargs = {"tau": 0.9}
+    weights = [1, 1]
+    if change == "inf":
+        factors[0][1][0, 0] = float("inf")
+    elif change == "a_columns":
+        factors[1] = (factors[1][0], torch.randn(2, 33))
+    elif change == "nan_weight":
+        weights = [1, float("nan")]
+    elif change == "negative_tau":
+        kwargs["tau"] = -0.5
+    elif change == "tau_text":
+        kwargs["tau"] = "0.9"
+    elif change == "max_rank_float":
+        kwargs["max_rank"] = 1.5
+    elif change == "weights_text":
+        weights = "ab"
+    with pytest.raises(ValueError, match=match) as info:
+        aggregate(method, factors, weights, **kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_numpy_scalars_are_valid_options():
+    import numpy as np
+
+    factors = clients([3, 2], decay=True)
+    a = aggregate("florist", factors, np.array([2, 1]), tau=np.float32(0.9), max_rank=np.int64(4))
+    b = aggregate("florist", factors, [2, 1], tau=0.9, max_rank=4)
+    assert a.rank == b.rank and torch.equal(a.B, b.B)
+
+
+def test_adapter_helper_names_the_module_in_errors():
+    adapter = {"good": clients([2, 2]), "bad.v_proj": clients([2, 2])}
+    adapter["bad.v_proj"][1][0][0, 0] = float("nan")
+    with pytest.raises(ValueError, match="module bad.v_proj: client 1: factors contain NaN"):
+        aggregate_adapter("florist", adapter, [1, 1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", METHODS)
+def test_gpu_inputs_stay_on_the_gpu_and_match_the_cpu(method):
+    factors = clients([4, 2, 2], decay=True, seed=13)
+    if method == "ffa":
+        factors = [(B, factors[0][1][: B.shape[1]]) for B, _ in factors]
+    on_gpu = [(B.cuda(), A.cuda()) for B, A in factors]
+    gpu = aggregate(method, on_gpu, [3, 1, 2], tau=0.9)
+    cpu = aggregate(method, factors, [3, 1, 2], tau=0.9)
+    assert gpu.B.is_cuda and gpu.A.is_cuda and gpu.B.dtype == torch.float32
+    assert gpu.rank == cpu.rank
+    assert rel_err(product(gpu).cpu(), product(cpu)) < 1e-5
