@@ -14,6 +14,7 @@ import numpy as np
 
 # Elements per collective call; int32-safe for counts and displacements.
 DEFAULT_CHUNK_ELEMENTS = 1 << 28  # 1 GiB of fp32
+INT_MAX = 2**31 - 1
 CHUNK_ENV = "FLORIST_MPI_CHUNK_ELEMENTS"
 
 
@@ -50,34 +51,20 @@ class World:
         self.node_comm.Barrier()
 
 
-# Node-local rank as the launcher numbers it (Open MPI, Slurm, MPICH/Hydra, PMI).
-LAUNCHER_LOCAL_RANK = ("OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "MPI_LOCALRANKID", "PMI_LOCAL_RANK")
-
-
-def _launcher_local_rank(local_size: int) -> int | None:
-    for variable in LAUNCHER_LOCAL_RANK:
-        value = os.environ.get(variable, "")
-        if value.isdigit() and int(value) < local_size:
-            return int(value)
-    return None
-
-
 def init_world() -> World:
     """Join the MPI job (a single process without a launcher is a world of one)."""
     MPI = _mpi()
     comm = MPI.COMM_WORLD
-    # A shared-memory split groups the ranks of one node under srun and mpirun alike.
+    # A shared-memory split groups the ranks of one node under srun and mpirun alike, and
+    # numbers them 0..k-1 whatever the launcher's own variables say (they can be stale:
+    # SLURM_LOCALID survives into an mpirun started inside an allocation).
     node_comm = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
-    local_size = node_comm.Get_size()
-    # Prefer the launcher's numbering (it need not follow world-rank order, and DeepSpeed
-    # checks LOCAL_RANK against it); the split's numbering is the fallback.
-    launcher = _launcher_local_rank(local_size)
     return World(
         comm=comm,
         rank=comm.Get_rank(),
         size=comm.Get_size(),
-        local_rank=node_comm.Get_rank() if launcher is None else launcher,
-        local_size=local_size,
+        local_rank=node_comm.Get_rank(),
+        local_size=node_comm.Get_size(),
         node_comm=node_comm,
     )
 
@@ -155,14 +142,21 @@ def _displacements(counts: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------- big payloads
 
 
+def gather_step_elements(chunk: int, size: int) -> int:
+    """Elements per rank and step: rank 0's displacements add up over all ranks, so
+    size × step must stay within MPI's int as well as each count."""
+    return max(1, min(chunk, INT_MAX // size))
+
+
 def gather_float32(world: World, local: np.ndarray, chunk: int | None = None) -> list[np.ndarray] | None:
     """Gather each rank's flat fp32 buffer to rank 0; returns one array per rank there.
 
-    Sent in rounds of at most `chunk` elements per rank, so every Gatherv's
-    counts and displacements fit MPI's int even when the total is many GiB.
+    Sent in rounds of at most `chunk` elements per rank (and at most INT_MAX / size,
+    so that rank 0's receive displacements add up to less than INT_MAX), so every
+    Gatherv's counts and displacements fit MPI's int even when the total is many GiB.
     """
     MPI = _mpi()
-    chunk = chunk or chunk_elements()
+    chunk = gather_step_elements(chunk or chunk_elements(), world.size)
     local = np.ascontiguousarray(local, dtype=np.float32).reshape(-1)
     counts = gather_counts(world, local.size)
     total_rounds = np.array([-(-local.size // chunk)], dtype=np.int64)

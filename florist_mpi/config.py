@@ -42,24 +42,27 @@ class FederationConfig(_Section):
     max_rank: int | None = Field(None, ge=1)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
 
-    @field_validator("clients_per_round")
+    @field_validator("clients_per_round", mode="before")
     @classmethod
-    def _positive(cls, value):
+    def _count_or_fraction(cls, value):
         if value is None:
             return value
-        if isinstance(value, float) and not value.is_integer():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError("use a count (an integer such as 4) or a fraction (a number such as 0.5)")
+        if isinstance(value, float):
             if not 0.0 < value <= 1.0:
-                raise ValueError("a fraction must be in (0, 1]")
+                raise ValueError("a fraction must be in (0, 1]; write a count as an integer, e.g. 4")
         elif value < 1:
-            raise ValueError("must be a positive count or a fraction in (0, 1]")
+            raise ValueError("a count must be at least 1")
         return value
 
     def participants_per_round(self) -> int:
+        """An integer is a count of clients, a float (1.0 included) a fraction of them."""
         value = self.clients_per_round
         if value is None:
             return self.num_clients
-        if isinstance(value, float) and not value.is_integer():
-            return max(1, math.ceil(value * self.num_clients))
+        if isinstance(value, float):
+            return max(1, math.ceil(value * self.num_clients - 1e-9))
         return int(value)
 
 
@@ -175,8 +178,14 @@ class TrainConfig(_Section):
     @model_validator(mode="after")
     def _one_budget(self):
         if self.local_epochs is not None:
-            self.__dict__["local_steps"] = None
+            if self.local_steps is not None and "local_steps" in self.model_fields_set:
+                raise ValueError("train.local_steps and train.local_epochs are both set: keep one "
+                                 "(set the other to null)")
+            self.__dict__["local_steps"] = None  # the default 10 steps gives way to epochs
+        elif self.local_steps is None:
+            raise ValueError("no local work: set train.local_steps or train.local_epochs")
         return self
+
 
 
 class EvalConfig(_Section):
@@ -214,6 +223,13 @@ class ExperimentConfig(_Section):
             raise ValueError(
                 f"lora.ranks has {len(lora.ranks)} entries but federation.num_clients is "
                 f"{fed.num_clients}; give one rank per client or use lora.rank"
+            )
+        precision_dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(self.train.precision)
+        if precision_dtype and self.model.dtype != precision_dtype:
+            raise ValueError(
+                f"train.precision '{self.train.precision}' trains in {precision_dtype} but model.dtype is "
+                f"'{self.model.dtype}': set model.dtype: {precision_dtype} (DeepSpeed casts the shared base "
+                "weights to the training precision)"
             )
         if fed.participants_per_round() > fed.num_clients:
             raise ValueError(
@@ -310,6 +326,10 @@ RESUME_KEYS = (
     "lora",
     "data",
     "train",
+    # what the logged eval metric means (eval.every and eval.batch_size may change)
+    "eval.kind",
+    "eval.path",
+    "eval.max_examples",
 )
 
 

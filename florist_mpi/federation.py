@@ -15,8 +15,8 @@ from florist_mpi import comm, exchange, storage
 from florist_mpi import data as data_lib
 from florist_mpi import evaluation
 from florist_mpi.config import ExperimentConfig
-from florist_mpi.model import (adapted_modules, cores_for_rank, load_base, merge_update, quiet_libraries,
-                               select_device, weights_digest)
+from florist_mpi.model import (adapted_modules, cores_for_rank, float32_masters, load_base, merge_update,
+                               quiet_libraries, select_device, weights_digest)
 from florist_mpi.seeding import Stream, derive_seed, rng
 from florist_mpi.exchange import ClientUpdate
 from florist_mpi.faults import diverges, kill_point
@@ -92,6 +92,7 @@ class Federation:
         self.model, self.tokenizer = load_base(cfg, world, self.device)
         self.modules = adapted_modules(self.model, cfg.lora.target_modules)
         self.shapes = {name: tuple(module.weight.shape) for name, module in self.modules.items()}
+        self.masters = float32_masters(self.modules)  # merges of bf16/fp16 weights go through fp32
         self.client_records = data_lib.client_records(cfg.data, cfg.federation.num_clients, cfg.run.seed)
         self._encoded: dict[int, list] = {}
         self.eval_set = self._load_eval_shard()
@@ -129,7 +130,7 @@ class Federation:
                 if self.cfg.federation.method == "flexlora":
                     self.client_init = factors
                 else:
-                    merge_update(self.modules, {name: factors[name] for name in self.shapes})
+                    merge_update(self.modules, {name: factors[name] for name in self.shapes}, self.masters)
 
     # --------------------------------------------------------------------- loop
 
@@ -180,7 +181,7 @@ class Federation:
         if cfg.federation.method == "flexlora":
             self.client_init = global_factors
         else:
-            merge_update(self.modules, global_factors)
+            merge_update(self.modules, global_factors, self.masters)
         timings["time_merge"] = time.perf_counter() - start
         self._check_consistency(round_index)
 
@@ -284,11 +285,12 @@ class Federation:
             return math.nan, math.nan
         if self.cfg.federation.method == "flexlora" and global_factors is not None:
             # FlexLoRA keeps the base; its global model is base + the aggregated update.
-            with temporarily_merged(self.modules, global_factors):
+            with temporarily_merged(self.modules, global_factors, self.masters):
                 return self._evaluate_model()
         return self._evaluate_model()
 
     def _evaluate_model(self) -> tuple[float, float]:
+        self.model.eval()  # local training left the shared base in train mode (dropout on)
         if self.cfg.eval.kind == "mmlu":
             correct, total = evaluation.multiple_choice_correct(self.model, self.eval_set, self.device)
             correct, total = comm.allreduce_sum(self.world, np.array([correct, total])) if self.world.size > 1 else (correct, total)
@@ -322,7 +324,7 @@ class Federation:
         attrs = {
             "tau": float(self.cfg.federation.tau), **{k: float(v) for k, v in timings.items()},
             "bytes_up": int(bytes_up), "bytes_down": int(self._bytes_down(outcome["global"])),
-            "eval_loss": float(eval_loss), "eval_accuracy": float(eval_accuracy),
+            "eval_loss": float(eval_loss), "eval_accuracy": float(eval_accuracy), "world_size": int(self.world.size),
         }
         record = storage.RoundRecord(
             index=round_index, attrs=attrs, clients=clients, excluded=outcome["excluded"],
@@ -333,13 +335,18 @@ class Federation:
             client_adapters={c.client_id: c.factors for c in kept} if self.cfg.log.client_adapters else None,
         )
         before_publish = lambda: self._kill_point("write", round_index)  # noqa: E731 - test hook
+        start = time.perf_counter()
         if not self.log_started:
             storage.create_log(self.output, self._header(), replace=self.plan.overwrite, first_round=record,
                                before_publish=before_publish)
             self.log_started = True
         else:
-            storage.append_round(self.output, record, before_publish=before_publish)
-        self._say(self._round_line(round_index, attrs, kept, outcome, participants))
+            # The first round after a resume also records the config it was resumed with.
+            resumed = round_index == self.plan.resume_from + 1 and self.plan.resume_from >= 0
+            root = {"config": self.cfg.to_yaml(), "world_size": int(self.world.size)} if resumed else None
+            storage.append_round(self.output, record, before_publish=before_publish, root_attrs=root)
+        written = time.perf_counter() - start
+        self._say(self._round_line(round_index, attrs, kept, outcome, participants) + f" log {written:.2f}s")
 
     def _wire_floats(self, rank: int, m: int, n: int) -> int:
         """Floats one module's factors of this rank take on the wire.

@@ -99,11 +99,11 @@ def _tiny_cache_key(cfg: ExperimentConfig) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def build_tiny_model(cfg: ExperimentConfig, vocab_size: int, pad_id: int, bos_id: int, eos_id: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _tiny_llama_config(cfg: ExperimentConfig, vocab_size: int, pad_id: int, bos_id: int, eos_id: int):
+    from transformers import LlamaConfig
 
     tiny = cfg.model.tiny
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=tiny.hidden_size,
         intermediate_size=tiny.intermediate_size,
@@ -116,8 +116,46 @@ def build_tiny_model(cfg: ExperimentConfig, vocab_size: int, pad_id: int, bos_id
         eos_token_id=eos_id,
         tie_word_embeddings=False,
     )
+
+
+def build_tiny_model(cfg: ExperimentConfig, vocab_size: int, pad_id: int, bos_id: int, eos_id: int):
+    from transformers import LlamaForCausalLM
+
     torch.manual_seed(cfg.run.seed)
-    return LlamaForCausalLM(config)
+    return LlamaForCausalLM(_tiny_llama_config(cfg, vocab_size, pad_id, bos_id, eos_id))
+
+
+def check_model_and_targets(cfg: ExperimentConfig, download: bool = True) -> bool:
+    """Fail early (rank 0, before any work) if the model cannot be found or no module is adapted.
+
+    Only the model's config is read; the architecture is instantiated on the meta device,
+    so this costs no weights and no memory. With `download=False` a Hugging Face id that is
+    not in the local cache is left unchecked (returns False) instead of failing.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if cfg.model.name == "tiny":
+        config = _tiny_llama_config(cfg, cfg.model.tiny.vocab_size, 0, 1, 2)
+    else:
+        try:
+            config = AutoConfig.from_pretrained(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code,
+                                                local_files_only=not download)
+        except (OSError, ValueError) as err:
+            if not download and not Path(cfg.model.name).expanduser().exists():
+                return False
+            raise _model_error(cfg.model.name, err) from None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+    adapted_modules(model, cfg.lora.target_modules)
+    return True
+
+
+def _model_error(name: str, err: BaseException) -> UserError:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
+    return UserError(
+        f"cannot load model '{name}' ({first[:160]}): set model.name to a local model directory, "
+        "a reachable Hugging Face id, or 'tiny'"
+    )
 
 
 def _build_tiny_artifacts(cfg: ExperimentConfig, directory: Path) -> None:
@@ -193,11 +231,7 @@ def _load_pretrained(name: str, cfg: ExperimentConfig, device: torch.device, loc
             name, dtype=dtype, local_files_only=local_only, trust_remote_code=cfg.model.trust_remote_code
         )
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
-        raise UserError(
-            f"cannot load model '{name}' ({first[:160]}): set model.name to a local model directory, "
-            "a reachable Hugging Face id, or 'tiny'"
-        ) from None
+        raise _model_error(name, err) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device)
@@ -225,17 +259,37 @@ def adapted_modules(model, target_modules: list[str]) -> dict[str, torch.nn.Line
     return found
 
 
+def float32_masters(modules: dict[str, torch.nn.Linear]) -> dict[str, torch.Tensor]:
+    """fp32 copies of the adapted weights that are stored in lower precision (none when fp32).
+
+    A LoRA update is ~1e-3 of the weight: added straight into bfloat16 (8-bit mantissa),
+    much of it rounds away, and the loss compounds over rounds. Merges go into these
+    copies instead, and the model's weight is their rounding.
+    """
+    return {name: module.weight.detach().float().clone() for name, module in modules.items()
+            if module.weight.dtype != torch.float32}
+
+
 @torch.no_grad()
-def merge_update(modules: dict[str, torch.nn.Linear], factors: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+def merge_update(modules: dict[str, torch.nn.Linear], factors: dict[str, tuple[np.ndarray, np.ndarray]],
+                 masters: dict[str, torch.Tensor] | None = None) -> None:
     """W += B @ A for every module (the global update with LoRA scaling folded in)."""
     for name, (B, A) in factors.items():
         weight = modules[name].weight
         if B.shape[1] == 0:
             continue
-        delta = torch.from_numpy(np.ascontiguousarray(B)).to(weight.device) @ torch.from_numpy(
-            np.ascontiguousarray(A)
-        ).to(weight.device)
-        weight.add_(delta.to(weight.dtype))
+        delta = update_matrix(B, A, weight.device)
+        master = (masters or {}).get(name)
+        if master is None:
+            weight.add_(delta.to(weight.dtype))
+        else:
+            master.add_(delta)
+            weight.copy_(master)
+
+
+def update_matrix(B: np.ndarray, A: np.ndarray, device: torch.device) -> torch.Tensor:
+    """ΔW = B @ A in float32 on `device` (copies: logged and broadcast buffers are read-only)."""
+    return torch.from_numpy(np.array(B, dtype=np.float32)).to(device) @ torch.from_numpy(np.array(A, dtype=np.float32)).to(device)
 
 
 @torch.no_grad()

@@ -43,12 +43,16 @@ def merge_rounds_before(model_modules, log_path, cfg: ExperimentConfig, round_in
 
 
 @contextmanager
-def temporarily_merged(model_modules, factors):
-    """base + B @ A inside the block; the exact previous weights afterwards."""
+def temporarily_merged(model_modules, factors, masters=None):
+    """base + B @ A inside the block; the exact previous weights afterwards.
+
+    Weights kept in lower precision are merged through (copies of) their fp32 `masters`,
+    as a real merge would be.
+    """
     from florist_mpi.model import merge_update
 
     saved = {name: model_modules[name].weight.detach().clone() for name in factors}
-    merge_update(model_modules, factors)
+    merge_update(model_modules, factors, {name: masters[name].clone() for name in factors if name in (masters or {})})
     try:
         yield
     finally:

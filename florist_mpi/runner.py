@@ -80,6 +80,7 @@ class Plan:
     resume_from: int = -1  # last completed round in the log being resumed
     overwrite: bool = False
     error: str | None = None
+    done: str | None = None  # set when a resumed log already holds every round: nothing to run
 
 
 def _preflight(args) -> Plan:
@@ -90,6 +91,10 @@ def _preflight(args) -> Plan:
         raise UserError("--resume and --overwrite contradict each other: pass only one")
     if args.resume:
         plan.resume_from = _check_resumable(output, cfg)
+        if plan.resume_from + 1 == cfg.run.rounds:
+            plan.done = (f"log '{output}' already holds all {cfg.run.rounds} rounds: nothing to do "
+                         "(raise run.rounds to continue it)")
+            return plan
     elif output.exists() and not args.overwrite:
         raise UserError(
             f"log '{output}' already exists: pass --resume to continue it, --overwrite to replace it, "
@@ -117,10 +122,14 @@ def _check_resumable(output: Path, cfg: ExperimentConfig) -> int:
         )
     if rounds != list(range(len(rounds))):
         raise UserError(f"cannot resume '{output}': its rounds {rounds} are not contiguous from 0")
+    if len(rounds) > cfg.run.rounds:
+        raise UserError(f"cannot resume '{output}': it already holds {len(rounds)} rounds but run.rounds is "
+                        f"{cfg.run.rounds}; set run.rounds to at least {len(rounds)}")
     return len(rounds) - 1
 
 
-def _check_inputs(cfg: ExperimentConfig) -> None:
+def _check_inputs(cfg: ExperimentConfig, download: bool = True) -> bool:
+    """Data, evaluation set, model and target modules; False if the model was left unchecked."""
     from florist_mpi import data as data_lib
 
     clients = data_lib.client_records(cfg.data, cfg.federation.num_clients, cfg.run.seed)
@@ -131,6 +140,9 @@ def _check_inputs(cfg: ExperimentConfig) -> None:
         _eval_records(cfg)
     if cfg.model.name != "tiny":
         _check_model_reference(cfg.model.name)
+    from florist_mpi.model import check_model_and_targets
+
+    return check_model_and_targets(cfg, download)
 
 
 def _check_model_reference(name: str) -> None:
@@ -171,6 +183,8 @@ def _agree_on_plan(world, args) -> Plan:
         if world.is_root:
             print(f"florist-mpi: error: {plan.error}", file=sys.stderr)
         raise SystemExit(2)
+    if plan.done and world.is_root:
+        print(f"florist-mpi: {plan.done}", flush=True)
     return plan
 
 
@@ -198,6 +212,8 @@ class _Clock:
 
 def run_job(world, args) -> int:
     plan = _agree_on_plan(world, args)
+    if plan.done:
+        return 0
     cfg = parse_config_text(plan.config_yaml)
     from florist_mpi.federation import Federation
 

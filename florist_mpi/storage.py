@@ -81,6 +81,24 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _copy_file(source: Path, target: Path) -> None:
+    """Copy a log; copy_file_range lets file systems that can share extents (XFS, btrfs)
+    or copy server-side (NFS 4.2) do so, which keeps the per-round copy cheap there."""
+    size = source.stat().st_size
+    copied = 0
+    try:
+        with open(source, "rb") as src, open(target, "wb") as dst:
+            while copied < size:
+                step = os.copy_file_range(src.fileno(), dst.fileno(), size - copied)
+                if step == 0:
+                    break
+                copied += step
+    except (OSError, AttributeError):  # not offered here (old kernel, other platform)
+        copied = -1
+    if copied != size:
+        shutil.copyfile(source, target)
+
+
 def _shadow_path(path: Path) -> Path:
     return path.with_name(path.name + ".tmp")
 
@@ -92,7 +110,7 @@ def _atomic_update(path: Path, start_from_existing: bool):
     if shadow.exists():
         shadow.unlink()  # left by a run killed mid-write; the live log is intact
     if start_from_existing:
-        shutil.copyfile(path, shadow)
+        _copy_file(path, shadow)
     try:
         with h5py.File(shadow, "a" if start_from_existing else "w-") as handle:
             yield handle
@@ -150,13 +168,15 @@ def _write_header(handle: h5py.File, header: RunHeader) -> None:
         attrs[key] = value
 
 
-def append_round(path: str | Path, record: RoundRecord, before_publish=None) -> None:
-    """Add one completed round; it becomes visible atomically.
+def append_round(path: str | Path, record: RoundRecord, before_publish=None, root_attrs: dict | None = None) -> None:
+    """Add one completed round (and update root attributes); it becomes visible atomically.
 
     `before_publish` (tests only) is called with the round written but not yet published.
     """
     path = Path(path)
     with _atomic_update(path, start_from_existing=True) as handle:
+        for key, value in (root_attrs or {}).items():
+            handle.attrs[key] = value
         rounds = handle.require_group("rounds")
         key = round_key(record.index)
         if key in rounds:
@@ -193,11 +213,6 @@ def _write_round(group: h5py.Group, record: RoundRecord) -> None:
                 node = client_group.create_group(module)
                 node.create_dataset("B", data=np.ascontiguousarray(B, dtype=np.float32))
                 node.create_dataset("A", data=np.ascontiguousarray(A, dtype=np.float32))
-
-
-def set_root_attr(path: str | Path, key: str, value) -> None:
-    with _atomic_update(Path(path), start_from_existing=True) as handle:
-        handle.attrs[key] = value
 
 
 # ------------------------------------------------------------------------ reading

@@ -11,8 +11,11 @@ import gc
 import io
 import logging
 import os
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -37,9 +40,11 @@ def isolate_torch_distributed(local_rank: int) -> None:
     """A private single-process torch.distributed world for this rank's DeepSpeed engines."""
     import torch.distributed as dist
 
-    # DeepSpeed reads these; LOCAL_RANK must stay the real node-local rank (it checks it
-    # against the MPI launcher's variables), RANK/WORLD_SIZE describe the private world.
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK=str(local_rank))
+    # DeepSpeed reads these. RANK/WORLD_SIZE describe the private world; LOCAL_RANK must
+    # equal Open MPI's own number when there is one (DeepSpeed asserts it). The GPU is
+    # chosen separately (select_device) and handed to DeepSpeed as its device_rank.
+    local = os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", str(local_rank))
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK=local)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
     if not dist.is_initialized():
@@ -116,11 +121,13 @@ class ClientJob:
 
 
 def num_local_batches(cfg: ExperimentConfig, num_examples: int) -> int:
+    """Micro-batches of one client's local work: always whole optimizer steps."""
     train = cfg.train
-    micro = train.micro_batch_size
+    accumulation = train.gradient_accumulation_steps
     if train.local_epochs is not None:
-        return data_lib.epochs_to_batches(num_examples, micro, train.local_epochs)
-    return train.local_steps * train.gradient_accumulation_steps
+        micro_batches = data_lib.epochs_to_batches(num_examples, train.micro_batch_size, train.local_epochs)
+        return -(-micro_batches // accumulation) * accumulation  # a partial last step would never be applied
+    return train.local_steps * accumulation
 
 
 def _lora_config(job: ClientJob, cfg: ExperimentConfig):
@@ -192,11 +199,16 @@ def train_client(base_model, module_names, job: ClientJob, cfg: ExperimentConfig
         _initialise_lora(layers, job, scaling)
         trainable = [p for p in peft_model.parameters() if p.requires_grad]
         optimizer = _optimizer(trainable, cfg)
+        # DeepSpeed would otherwise pick GPU LOCAL_RANK, which need not exist (one visible GPU per task).
+        args = SimpleNamespace(device_rank=device.index) if device.type == "cuda" else None
         with contextlib.redirect_stdout(io.StringIO()):
-            engine, *_ = deepspeed.initialize(model=peft_model, optimizer=optimizer, config=deepspeed_config(cfg, device))
+            engine, *_ = deepspeed.initialize(args=args, model=peft_model, optimizer=optimizer,
+                                              config=deepspeed_config(cfg, device))
         engine.train()
         loss = _local_steps(engine, job, cfg, device, base_model)
         fault = client_fault(job.client_id, job.round_index)
+        if fault in ("crash", "exit"):  # the moment of failure, for tests of how fast the job ends
+            print(f"[fault] {fault} injected at {time.time():.3f}", file=sys.stderr, flush=True)
         if fault == "raise":
             raise ClientTrainingError(f"injected failure ({FAULT_ENV})")
         if fault == "crash":

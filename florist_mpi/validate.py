@@ -14,16 +14,18 @@ def add_arguments(parser) -> None:
 
 def main(args) -> int:
     cfg = load_config(args.config, args.overrides)
+    model_note = ""
     if not args.no_data:
         from florist_mpi.runner import _check_inputs
 
-        _check_inputs(cfg)
+        if not _check_inputs(cfg, download=False):
+            model_note = " (not in the local cache: not checked, `run` will download it)"
     fed, lora = cfg.federation, cfg.lora
     ranks = lora.ranks if lora.ranks is not None else [lora.rank] * fed.num_clients
     print(
         f"{args.config}: OK | method {fed.method} (tau={fed.tau}) | {fed.num_clients} clients, "
         f"{fed.participants_per_round()} per round | LoRA ranks {ranks}, alpha {lora.alpha} on "
-        f"{','.join(lora.target_modules)} | model {cfg.model.name} | data {cfg.data.source} | "
+        f"{','.join(lora.target_modules)} | model {cfg.model.name}{model_note} | data {cfg.data.source} | "
         f"{cfg.run.rounds} rounds -> {cfg.run.output}"
     )
     return 0

@@ -4,9 +4,17 @@
 #
 #   jobs/scaling_report.sh                 # reads runs/scaling/*.h5
 #   SCALING_DIR=runs/scaling_v2 jobs/scaling_report.sh
+#   # or as a job that starts when the whole array has ended:
+#   array=$(sbatch --parsable --array=0-5 jobs/scaling_study.sbatch configs/demo.yaml)
+#   sbatch --dependency=afterany:$array jobs/scaling_report.sh
 #
 # Writes SCALING_DIR/summary.csv (one row per run and round, with run, world_size and
 # total_clients columns), SCALING_DIR/summary.txt and SCALING_DIR/plots/*.png.
+#SBATCH --job-name=florist-scaling-report
+#SBATCH --ntasks=1
+#SBATCH --cpus-per-task=2
+#SBATCH --time=00:30:00
+#SBATCH --output=florist-%x-%j.out
 set -euo pipefail
 
 SCALING_DIR=${SCALING_DIR:-runs/scaling}

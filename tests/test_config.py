@@ -36,6 +36,23 @@ def test_local_epochs_replace_steps():
     assert cfg.train.local_steps is None and cfg.train.local_epochs == 2
 
 
+@pytest.mark.parametrize("value, expected", [(1.0, 10), (0.5, 5), (0.25, 3), (1, 1), (4, 4), (None, 10)])
+def test_clients_per_round_floats_are_fractions_and_integers_counts(value, expected):
+    cfg = config_from_tree({"federation": {"num_clients": 10, "clients_per_round": value}})
+    assert cfg.federation.participants_per_round() == expected
+
+
+def test_local_work_budgets_in_microbatches_are_whole_optimizer_steps():
+    from florist_mpi.training import num_local_batches
+
+    cfg = config_from_tree({"train": {"local_epochs": 1, "micro_batch_size": 4, "gradient_accumulation_steps": 8}})
+    # 395 examples: 99 micro-batches for one epoch, rounded up to 13 whole steps of 8
+    assert num_local_batches(cfg, 395) == 104
+    assert num_local_batches(cfg, 32) == 8
+    steps = config_from_tree({"train": {"local_steps": 5, "gradient_accumulation_steps": 3}})
+    assert num_local_batches(steps, 1000) == 15
+
+
 @pytest.mark.parametrize(
     "tree, overrides, key",
     [
@@ -55,6 +72,13 @@ def test_local_epochs_replace_steps():
         ({"data": {"source": "json"}}, [], "data.path"),
         ({"eval": {"kind": "mmlu"}}, [], "eval.path"),
         ({}, ["federation.tau=abc"], "federation.tau"),
+        ({"federation": {"clients_per_round": 2.0}}, [], "federation.clients_per_round"),
+        ({"federation": {"clients_per_round": True}}, [], "federation.clients_per_round"),
+        ({"federation": {"clients_per_round": 0}}, [], "federation.clients_per_round"),
+        ({"train": {"local_steps": None}}, [], "train.local_steps"),
+        ({"train": {"local_steps": 5, "local_epochs": 1}}, [], "train.local_epochs"),
+        ({"train": {"precision": "bf16"}}, [], "model.dtype"),
+        ({"model": {"dtype": "float32"}, "train": {"precision": "fp16"}}, [], "model.dtype"),
     ],
 )
 def test_invalid_values_name_the_key(tree, overrides, key):
@@ -96,3 +120,9 @@ def test_resume_mismatch_names_the_first_differing_key():
     assert resume_mismatch(base, config_from_tree({"federation": {"method": "fedit"}})) == "federation.method"
     assert resume_mismatch(base, config_from_tree({"lora": {"rank": 4}})) == "lora.rank"
     assert resume_mismatch(base, config_from_tree({"data": {"max_length": 32}})) == "data.max_length"
+
+
+def test_resume_keys_include_what_the_logged_metric_means():
+    base = config_from_tree({})
+    assert resume_mismatch(base, config_from_tree({"eval": {"max_examples": 8}})) == "eval.max_examples"
+    assert resume_mismatch(base, config_from_tree({"eval": {"every": 2, "batch_size": 4}})) is None

@@ -129,6 +129,9 @@ def test_sbatch_scripts_request_tasks_and_gpus(script):
     assert "--gpus-per-task" in text or "--gres=gpu" in text
     assert "--time" in text and "--output" in text
     assert "srun --mpi=" in script.read_text()
+    # a rank that dies must end the step, not leave the others blocked in a collective
+    sruns = [line for line in logical_lines(script.read_text()) if line.lstrip().startswith("srun ")]
+    assert sruns and all("--kill-on-bad-exit=1" in line for line in sruns)
     # Slurm ignores #SBATCH lines after the first command
     body = [line for line in script.read_text().splitlines()[1:] if line.strip() and not line.startswith("#")]
     first_command = script.read_text().splitlines().index(body[0])

@@ -165,6 +165,26 @@ def test_progress_lines_from_rank_zero_only(florist_runs):
     _, result = florist_runs[3]
     assert result.stdout.count("round 1/2") == 1 and result.stdout.count("round 2/2") == 1
     assert "eval loss" in result.stdout
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    # banner, one line per round, the closing line: nothing from the other ranks or the libraries
+    assert len(lines) == 4 and lines[0].startswith("florist-mpi starting") and lines[-1].startswith("done:"), lines
+
+
+def test_partial_participation_with_epochs_and_gradient_accumulation(tmp_path):
+    """2 of 4 clients per round on 3 ranks (a rank may host nobody), epochs, accumulation."""
+    from florist_mpi.config import load_config
+    from florist_mpi.federation import sample_participants
+
+    config, log = write_config(tmp_path, federation={"clients_per_round": 2},
+                               train={"local_steps": None, "local_epochs": 0.5, "gradient_accumulation_steps": 2})
+    run_ok(3, config)
+    cfg = load_config(config)
+    with h5py.File(log, "r") as handle:
+        for round_index in range(2):
+            group = handle["rounds"][f"{round_index:05d}"]
+            assert group["clients/id"][()].tolist() == sample_participants(cfg, round_index)
+            assert len(group["client_adapters"]) == 2
+    assert_global_matches_clients(log, "florist", tau=0.95)
 
 
 @pytest.mark.parametrize("method", ["fedit", "flora", "flexlora", "ffa"])
@@ -185,13 +205,14 @@ def test_baselines_log_their_own_aggregate(tmp_path, method):
 
 
 def test_demo_config_learns(tmp_path):
-    """The shipped demo (fewer rounds to keep CI short) shows a clearly falling eval loss."""
+    """The shipped demo as the README runs it (4 ranks, every round) shows a clearly falling eval loss."""
     log = tmp_path / "demo.h5"
-    result = run_ok(2, "configs/demo.yaml", "--set", f"run.output={log}", "--set", "run.rounds=3")
+    result = run_ok(4, "configs/demo.yaml", "--set", f"run.output={log}")
     with h5py.File(log, "r") as handle:
         initial = handle.attrs["initial_eval_loss"]
         losses = [handle["rounds"][k].attrs["eval_loss"] for k in sorted(handle["rounds"].keys())]
-    assert losses[-1] < 0.8 * initial, (initial, losses, result.stdout[-2000:])
+    assert len(losses) == 8
+    assert losses[-1] < 0.7 * initial, (initial, losses, result.stdout[-2000:])
     assert all(b < a for a, b in zip(losses, losses[1:])), losses
 
 

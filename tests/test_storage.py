@@ -102,3 +102,20 @@ def test_open_log_rejects_what_is_not_a_log(tmp_path, kind):
         with storage.open_log(path):
             pass
     assert "\n" not in str(info.value)
+
+
+def test_append_can_update_root_attributes_in_the_same_atomic_step(tmp_path):
+    path = tmp_path / "log.h5"
+    storage.create_log(path, header(), first_round=record(0))
+    storage.append_round(path, record(1), root_attrs={"world_size": 3, "config": "run: {rounds: 4}\n"})
+    with storage.open_log(path) as handle:
+        assert handle.attrs["world_size"] == 3 and "rounds: 4" in handle.attrs["config"]
+        assert storage.completed_rounds(handle) == [0, 1]
+
+
+def test_log_copy_is_byte_exact(tmp_path):
+    source, target = tmp_path / "a.bin", tmp_path / "b.bin"
+    payload = np.random.default_rng(0).bytes(3 * 1024 * 1024 + 17)
+    source.write_bytes(payload)
+    storage._copy_file(source, target)
+    assert target.read_bytes() == payload
