@@ -11,13 +11,15 @@ opening and closing the file again, so a `Run` never holds the file open.
     >>> run.ranks                       # module x round global ranks
     >>> B, A = run.global_factors(-1)["model.layers.0.self_attn.q_proj"]
 
-Every problem with the file (missing, not HDF5, truncated, not a florist_mpi log, a
-round that is not there) is a `storage.LogError` with a one-line message.
+Every problem with the file (a directory, missing, not HDF5, truncated, not a florist_mpi
+log, a round that is not there) is a `storage.LogError` with a one-line message; negative
+round indices count from the end, as in Python.
 """
 from __future__ import annotations
 
 import json
 import math
+import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +33,8 @@ from florist_mpi.storage import LogError
 
 # Round attributes in the order the frames show them (docs/log-format.md).
 PHASES = ("time_train", "time_gather", "time_aggregate", "time_broadcast", "time_merge", "time_eval")
-ROUND_ATTRS = ("eval_loss", "eval_accuracy", "tau", *PHASES, "bytes_up", "bytes_down")
-INTEGER_ATTRS = ("bytes_up", "bytes_down")
+ROUND_ATTRS = ("eval_loss", "eval_accuracy", "tau", *PHASES, "bytes_up", "bytes_down", "world_size")
+INTEGER_ATTRS = ("bytes_up", "bytes_down", "world_size")
 # Columns `Run.rounds` derives from the log on top of the round attributes.
 DERIVED_COLUMNS = (
     "num_sampled", "num_clients", "num_excluded", "mean_rank", "min_rank", "max_rank", "total_rank",
@@ -45,6 +47,8 @@ CLIENT_ADAPTERS_HINT = "rerun with log.client_adapters: true (e.g. --set log.cli
 def open_run(path: str | Path) -> "Run":
     """Read a run log's header and round summary; raises LogError for anything that is not a readable log."""
     path = Path(path)
+    if path.is_dir():
+        raise LogError(f"'{path}' is a directory, not a run log: give the path of a run's .h5 file (run.output)")
     with _reading(path) as handle:
         attrs = handle.attrs
         try:
@@ -62,14 +66,15 @@ def open_run(path: str | Path) -> "Run":
         except json.JSONDecodeError:
             versions = {}
         rounds = storage.completed_rounds(handle)
-        summary = _read_summary(handle, rounds, modules)
+        world_size = int(attrs.get("world_size", 1))
+        summary = _read_summary(handle, rounds, modules, world_size)
         run = Run(
             path=path,
             config=config,
             method=storage.decode_str(attrs.get("method", config.federation.method)),
             tau=float(attrs.get("tau", config.federation.tau)),
             num_clients=int(attrs.get("num_clients", config.federation.num_clients)),
-            world_size=int(attrs.get("world_size", 1)),
+            world_size=world_size,
             created=storage.decode_str(attrs.get("created", "")),
             versions=versions,
             modules=modules,
@@ -94,8 +99,11 @@ def _reading(path: Path):
             raise LogError(f"log '{path}' is damaged or incomplete ({detail}): use an intact copy of the log") from None
 
 
-def _read_summary(handle, rounds: list[int], modules: list[str]):
-    """(rounds frame, ranks frame, energy frame) from one pass over the round groups."""
+def _read_summary(handle, rounds: list[int], modules: list[str], world_size: int):
+    """(rounds frame, ranks frame, energy frame) from one pass over the round groups.
+
+    `world_size` (the header's) fills the rounds of logs written before rounds recorded their own.
+    """
     records, rank_columns, energy_columns = [], {}, {}
     group_of_rounds = handle["rounds"]
     for r in rounds:
@@ -126,7 +134,7 @@ def _read_summary(handle, rounds: list[int], modules: list[str]):
                                       columns=columns + ["num_sampled", "num_clients", "num_excluded"])
     for key in ROUND_ATTRS:
         if key in INTEGER_ATTRS:
-            frame[key] = frame[key].fillna(0).astype(np.int64)
+            frame[key] = frame[key].fillna(world_size if key == "world_size" else 0).astype(np.int64)
         else:
             frame[key] = frame[key].astype(np.float64)
     for key in ("num_sampled", "num_clients", "num_excluded"):
@@ -184,6 +192,7 @@ class Run:
 
         Derived: num_sampled, num_clients (aggregated), num_excluded, mean/min/max/total_rank and
         mean_energy over modules, time_total (sum of the phases), cum_bytes_up, cum_bytes_down.
+        `world_size` is the round's own attribute, or the header's in logs written before it existed.
         """
         return self._rounds_frame.copy()
 
@@ -303,3 +312,45 @@ class Run:
     def __repr__(self) -> str:
         return (f"Run('{self.path}', method={self.method}, tau={self.tau}, clients={self.num_clients}, "
                 f"rounds={len(self.round_indices)}, modules={len(self.modules)})")
+
+
+# ------------------------------------------------- output folders of sweep-tau and export
+
+
+def check_new_output_dir(path: Path, what: str, fix: str = "choose a new directory") -> Path:
+    """`path` if nothing would be overwritten there: absent, or an empty directory.
+
+    `what` names the folder in the message (e.g. "--out 'x'"), `fix` says what to do instead.
+    """
+    from florist_mpi.errors import UserError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} is a file, not a directory: {fix}")
+    if path.is_dir() and any(path.iterdir()):
+        raise UserError(f"{what} already exists and is not an empty directory (nothing was overwritten): {fix}")
+    return path
+
+
+@contextmanager
+def publishing_dir(path: Path):
+    """Yield a scratch directory beside `path` that becomes `path` only if the block succeeds,
+    so an interrupted or failed command leaves no half-written folder."""
+    from florist_mpi.errors import UserError
+
+    path = Path(path)
+    scratch = path.with_name(f".{path.name}.partial")
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        scratch.mkdir(parents=True)
+    except OSError as err:
+        raise UserError(f"cannot create '{path}' ({err.strerror}): choose a writable location") from None
+    try:
+        yield scratch
+        check_new_output_dir(path, f"'{path}'")  # something appeared meanwhile: do not clobber it
+        if path.exists():
+            path.rmdir()
+        scratch.rename(path)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise

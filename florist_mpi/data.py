@@ -452,6 +452,32 @@ def _middle_cut(ids: list[int], keep: int) -> list[int]:
     return ids[: keep - tail] + ids[len(ids) - tail :]
 
 
+def special_ids(tokenizer) -> tuple[list[int], list[int]]:
+    """([bos], [eos]) of the tokenizer; an empty list for one it does not have."""
+    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    return bos, eos
+
+
+def encode_pair(tokenizer, prompt_ids: list[int], answer_ids: list[int], max_length: int, *, eos: bool = True,
+                answer_room: int | None = None) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of bos + prompt + answer (+ eos), at most max_length tokens.
+
+    labels are -100 on bos and the prompt, so only the answer (and eos) is scored.
+    Truncation follows _fit_lengths and _middle_cut. `answer_room` (default: this
+    answer's length) is the answer length the prompt makes room for: candidates of one
+    question pass their longest, so every candidate keeps exactly the same prompt.
+    """
+    bos, end = special_ids(tokenizer)
+    prompt = bos + list(prompt_ids)
+    answer = list(answer_ids) + (end if eos else [])
+    room = len(answer) if answer_room is None else answer_room + (len(end) if eos else 0)
+    prompt_keep, _ = _fit_lengths(len(prompt), max(room, len(answer)), max_length)
+    prompt = _middle_cut(prompt, prompt_keep)
+    answer = answer[: max_length - len(prompt)]
+    return prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
+
+
 def encode_records(records: list[dict], tokenizer, max_length: int) -> list[tuple[list[int], list[int]]]:
     """(input_ids, labels) per record: bos + prompt + response + eos, at most max_length tokens.
 
@@ -461,15 +487,7 @@ def encode_records(records: list[dict], tokenizer, max_length: int) -> list[tupl
         return []
     prompts = tokenizer([format_prompt(r) for r in records], add_special_tokens=False)["input_ids"]
     responses = tokenizer([r["response"] for r in records], add_special_tokens=False)["input_ids"]
-    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
-    eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
-    encoded = []
-    for prompt, response in zip(prompts, responses):
-        prompt, answer = bos + list(prompt), list(response) + eos
-        prompt_keep, answer_keep = _fit_lengths(len(prompt), len(answer), max_length)
-        prompt, answer = _middle_cut(prompt, prompt_keep), answer[:answer_keep]
-        encoded.append((prompt + answer, [IGNORE_INDEX] * len(prompt) + answer))
-    return encoded
+    return [encode_pair(tokenizer, prompt, response, max_length) for prompt, response in zip(prompts, responses)]
 
 
 def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -15,6 +15,8 @@ from florist_mpi import data as data_lib
 
 CHOICE_LETTERS = ("A", "B", "C", "D")
 ANSWER_PATTERN = re.compile(r"answer is:?\s*\(?([A-D])\b")
+# The end of every multiple-choice prompt; the answer letter follows it after a space.
+ANSWER_CUE = "The answer is:"
 
 
 def shard(items: list, rank: int, size: int) -> list:
@@ -45,32 +47,62 @@ def gold_letter(record: dict) -> str | None:
 
 
 def multiple_choice_items(records: list[dict], tokenizer, max_length: int):
-    """Per question: the four (input_ids, labels) candidates and the index of the gold one."""
+    """Per question: the four (input_ids, labels) candidates and the index of the gold one.
+
+    Every candidate is the same prompt (the question, then ANSWER_CUE) followed by one
+    answer letter; only the letter's tokens are labelled (no EOS), so a candidate's score
+    is log P(letter | prompt). Records without a parsable gold letter are skipped.
+    """
     items = []
     for record in records:
         gold = gold_letter(record)
         if gold is None:
             continue
-        candidates = [dict(record, response=f"The answer is: {letter}") for letter in CHOICE_LETTERS]
-        items.append((data_lib.encode_records(candidates, tokenizer, max_length), CHOICE_LETTERS.index(gold)))
+        prompt, letters = _prompt_and_letter_ids(tokenizer, data_lib.format_prompt(record) + ANSWER_CUE)
+        room = max(map(len, letters))  # the same prompt cut for every candidate
+        candidates = [data_lib.encode_pair(tokenizer, prompt, ids, max_length, eos=False, answer_room=room)
+                      for ids in letters]
+        items.append((candidates, CHOICE_LETTERS.index(gold)))
     return items
 
 
+def _prompt_and_letter_ids(tokenizer, prompt_text: str) -> tuple[list[int], list[list[int]]]:
+    """(shared prompt ids, each letter's ids) from tokenising prompt + " X" whole.
+
+    Tokenising the whole text keeps each candidate exactly as the tokenizer would see it;
+    the prompt is the longest prefix the four share, so it is scored identically for all
+    (a merge across the boundary at most moves a shared token, e.g. a space, to the
+    letters, which adds the same term to every score).
+    """
+    whole = tokenizer([f"{prompt_text} {letter}" for letter in CHOICE_LETTERS], add_special_tokens=False)["input_ids"]
+    shared = 0
+    shortest = min(map(len, whole))
+    while shared < shortest - 1 and len({ids[shared] for ids in whole}) == 1:
+        shared += 1
+    return list(whole[0][:shared]), [list(ids[shared:]) for ids in whole]
+
+
 @torch.no_grad()
-def multiple_choice_correct(model, items, device: torch.device) -> tuple[int, int]:
-    """(correct, total): the option with the highest log-likelihood of its answer tokens wins."""
+def multiple_choice_scores(model, items, device: torch.device) -> list[torch.Tensor]:
+    """Per question: each candidate's summed log-probability of its labelled (answer) tokens."""
     pad_id = model.config.pad_token_id or 0
-    correct = 0
-    for candidates, gold in items:
+    scores = []
+    for candidates, _ in items:
         batch = data_lib.collate(candidates, pad_id)
         batch = {key: value.to(device) for key, value in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         labels = batch["labels"][:, 1:]
         log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
-        mask = labels != -100
+        mask = labels != data_lib.IGNORE_INDEX
         picked = log_probs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        scores = (picked * mask).sum(dim=1)
-        correct += int(int(scores.argmax()) == gold)
+        scores.append((picked * mask).sum(dim=1).cpu())
+    return scores
+
+
+def multiple_choice_correct(model, items, device: torch.device) -> tuple[int, int]:
+    """(correct, total): the letter with the highest log-likelihood wins."""
+    scores = multiple_choice_scores(model, items, device)
+    correct = sum(int(int(s.argmax()) == gold) for s, (_, gold) in zip(scores, items))
     return correct, len(items)
 
 

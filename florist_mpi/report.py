@@ -3,11 +3,14 @@
     florist-mpi report runs/demo.h5 --plots runs/plots
     florist-mpi report runs/*.h5 --csv > summary.csv
 
-Text (default): per run the config essentials, a per-round table (eval loss, clients,
-global rank min/mean/max, bytes, time), totals and phase times; the per-module rank
-table for runs with few modules or with --verbose; with several runs a comparison table.
---csv / --json print only per-round rows (with a `run` column) on stdout, so the
-output can be redirected to a file; messages about plots then go to stderr.
+Text (default): per run the config essentials, a per-round table (eval loss, eval accuracy
+when the run measured it, clients, global rank min/mean/max, bytes, time), totals and
+phase times; the per-module rank table for runs with few modules or with --verbose; with
+several runs a comparison table (world size, clients, loss, accuracy, traffic, rank, time).
+--csv prints one row per run and round; --json prints one complete document per run
+(config, summary, totals, per-round rows with each module's global rank). Both go to
+stdout alone, so they can be redirected to a file; messages about plots then go to
+stderr. Columns and fields: docs/analysis.md.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import json
 import math
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +38,9 @@ ANNOTATE_CELLS = 300
 def add_arguments(parser) -> None:
     parser.add_argument("logs", nargs="+", metavar="RUN.h5", help="run logs (run.output of each run)")
     machine = parser.add_mutually_exclusive_group()
-    machine.add_argument("--csv", action="store_true", help="print per-round rows as CSV (with a run column) instead of text")
-    machine.add_argument("--json", action="store_true", help="print per-round rows as a JSON array instead of text")
+    machine.add_argument("--csv", action="store_true", help="print one CSV row per run and round instead of text")
+    machine.add_argument("--json", action="store_true",
+                         help="print a JSON document per run (config, summary, totals, rounds, global ranks) instead of text")
     parser.add_argument("--plots", metavar="DIR", help="also write PNG figures into DIR (created if missing)")
     parser.add_argument("--verbose", action="store_true", help="show the per-module global rank table for every run")
 
@@ -49,8 +54,7 @@ def main(args) -> int:
     if args.csv:
         per_round_rows(runs, labels).to_csv(sys.stdout, index=False, float_format="%.10g")
     elif args.json:
-        rows = per_round_rows(runs, labels)
-        json.dump([_json_row(row) for row in rows.to_dict(orient="records")], sys.stdout, indent=1)
+        json.dump({"runs": [run_document(run, label) for run, label in zip(runs, labels)]}, sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
         print(text_report(runs, labels, verbose=args.verbose))
@@ -176,7 +180,7 @@ def run_text(run: Run, verbose: bool = False) -> str:
     max_rank = f", max rank {fed.max_rank}" if fed.max_rank else ""
     lines.append(f"method {run.method}, {tau}{max_rank} | {run.num_clients} clients, "
                  f"{fed.participants_per_round()} per round | {len(frame)}/{cfg.run.rounds} rounds completed | "
-                 f"{run.world_size} MPI rank(s)")
+                 f"{_world_sizes_text(run)} MPI rank(s)")
     lines.append(f"model {cfg.model.name} | LoRA ranks {_lora_ranks(run)}, alpha {cfg.lora.alpha} | "
                  f"{len(run.modules)} adapted modules ({', '.join(cfg.lora.target_modules)})")
     lines.append(f"initial eval loss {_num(run.initial_eval_loss)}")
@@ -186,25 +190,30 @@ def run_text(run: Run, verbose: bool = False) -> str:
 
     up_scale, up_unit = byte_unit(float(frame["cum_bytes_up"].iloc[-1]))
     down_scale, down_unit = byte_unit(float(frame["cum_bytes_down"].iloc[-1]))
-    show_accuracy = bool(np.isfinite(frame["eval_accuracy"]).any())
-    headers = ["round", "eval loss"] + (["eval acc"] if show_accuracy else []) + [
+    show_accuracy = has_accuracy(run)
+    show_world = frame["world_size"].nunique() > 1  # resumed on another number of ranks
+    headers = ["round", "eval loss"] + (["eval acc"] if show_accuracy else []) + (["MPI ranks"] if show_world else []) + [
         "clients", "excluded", "rank min/mean/max", f"up {up_unit}", f"down {down_unit}", "time s"]
     rows = []
     for r, row in frame.iterrows():
-        rows.append([str(r), _num(row["eval_loss"])] + ([_num(row["eval_accuracy"], 3)] if show_accuracy else []) + [
+        rows.append([str(r), _num(row["eval_loss"])] + ([_num(row["eval_accuracy"], 3)] if show_accuracy else [])
+                    + ([str(int(row["world_size"]))] if show_world else []) + [
             f"{int(row['num_clients'])}/{int(row['num_sampled'])}", str(int(row["num_excluded"])),
             f"{int(row['min_rank'])} / {row['mean_rank']:.1f} / {int(row['max_rank'])}",
             _sig(row["bytes_up"] / up_scale), _sig(row["bytes_down"] / down_scale), f"{row['time_total']:.2f}"])
-    blank = [""] * (1 + show_accuracy)
+    blank = [""] * (1 + show_accuracy + show_world)
     rows.append(["total", *blank, "", "", "", _sig(frame["bytes_up"].sum() / up_scale),
                  _sig(frame["bytes_down"].sum() / down_scale), f"{frame['time_total'].sum():.2f}"])
     lines += ["", format_table(headers, rows)]
 
-    finite = frame["eval_loss"].dropna()
-    if not finite.empty:
-        best = finite.idxmin()
-        lines.append(f"final eval loss {_num(finite.iloc[-1])} (round {finite.index[-1]}), "
-                     f"best {_num(finite.min())} (round {best})")
+    summary = run_summary(run)
+    if math.isfinite(summary["final_eval_loss"]):
+        lines.append(f"final eval loss {_num(summary['final_eval_loss'])} (round {summary['final_eval_loss_round']}), "
+                     f"best {_num(summary['best_eval_loss'])} (round {summary['best_eval_loss_round']})")
+    if math.isfinite(summary["final_eval_accuracy"]):
+        lines.append(f"final eval accuracy {_num(summary['final_eval_accuracy'])} "
+                     f"(round {summary['final_eval_accuracy_round']}), best {_num(summary['best_eval_accuracy'])} "
+                     f"(round {summary['best_eval_accuracy_round']})")
 
     phase_rows = []
     total_time = float(frame["time_total"].sum())
@@ -225,16 +234,54 @@ def run_text(run: Run, verbose: bool = False) -> str:
     return "\n".join(lines)
 
 
+def has_accuracy(run: Run) -> bool:
+    """Whether any round of the run measured an accuracy (eval.kind mmlu)."""
+    return bool(np.isfinite(run.rounds["eval_accuracy"]).any())
+
+
+def _final_and_best(series: pd.Series, best: str) -> dict:
+    """final/best value and their rounds of a metric over its evaluated rounds (NaN/None when none)."""
+    finite = series.dropna()
+    if finite.empty:
+        return {"final": math.nan, "final_round": None, "best": math.nan, "best_round": None}
+    index = finite.idxmin() if best == "min" else finite.idxmax()
+    return {"final": float(finite.iloc[-1]), "final_round": int(finite.index[-1]),
+            "best": float(finite[index]), "best_round": int(index)}
+
+
+def _world_sizes(run: Run) -> list[int]:
+    """MPI world sizes the rounds ran on, in order of first use (the header's value before round 0)."""
+    sizes = run.rounds["world_size"].tolist() or [run.world_size]
+    return list(dict.fromkeys(int(v) for v in sizes))
+
+
+def _world_sizes_text(run: Run) -> str:
+    return "→".join(str(v) for v in _world_sizes(run))
+
+
 def run_summary(run: Run) -> dict:
     """One comparison row: the numbers `report` compares across runs."""
     frame = run.rounds
-    finite = frame["eval_loss"].dropna() if not frame.empty else pd.Series(dtype=float)
+    loss = _final_and_best(frame["eval_loss"], "min")
+    accuracy = _final_and_best(frame["eval_accuracy"], "max")
+    sizes = _world_sizes(run)
     return {
         "method": run.method,
         "tau": run.tau,
+        "world_size": sizes[-1],
+        "world_sizes": sizes,
+        "num_clients": run.num_clients,
+        "clients_per_round": run.config.federation.participants_per_round(),
+        "mean_aggregated_clients": float(frame["num_clients"].mean()) if not frame.empty else math.nan,
         "rounds": len(frame),
-        "final_eval_loss": float(finite.iloc[-1]) if not finite.empty else math.nan,
-        "best_eval_loss": float(finite.min()) if not finite.empty else math.nan,
+        "final_eval_loss": loss["final"],
+        "final_eval_loss_round": loss["final_round"],
+        "best_eval_loss": loss["best"],
+        "best_eval_loss_round": loss["best_round"],
+        "final_eval_accuracy": accuracy["final"],
+        "final_eval_accuracy_round": accuracy["final_round"],
+        "best_eval_accuracy": accuracy["best"],
+        "best_eval_accuracy_round": accuracy["best_round"],
         "total_bytes_down": int(frame["bytes_down"].sum()) if not frame.empty else 0,
         "total_bytes_up": int(frame["bytes_up"].sum()) if not frame.empty else 0,
         "mean_rank": float(frame["mean_rank"].mean()) if not frame.empty else math.nan,
@@ -244,14 +291,19 @@ def run_summary(run: Run) -> dict:
 
 def comparison_table(runs: list[Run], labels: list[str]) -> str:
     summaries = [run_summary(run) for run in runs]
+    accuracy = any(has_accuracy(run) for run in runs)
     down_scale, down_unit = byte_unit(max(s["total_bytes_down"] for s in summaries))
     up_scale, up_unit = byte_unit(max(s["total_bytes_up"] for s in summaries))
-    rows = [[label, s["method"], f"{s['tau']:g}", str(s["rounds"]), _num(s["final_eval_loss"]),
-             _num(s["best_eval_loss"]), _sig(s["total_bytes_down"] / down_scale), _sig(s["total_bytes_up"] / up_scale),
-             _num(s["mean_rank"], 2), f"{s['total_time_s']:.1f}"]
-            for label, s in zip(labels, summaries)]
-    headers = ["run", "method", "tau", "rounds", "final loss", "best loss", f"down {down_unit}", f"up {up_unit}",
-               "mean rank", "time s"]
+    rows = []
+    for run, label, s in zip(runs, labels, summaries):
+        rows.append([label, s["method"], f"{s['tau']:g}", _world_sizes_text(run), str(s["num_clients"]),
+                     str(s["clients_per_round"]), str(s["rounds"]), _num(s["final_eval_loss"]), _num(s["best_eval_loss"])]
+                    + ([_num(s["final_eval_accuracy"]), _num(s["best_eval_accuracy"])] if accuracy else [])
+                    + [_sig(s["total_bytes_down"] / down_scale), _sig(s["total_bytes_up"] / up_scale),
+                       _num(s["mean_rank"], 2), f"{s['total_time_s']:.1f}"])
+    headers = (["run", "method", "tau", "MPI ranks", "clients", "per round", "rounds", "final loss", "best loss"]
+               + (["final acc", "best acc"] if accuracy else [])
+               + [f"down {down_unit}", f"up {up_unit}", "mean rank", "time s"])
     return format_table(headers, rows, left=2)
 
 
@@ -259,7 +311,10 @@ def comparison_table(runs: list[Run], labels: list[str]) -> str:
 
 
 def per_round_rows(runs: list[Run], labels: list[str]) -> pd.DataFrame:
-    """Every completed round of every run; run-level columns first (`run` is the path as given)."""
+    """Every completed round of every run, run-level columns first (`run` is the path as given).
+
+    One row per run and round; the columns are listed in docs/analysis.md.
+    """
     frames = []
     for run, label in zip(runs, labels):
         frame = run.rounds.reset_index()
@@ -268,21 +323,58 @@ def per_round_rows(runs: list[Run], labels: list[str]) -> pd.DataFrame:
         frame.insert(2, "method", run.method)
         frame.insert(3, "run_tau", run.tau)
         frame.insert(4, "total_clients", run.num_clients)
-        frame.insert(5, "world_size", run.world_size)
         frames.append(frame)
     frames = [f for f in frames if not f.empty] or frames[:1]
     return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
 
 
-def _json_row(row: dict) -> dict:
-    out = {}
-    for key, value in row.items():
-        if isinstance(value, np.generic):
-            value = value.item()
-        if isinstance(value, float) and not math.isfinite(value):
-            value = None
-        out[key] = value
-    return out
+def run_totals(run: Run) -> dict:
+    frame = run.rounds
+    totals = {"rounds": len(frame), "bytes_up": int(frame["bytes_up"].sum()),
+              "bytes_down": int(frame["bytes_down"].sum()), "time_total": float(frame["time_total"].sum())}
+    totals.update({phase: float(frame[phase].fillna(0.0).sum()) for phase in PHASES})
+    return totals
+
+
+def run_document(run: Run, label: str) -> dict:
+    """Everything `report` knows about one run, as plain JSON values (NaN becomes null)."""
+    ranks, energies = run.ranks, run.energies
+    rounds = []
+    for r, row in run.rounds.iterrows():
+        entry = {"round": int(r), **row.to_dict()}
+        entry["global_rank"] = {m: int(ranks.at[m, r]) for m in run.modules}
+        entry["global_energy"] = {m: float(energies.at[m, r]) for m in run.modules}
+        rounds.append(entry)
+    return _jsonable({
+        "run": str(run.path),
+        "label": label,
+        "method": run.method,
+        "tau": run.tau,
+        "num_clients": run.num_clients,
+        "world_size": run.world_size,
+        "created": run.created,
+        "versions": run.versions,
+        "initial_eval_loss": run.initial_eval_loss,
+        "modules": [{"name": m, "out_features": run.module_shapes[m][0], "in_features": run.module_shapes[m][1]}
+                    for m in run.modules],
+        "config": run.config.model_dump(mode="json"),
+        "summary": run_summary(run),
+        "totals": run_totals(run),
+        "rounds": rounds,
+    })
+
+
+def _jsonable(value):
+    """numpy scalars to Python numbers and non-finite floats to None, recursively."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 # -------------------------------------------------------------------------- plots
@@ -296,8 +388,13 @@ def write_plots(runs: list[Run], labels: list[str], out: Path) -> list[Path]:
 
     written = []
     with plt.rc_context({"figure.dpi": 110, "axes.grid": True, "grid.alpha": 0.3, "savefig.bbox": "tight"}):
-        written.append(_save(plot_eval_loss(runs, labels), out / "eval_loss.png"))
-        written.append(_save(plot_loss_vs_downlink(runs, labels), out / "eval_loss_vs_downlink.png"))
+        accuracy = any(has_accuracy(run) for run in runs)
+        losses = any(np.isfinite(run.rounds["eval_loss"]).any() for run in runs)
+        # Loss figures unless every run measured accuracy only (then they would be empty).
+        for metric in [m for m, wanted in ((LOSS, losses or not accuracy), (ACCURACY, accuracy)) if wanted]:
+            written.append(_save(plot_metric_per_round(runs, labels, metric), out / f"{metric.column}.png"))
+            written.append(_save(plot_metric_vs_downlink(runs, labels, metric),
+                                 out / f"{metric.column}_vs_downlink.png"))
         for run, label in zip(runs, labels):
             stem = _file_safe(label)
             if run.round_indices:
@@ -326,31 +423,50 @@ def _no_data(ax, text: str) -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4")
 
 
-def plot_eval_loss(runs: list[Run], labels: list[str]):
+@dataclass(frozen=True)
+class Metric:
+    """An evaluation column as the figures show it."""
+
+    column: str
+    name: str
+    axis: str
+    has_initial: bool  # the log holds its value before round 0
+
+
+LOSS = Metric("eval_loss", "eval loss", "eval loss (nats/token)", True)
+ACCURACY = Metric("eval_accuracy", "eval accuracy", "eval accuracy (MMLU, fraction correct)", False)
+
+
+def _initial(run: Run, metric: Metric) -> float:
+    return run.initial_eval_loss if metric.has_initial else math.nan
+
+
+def plot_metric_per_round(runs: list[Run], labels: list[str], metric: Metric = LOSS):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     drawn = 0
     for run, label, color in zip(runs, labels, _colors(len(runs))):
-        loss = run.rounds["eval_loss"].dropna()
-        if loss.empty:
+        values = run.rounds[metric.column].dropna()
+        if values.empty:
             continue
-        ax.plot(loss.index, loss.values, marker="o", ms=3.5, color=color, label=f"{label} ({run.method}, τ={run.tau:g})")
-        if math.isfinite(run.initial_eval_loss):
-            ax.axhline(run.initial_eval_loss, color=color, ls=":", lw=1)
+        ax.plot(values.index, values.values, marker="o", ms=3.5, color=color, label=f"{label} ({run.method}, τ={run.tau:g})")
+        if math.isfinite(_initial(run, metric)):
+            ax.axhline(_initial(run, metric), color=color, ls=":", lw=1)
         drawn += 1
     if not drawn:
         _no_data(ax, "no evaluated rounds in these logs")
-    ax.set_title("Held-out eval loss per round" + (" (dotted: before round 0)" if drawn else ""))
+    dotted = drawn and metric.has_initial
+    ax.set_title(f"Held-out {metric.name} per round" + (" (dotted: before round 0)" if dotted else ""))
     ax.set_xlabel("round")
-    ax.set_ylabel("eval loss (nats/token)")
+    ax.set_ylabel(metric.axis)
     ax.xaxis.get_major_locator().set_params(integer=True)
     if drawn:
         ax.legend(fontsize=8)
     return fig
 
 
-def plot_loss_vs_downlink(runs: list[Run], labels: list[str]):
+def plot_metric_vs_downlink(runs: list[Run], labels: list[str], metric: Metric = LOSS):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -359,23 +475,25 @@ def plot_loss_vs_downlink(runs: list[Run], labels: list[str]):
     series = []
     for run, label, color in zip(runs, labels, _colors(len(runs))):
         frame = run.rounds
-        frame = frame[np.isfinite(frame["eval_loss"])]
+        frame = frame[np.isfinite(frame[metric.column])]
         if not frame.empty:
             x = frame["cum_bytes_down"].to_numpy(dtype=float) / scale
-            series.append((run, label, color, x, frame["eval_loss"].to_numpy(dtype=float)))
+            series.append((run, label, color, x, frame[metric.column].to_numpy(dtype=float)))
     positive = [v for *_, x, _ in series for v in x if v > 0]
     log_x = bool(positive) and max(positive) / min(positive) > 100
+    origin = False
     for run, label, color, x, y in series:
-        if not log_x and math.isfinite(run.initial_eval_loss):
-            x, y = np.concatenate([[0.0], x]), np.concatenate([[run.initial_eval_loss], y])  # before any download
+        if not log_x and math.isfinite(_initial(run, metric)):
+            x, y = np.concatenate([[0.0], x]), np.concatenate([[_initial(run, metric)], y])  # before any download
+            origin = True
         ax.plot(x, y, marker="o", ms=3.5, color=color, label=f"{label} ({run.method}, τ={run.tau:g})")
     if not series:
         _no_data(ax, "no evaluated rounds in these logs")
     elif log_x:
         ax.set_xscale("log")
-    ax.set_title("Eval loss vs cumulative downlink traffic" + ("" if log_x or not series else " (x = 0: before round 0)"))
+    ax.set_title(f"{metric.name.capitalize()} vs cumulative downlink traffic" + (" (x = 0: before round 0)" if origin else ""))
     ax.set_xlabel(f"cumulative downlink, all clients ({unit})")
-    ax.set_ylabel("eval loss (nats/token)")
+    ax.set_ylabel(metric.axis)
     if series:
         ax.legend(fontsize=8)
     return fig

@@ -8,11 +8,22 @@ ordered by singular value, so the result for any τ < 1 is exactly the first r_g
 columns of B and rows of A of the τ = 1 result; every τ is then a slice.
 The run's federation.max_rank, if set, caps r_g as it did in the run.
 
+Without client adapters, a log whose global update is the exact ΔW = Σ p_k B_k A_k is
+swept from that update alone (one "client" of weight 1; FLoRIST depends on the clients
+only through ΔW): flora (its global factors are the stacks B_s, A_s with p_k folded in),
+ffa (the averaged B times the shared frozen A) and florist run at τ = 1 without a
+max_rank cap. Any other log needs log.client_adapters: true.
+
+sweep.csv (the table), sweep.json (its source, and the sweep's downlink at the run's τ
+beside the round's logged bytes_down) and sweep.png are always written: to --out, else to
+`<log stem>_sweep_tau/` beside the log; a folder that holds files is never overwritten.
+
 `sweep_global_factors(run_path, round_index, taus)` yields each τ's global factors,
 for evaluating the merged model per τ.
 """
 from __future__ import annotations
 
+import json
 import math
 import sys
 from dataclasses import dataclass
@@ -21,21 +32,25 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from florist_mpi.analysis import CLIENT_ADAPTERS_HINT, open_run
+from florist_mpi.analysis import CLIENT_ADAPTERS_HINT, Run, check_new_output_dir, open_run, publishing_dir
 from florist_mpi.errors import UserError
 from florist_mpi.storage import LogError
 
 BYTES_PER_FLOAT = 4  # factors travel as fp32
 MAX_TAUS = 10_000
 DEFAULT_TAUS = "0.8:1.0:0.01"
+CLIENT_ADAPTERS = "the logged client adapters"  # FloristBasis.source of the general case
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("log", metavar="RUN.h5", help="run log written with log.client_adapters: true")
+    parser.add_argument("log", metavar="RUN.h5",
+                        help="run log written with log.client_adapters: true (or a flora/ffa run, or florist at τ = 1)")
     parser.add_argument("--round", type=int, default=None, help="round to re-aggregate (default: the last completed; -1 counts from the end)")
     parser.add_argument("--taus", default=DEFAULT_TAUS,
                         help=f"thresholds: START:STOP:STEP (STOP included when reached) or a comma list such as 0.8,0.9,1 (default {DEFAULT_TAUS})")
-    parser.add_argument("--out", metavar="DIR", help="also write DIR/sweep.csv and DIR/sweep.png (created if missing)")
+    parser.add_argument("--out", metavar="DIR",
+                        help="write DIR/sweep.csv and DIR/sweep.png (default: <log stem>_sweep_tau/ beside the log); "
+                             "DIR must be new or empty")
     parser.add_argument("--csv", action="store_true", help="print the sweep as CSV instead of a table")
     parser.add_argument("--verbose", action="store_true", help="also print the global rank of every module for every τ")
     parser.add_argument("--eval", action="store_true",
@@ -96,7 +111,8 @@ def _tau_number(part: str, text: str) -> float:
 
 @dataclass
 class FloristBasis:
-    """FLoRIST at τ = 1 over one logged round's client adapters: every τ is a prefix of it."""
+    """FLoRIST at τ = 1 over one logged round (its client adapters, or its exact global update):
+    the result for every τ is a prefix of it."""
 
     path: Path
     round_index: int
@@ -105,11 +121,13 @@ class FloristBasis:
     max_rank: int | None
     num_clients: int  # every client receives the global factors
     weights: dict[int, int]  # aggregated client id -> n_k
+    source: str  # what was aggregated: the client adapters or the logged exact global update
     modules: list[str]
     shapes: dict[str, tuple[int, int]]
     factors: dict[str, tuple[np.ndarray, np.ndarray]]  # τ = 1 global factors (read-only float32)
     spectra: dict[str, np.ndarray]  # float64, descending
     logged_ranks: dict[str, int]
+    logged_bytes_down: int  # the round's bytes_down attribute, as the run sent it
 
     def rank(self, module: str, tau: float) -> int:
         from florist_mpi.aggregation import select_rank
@@ -132,35 +150,33 @@ class FloristBasis:
         return out
 
 
-def florist_basis(run_path: str | Path, round_index: int | None = None) -> FloristBasis:
-    """Aggregate a logged round's client adapters with FLoRIST at τ = 1 (one aggregation per module)."""
-    import torch
+def florist_basis(run_path: str | Path | Run, round_index: int | None = None) -> FloristBasis:
+    """Aggregate a logged round with FLoRIST at τ = 1 (one aggregation per module).
 
+    The round's client adapters when logged, else its global update when that is the exact
+    ΔW (see the module docstring); otherwise a LogError that says to log client adapters.
+    """
     from florist_mpi.aggregation import aggregate_adapter
 
-    run = open_run(run_path)
+    run = run_path if isinstance(run_path, Run) else open_run(run_path)
     r = run.resolve_round(round_index)
-    adapters = run.client_adapters(r)  # LogError with the rerun hint when they were not logged
     weights = run.aggregation_weights(r)
     if not weights:
         raise LogError(f"round {r} of log '{run.path}' aggregated no client: pick another --round")
-    missing = [c for c in weights if c not in adapters]
-    if missing:
-        raise LogError(f"log '{run.path}' round {r} lacks client adapters of aggregated client(s) "
-                       f"{', '.join(map(str, missing))}: the log is incomplete; {CLIENT_ADAPTERS_HINT}")
-    ids = list(weights)
-    per_module = {}
-    for module in run.modules:
-        absent = [c for c in ids if module not in adapters[c]]
-        if absent:
-            raise LogError(f"log '{run.path}' round {r}: client {absent[0]} has no adapter for module '{module}': "
-                           "the log is incomplete; use an intact copy")
-        per_module[module] = [(torch.from_numpy(np.ascontiguousarray(adapters[c][module][0])),
-                               torch.from_numpy(np.ascontiguousarray(adapters[c][module][1]))) for c in ids]
+    if run.has_client_adapters(r):
+        per_module, client_weights, source = _client_stacks(run, r, weights), list(weights.values()), CLIENT_ADAPTERS
+    else:
+        source = exact_global_update(run)
+        if source is None:
+            raise LogError(f"log '{run.path}' has no client adapters for round {r} and its {run.method} global update "
+                           f"is not the exact ΔW (only flora, ffa and florist at τ = 1 log that): {CLIENT_ADAPTERS_HINT}")
+        global_factors = run.global_factors(r)
+        per_module = {m: [_tensors(global_factors[m])] for m in run.modules}
+        client_weights = [1.0]
     try:
-        results = aggregate_adapter("florist", per_module, [weights[c] for c in ids], tau=1.0)
+        results = aggregate_adapter("florist", per_module, client_weights, tau=1.0)
     except ValueError as err:  # shapes or non-finite values the runner would never have logged
-        raise LogError(f"log '{run.path}' round {r}: the client adapters cannot be aggregated ({err})") from None
+        raise LogError(f"log '{run.path}' round {r}: the logged factors cannot be aggregated ({err})") from None
     factors, spectra = {}, {}
     for module in run.modules:
         result = results[module]
@@ -172,10 +188,46 @@ def florist_basis(run_path: str | Path, round_index: int | None = None) -> Flori
         spectra[module] = result.singular_values.double().cpu().numpy()
     return FloristBasis(
         path=run.path, round_index=r, run_method=run.method, run_tau=run.tau,
-        max_rank=run.config.federation.max_rank, num_clients=run.num_clients, weights=weights,
+        max_rank=run.config.federation.max_rank, num_clients=run.num_clients, weights=weights, source=source,
         modules=list(run.modules), shapes=dict(run.module_shapes), factors=factors, spectra=spectra,
-        logged_ranks=run.ranks[r].to_dict(),
+        logged_ranks=run.ranks[r].to_dict(), logged_bytes_down=int(run.rounds.loc[r, "bytes_down"]),
     )
+
+
+def exact_global_update(run) -> str | None:
+    """How the run's logged global factors hold the exact ΔW = Σ p_k B_k A_k, or None if they do not."""
+    if run.method == "flora":
+        return "flora's logged global update (the client stacks, exact)"
+    if run.method == "ffa":
+        return "ffa's logged global update (averaged B times the shared A, exact)"
+    cap = run.config.federation.max_rank
+    uncapped = cap is None or int(run.ranks.to_numpy().max(initial=0)) < cap
+    if run.method == "florist" and run.tau >= 1.0 and uncapped:
+        return "the logged global update (florist at τ = 1 keeps every direction: exact)"
+    return None
+
+
+def _tensors(pair):
+    import torch
+
+    return (torch.from_numpy(np.ascontiguousarray(pair[0])), torch.from_numpy(np.ascontiguousarray(pair[1])))
+
+
+def _client_stacks(run, r: int, weights: dict[int, int]) -> dict[str, list]:
+    """module -> [(B_k, A_k) per aggregated client, in `weights` order] from the round's client adapters."""
+    adapters = run.client_adapters(r)
+    missing = [c for c in weights if c not in adapters]
+    if missing:
+        raise LogError(f"log '{run.path}' round {r} lacks client adapters of aggregated client(s) "
+                       f"{', '.join(map(str, missing))}: the log is incomplete; {CLIENT_ADAPTERS_HINT}")
+    per_module = {}
+    for module in run.modules:
+        absent = [c for c in weights if module not in adapters[c]]
+        if absent:
+            raise LogError(f"log '{run.path}' round {r}: client {absent[0]} has no adapter for module '{module}': "
+                           "the log is incomplete; use an intact copy")
+        per_module[module] = [_tensors(adapters[c][module]) for c in weights]
+    return per_module
 
 
 def _as_taus(taus) -> list[float]:
@@ -189,8 +241,8 @@ def _as_taus(taus) -> list[float]:
 
 
 def sweep_global_factors(run_path: str | Path, round_index: int | None, taus) -> Iterator[tuple[float, dict[str, tuple[np.ndarray, np.ndarray]]]]:
-    """Yield (τ, module -> (B, A)) for each τ: FLoRIST's global factors for the logged round's
-    client adapters at that τ (float32, read-only views; B @ A is the ΔW FLoRIST would merge).
+    """Yield (τ, module -> (B, A)) for each τ: FLoRIST's global factors for the logged round
+    at that τ (float32, read-only views; B @ A is the ΔW FLoRIST would merge).
 
     `round_index` None means the last completed round; `taus` is a list of floats or a
     --taus string. The aggregation runs once, before the first value is yielded.
@@ -276,77 +328,113 @@ def _plot_eval(basis: FloristBasis, table, path: Path) -> None:
 
 
 def main(args) -> int:
-    from florist_mpi.report import byte_unit, format_table, short_module_names
-
     taus = parse_taus(args.taus)
-    out = _out_dir(args.out) if args.out else None
-    basis = florist_basis(args.log, args.round)
+    run = open_run(args.log)
+    round_index = run.resolve_round(args.round)  # log and round problems are reported before folder ones
+    out = Path(args.out) if args.out else default_out_dir(args.log)
+    if args.out:
+        check_new_output_dir(out, f"--out '{out}'")
+    else:
+        check_new_output_dir(out, f"the default sweep folder '{out}'", "pass --out NEW_DIR, or remove that folder")
+    basis = florist_basis(run, round_index)
     table = sweep_table(basis, taus)
     if args.eval:
         evaluated = evaluate_taus(basis, taus)
         table.insert(1, "eval_loss", [loss for loss, _ in evaluated])
         table.insert(2, "eval_accuracy", [accuracy for _, accuracy in evaluated])
-
+    info = sweep_info(basis)
+    note = sys.stderr if args.csv else sys.stdout  # --csv keeps stdout pure CSV
     if args.csv:
         table.to_csv(sys.stdout, index=False, float_format="%.10g")
     else:
-        print(_header(basis))
-        per_client_scale, per_client_unit = byte_unit(float(table["down_bytes_per_client"].max()))
-        total_scale, total_unit = byte_unit(float(table["down_bytes_total"].max()))
-        rows = []
-        for row in table.to_dict(orient="records"):
-            mark = " *" if basis.run_method == "florist" and abs(row["tau"] - basis.run_tau) < 1e-12 else ""
-            rows.append([f"{row['tau']:g}{mark}", str(row["total_rank"]), f"{row['mean_rank']:.2f}",
-                         f"{row['min_rank']}/{row['max_rank']}", f"{row['mean_energy']:.4f}", f"{row['min_energy']:.4f}",
-                         str(row["down_params_per_client"]), f"{row['down_bytes_per_client'] / per_client_scale:.3f}",
-                         f"{row['down_bytes_total'] / total_scale:.3f}"])
-            if args.eval:
-                rows[-1].insert(1, f"{row['eval_accuracy']:.4f}" if row["eval_accuracy"] == row["eval_accuracy"]
-                                else f"{row['eval_loss']:.4f}")
-        headers = ["tau", "total rank", "mean rank", "min/max", "mean energy", "min energy", "down params/client",
-                   f"down {per_client_unit}/client", f"down {total_unit} ({basis.num_clients} clients)"]
+        print(_text_table(basis, table, taus, args.eval, args.verbose))
+    print(_run_tau_line(info), file=note)
+    with publishing_dir(out) as scratch:
+        table.to_csv(scratch / "sweep.csv", index=False, float_format="%.10g")
+        (scratch / "sweep.json").write_text(json.dumps(info, indent=2) + "\n")
+        _plot(basis, table, info, scratch / "sweep.png")
         if args.eval:
-            headers.insert(1, "eval acc" if table["eval_accuracy"].notna().any() else "eval loss")
-        print(format_table(headers, rows))
-        if basis.run_method == "florist" and any(abs(t - basis.run_tau) < 1e-12 for t in taus):
-            print("* the run's own τ")
-        if args.verbose:
-            names = short_module_names(basis.modules)
-            module_rows = [[name, *(str(table[f"rank:{m}"].iloc[i]) for i in range(len(taus)))]
-                           for name, m in zip(names, basis.modules)]
-            print("\nglobal rank per module and τ")
-            print(format_table(["module", *(f"{t:g}" for t in taus)], module_rows))
-    if out is not None:
-        csv_path, png_path = out / "sweep.csv", out / "sweep.png"
-        table.to_csv(csv_path, index=False, float_format="%.10g")
-        _plot(basis, table, png_path)
-        if args.eval:
-            _plot_eval(basis, table, out / "sweep_eval.png")
-        print(f"wrote {csv_path} and {png_path}", file=sys.stderr if args.csv else sys.stdout)
+            _plot_eval(basis, table, scratch / "sweep_eval.png")
+        written = sorted(p.name for p in scratch.iterdir())
+    print(f"wrote {out}/: {', '.join(written)}", file=note)
     return 0
+
+
+def default_out_dir(log) -> Path:
+    """`<log stem>_sweep_tau/` beside the log."""
+    log = Path(log)
+    return log.with_name(f"{log.stem}_sweep_tau")
+
+
+def sweep_info(basis: FloristBasis) -> dict:
+    """What the sweep was computed from, and the downlink at the run's τ next to the logged one."""
+    at_run_tau = int(sweep_table(basis, [basis.run_tau])["down_bytes_total"].iloc[0])
+    return {
+        "log": str(basis.path), "round": basis.round_index, "method": basis.run_method, "run_tau": basis.run_tau,
+        "max_rank": basis.max_rank, "source": basis.source, "aggregated_clients": list(basis.weights),
+        "num_clients": basis.num_clients, "logged_total_rank": int(sum(basis.logged_ranks.values())),
+        "logged_bytes_down": basis.logged_bytes_down, "sweep_bytes_down_at_run_tau": at_run_tau,
+    }
+
+
+def _run_tau_line(info: dict) -> str:
+    from florist_mpi.report import byte_unit
+
+    sweep, logged = info["sweep_bytes_down_at_run_tau"], info["logged_bytes_down"]
+    scale, unit = byte_unit(max(sweep, logged))
+    if info["method"] == "florist":
+        verdict = "equal" if sweep == logged else f"differ by {sweep - logged:+d} B"
+        return (f"downlink at the run's τ = {info['run_tau']:g}: sweep {sweep / scale:.3f} {unit} ({sweep} B), "
+                f"logged bytes_down of round {info['round']} {logged / scale:.3f} {unit} ({logged} B): {verdict}")
+    return (f"logged bytes_down of round {info['round']} ({info['method']}): {logged / scale:.3f} {unit} ({logged} B); "
+            f"FLoRIST at the run's τ = {info['run_tau']:g} would send {sweep / scale:.3f} {unit} ({sweep} B)")
+
+
+def _text_table(basis: FloristBasis, table, taus: list[float], with_eval: bool, verbose: bool) -> str:
+    from florist_mpi.report import byte_unit, format_table, short_module_names
+
+    per_client_scale, per_client_unit = byte_unit(float(table["down_bytes_per_client"].max()))
+    total_scale, total_unit = byte_unit(float(table["down_bytes_total"].max()))
+    accuracy = with_eval and table["eval_accuracy"].notna().any()
+    rows = []
+    for row in table.to_dict(orient="records"):
+        mark = " *" if _is_run_tau(basis, row["tau"]) else ""
+        rows.append([f"{row['tau']:g}{mark}", str(row["total_rank"]), f"{row['mean_rank']:.2f}",
+                     f"{row['min_rank']}/{row['max_rank']}", f"{row['mean_energy']:.4f}", f"{row['min_energy']:.4f}",
+                     str(row["down_params_per_client"]), f"{row['down_bytes_per_client'] / per_client_scale:.3f}",
+                     f"{row['down_bytes_total'] / total_scale:.3f}"])
+        if with_eval:
+            rows[-1].insert(1, f"{row['eval_accuracy' if accuracy else 'eval_loss']:.4f}")
+    headers = ["tau", "total rank", "mean rank", "min/max", "mean energy", "min energy", "down params/client",
+               f"down {per_client_unit}/client", f"down {total_unit} ({basis.num_clients} clients)"]
+    if with_eval:
+        headers.insert(1, "eval acc" if accuracy else "eval loss")
+    lines = [_header(basis), format_table(headers, rows)]
+    if any(_is_run_tau(basis, t) for t in taus):
+        lines.append("* the run's own τ")
+    if verbose:
+        names = short_module_names(basis.modules)
+        module_rows = [[name, *(str(table[f"rank:{m}"].iloc[i]) for i in range(len(taus)))]
+                       for name, m in zip(names, basis.modules)]
+        lines += ["", "global rank per module and τ", format_table(["module", *(f"{t:g}" for t in taus)], module_rows)]
+    return "\n".join(lines)
+
+
+def _is_run_tau(basis: FloristBasis, tau: float) -> bool:
+    return basis.run_method == "florist" and abs(tau - basis.run_tau) < 1e-12
 
 
 def _header(basis: FloristBasis) -> str:
     logged_total = sum(basis.logged_ranks.values())
     own = (f"the run used FLoRIST with τ={basis.run_tau:g}" if basis.run_method == "florist"
-           else f"the run used {basis.run_method}; rows show FLoRIST on the same client factors")
+           else f"the run used {basis.run_method}; rows show FLoRIST on the same update")
     cap = f", federation.max_rank {basis.max_rank} applied" if basis.max_rank else ""
-    return (f"{basis.path} round {basis.round_index}: FLoRIST over {len(basis.weights)} aggregated clients, "
-            f"{len(basis.modules)} modules{cap}\n{own} (logged total rank {logged_total})")
+    return (f"{basis.path} round {basis.round_index}: FLoRIST over {basis.source} "
+            f"({len(basis.weights)} aggregated clients), {len(basis.modules)} modules{cap}\n"
+            f"{own} (logged total rank {logged_total})")
 
 
-def _out_dir(text: str) -> Path:
-    path = Path(text)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"--out '{path}' exists and is not a directory: give a directory for sweep.csv and sweep.png")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot create --out directory '{path}' ({err.strerror}): choose a writable location") from None
-    return path
-
-
-def _plot(basis: FloristBasis, table, path: Path) -> None:
+def _plot(basis: FloristBasis, table, info: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -354,7 +442,7 @@ def _plot(basis: FloristBasis, table, path: Path) -> None:
 
     from florist_mpi.report import byte_unit
 
-    scale, unit = byte_unit(float(table["down_bytes_total"].max()))
+    scale, unit = byte_unit(max(float(table["down_bytes_total"].max()), info["logged_bytes_down"]))
     with plt.rc_context({"figure.dpi": 110, "savefig.bbox": "tight"}):
         fig, ax = plt.subplots(figsize=(7, 4.2))
         tau = table["tau"].to_numpy()
@@ -369,6 +457,12 @@ def _plot(basis: FloristBasis, table, path: Path) -> None:
         twin.set_ylabel(f"downlink per round ({unit}, fp32)", color="tab:orange")
         twin.tick_params(axis="y", labelcolor="tab:orange")
         handles = rank_line + down_line
+        logged = info["logged_bytes_down"] / scale
+        label = f"logged downlink of round {basis.round_index} ({basis.run_method})"
+        if basis.run_method == "florist":  # the run sent it at its τ
+            handles += twin.plot([basis.run_tau], [logged], marker="*", ms=11, ls="none", color="tab:red", label=label)
+        else:  # the method has no τ: a level to compare against
+            handles.append(twin.axhline(logged, color="tab:red", ls="-.", lw=1, label=label))
         if basis.run_method == "florist" and tau.min() <= basis.run_tau <= tau.max():
             handles.append(ax.axvline(basis.run_tau, color="0.3", ls=":", lw=1.2, label=f"run's τ = {basis.run_tau:g}"))
         ax.legend(handles=handles, labels=[h.get_label() for h in handles], fontsize=8, loc="upper left")

@@ -35,8 +35,13 @@ EXCLUDED = {1: [(2, "non-finite factors (NaN/Inf)")]}  # round -> [(client, reas
 
 
 def build_log(path, *, method="florist", tau=0.9, rounds=3, modules=MODULES, shapes=SHAPES, ranks=CLIENT_RANKS,
-              samples=SAMPLES, adapters=True, excluded=EXCLUDED, seed=0, eval_every=1):
-    """Write a log; return what was written: {'rounds': {r: {...}}, 'header': RunHeader}."""
+              samples=SAMPLES, adapters=True, excluded=EXCLUDED, seed=0, eval_every=1, accuracy=False,
+              world_sizes=None):
+    """Write a log; return what was written: {'rounds': {r: {...}}, 'header': RunHeader}.
+
+    `accuracy`: log MMLU-style accuracies (eval_loss NaN) instead of losses; `world_sizes`: a
+    per-round `world_size` attribute (as logs written since rounds record it have).
+    """
     num_clients = len(ranks)
     cfg = ExperimentConfig.model_validate({
         "run": {"rounds": rounds, "output": str(path)},
@@ -60,6 +65,9 @@ def build_log(path, *, method="florist", tau=0.9, rounds=3, modules=MODULES, sha
                 for m, shape in zip(modules, shapes)}
             for c in kept
         }
+        if method == "ffa":  # FFA-LoRA: every client's A is a prefix of one shared frozen A
+            shared = {m: g.standard_normal((max(ranks), shape[1])).astype(np.float32) for m, shape in zip(modules, shapes)}
+            factors = {c: {m: (B, shared[m][: ranks[c]]) for m, (B, _) in per.items()} for c, per in factors.items()}
         global_factors = {}
         for m in modules:
             result = aggregate(method, [(torch.from_numpy(factors[c][m][0]), torch.from_numpy(factors[c][m][1])) for c in kept],
@@ -74,6 +82,10 @@ def build_log(path, *, method="florist", tau=0.9, rounds=3, modules=MODULES, sha
             "bytes_up": int(up), "bytes_down": int(down),
             "eval_loss": 4.0 - 0.5 * r if r % eval_every == 0 else math.nan, "eval_accuracy": math.nan,
         }
+        if accuracy:
+            attrs["eval_loss"], attrs["eval_accuracy"] = math.nan, [0.25, 0.5, 0.375, 0.625][r % 4]
+        if world_sizes is not None:
+            attrs["world_size"] = world_sizes[r]
         record = storage.RoundRecord(
             index=r, attrs=attrs,
             clients={"id": np.arange(num_clients, dtype=np.int64), "num_samples": np.array(samples, dtype=np.int64),
@@ -98,6 +110,7 @@ def logs(tmp_path_factory):
         "florist": {},
         "florist_tau1": {"tau": 1.0, "seed": 1},
         "fedit": {"method": "fedit", "tau": 1.0, "seed": 2, "adapters": False, "eval_every": 2},
+        "mmlu": {"tau": 0.8, "seed": 3, "adapters": False, "accuracy": True, "world_sizes": [1, 1, 2]},
     }.items():
         path = base / f"{name}.h5"
         made[name] = (path, build_log(path, **kwargs))
@@ -358,16 +371,82 @@ def test_report_csv_rows_match_the_log(logs, capsys):
             assert rows.loc[r, "mean_rank"] == pytest.approx(np.mean([info["global"][m][3] for m in MODULES]))
 
 
-def test_report_json_rows(logs, capsys):
-    path, written = logs["fedit"]
-    code, out, err = run_cli(capsys, ["report", str(path), "--json"])
+def test_report_json_is_a_complete_document_per_run(logs, capsys):
+    names = ("fedit", "mmlu")
+    code, out, err = run_cli(capsys, ["report", *(str(logs[n][0]) for n in names), "--json"])
     assert code == 0 and err == ""
-    rows = json.loads(out)
-    assert [row["round"] for row in rows] == [0, 1, 2]
-    assert all(row["run"] == str(path) for row in rows)
-    assert rows[1]["eval_loss"] is None and rows[2]["eval_loss"] == pytest.approx(3.0)  # evaluated every 2nd round
-    assert rows[0]["eval_accuracy"] is None
-    assert rows[2]["cum_bytes_down"] == sum(w["attrs"]["bytes_down"] for w in written["rounds"].values())
+    documents = json.loads(out)["runs"]
+    assert [d["label"] for d in documents] == list(names)
+    for name, document in zip(names, documents):
+        path, written = logs[name]
+        header = written["header"]
+        assert document["run"] == str(path) and document["method"] == header.method
+        assert (document["num_clients"], document["world_size"], document["initial_eval_loss"]) == (4, 2, 4.5)
+        assert [m["name"] for m in document["modules"]] == MODULES
+        assert [(m["out_features"], m["in_features"]) for m in document["modules"]] == SHAPES
+        # the config is the logged one, as a plain dict
+        assert document["config"] == ExperimentConfig.model_validate(yaml_tree(header.config_yaml)).model_dump(mode="json")
+        assert document["config"]["lora"]["ranks"] == CLIENT_RANKS
+        rounds = document["rounds"]
+        assert [row["round"] for row in rounds] == [0, 1, 2]
+        for row, (r, info) in zip(rounds, written["rounds"].items()):
+            assert row["global_rank"] == {m: info["global"][m][3] for m in MODULES}
+            assert row["global_energy"] == pytest.approx({m: info["global"][m][4] for m in MODULES})
+            assert row["bytes_down"] == info["attrs"]["bytes_down"]
+            for key in ("eval_loss", "eval_accuracy"):
+                expected = info["attrs"][key]
+                assert row[key] is None if math.isnan(expected) else row[key] == pytest.approx(expected)
+        totals = document["totals"]
+        assert totals["rounds"] == 3
+        assert totals["bytes_down"] == sum(w["attrs"]["bytes_down"] for w in written["rounds"].values())
+        assert totals["time_train"] == pytest.approx(1.0 + 2.0 + 3.0)
+        assert totals["time_total"] == pytest.approx(sum(sum(v for k, v in w["attrs"].items() if k.startswith("time_"))
+                                                         for w in written["rounds"].values()))
+    fedit, mmlu = documents
+    assert fedit["rounds"][1]["eval_loss"] is None and fedit["rounds"][2]["eval_loss"] == pytest.approx(3.0)  # every 2nd round
+    assert fedit["summary"]["final_eval_accuracy"] is None and fedit["summary"]["best_eval_loss_round"] == 2
+    assert [row["world_size"] for row in fedit["rounds"]] == [2, 2, 2]  # no per-round attribute: the header's
+    assert [row["world_size"] for row in mmlu["rounds"]] == [1, 1, 2]
+    assert mmlu["summary"]["world_sizes"] == [1, 2] and mmlu["summary"]["world_size"] == 2
+    assert (mmlu["summary"]["final_eval_accuracy"], mmlu["summary"]["best_eval_accuracy"]) == (0.375, 0.5)
+    assert mmlu["summary"]["best_eval_accuracy_round"] == 1 and mmlu["summary"]["final_eval_loss"] is None
+
+
+def test_report_shows_accuracy_world_size_and_clients(logs, tmp_path, capsys):
+    paths = [logs[name][0] for name in ("florist", "mmlu")]
+    code, out, err = run_cli(capsys, ["report", *map(str, paths)])
+    assert code == 0 and err == ""
+    mmlu_block = out.split(f"== {paths[1]} ==", 1)[1].split("Comparison", 1)[0]
+    assert "eval acc" in mmlu_block and "MPI ranks" in mmlu_block and "1→2 MPI rank(s)" in mmlu_block
+    assert "final eval accuracy 0.3750 (round 2), best 0.5000 (round 1)" in mmlu_block
+    table = out.split("Comparison", 1)[1].strip().splitlines()
+    headers = table[0].split()
+    for column in ("MPI", "clients", "per", "final", "acc"):
+        assert column in headers
+    rows = {line.split()[0]: line.split() for line in table[2:]}
+    # run, method, tau, MPI ranks, clients, per round, rounds, final loss, best loss, final acc, best acc, ...
+    assert rows["mmlu"][:11] == ["mmlu", "florist", "0.8", "1→2", "4", "4", "3", "-", "-", "0.3750", "0.5000"]
+    assert rows["florist"][:11] == ["florist", "florist", "0.9", "2", "4", "4", "3", "3.0000", "3.0000", "-", "-"]
+
+    code, out, _ = run_cli(capsys, ["report", *map(str, paths), "--csv"])
+    frame = pd.read_csv(io.StringIO(out))
+    mmlu = frame[frame["label"] == "mmlu"].set_index("round")
+    assert mmlu["eval_accuracy"].tolist() == [0.25, 0.5, 0.375] and mmlu["eval_loss"].isna().all()
+    assert mmlu["world_size"].tolist() == [1, 1, 2]
+    assert frame[frame["label"] == "florist"]["world_size"].tolist() == [2, 2, 2]
+
+    out_dir = tmp_path / "plots"
+    code, _, err = run_cli(capsys, ["report", *map(str, paths), "--plots", str(out_dir), "--json"])
+    assert code == 0
+    names = {p.name for p in out_dir.iterdir()}
+    assert {"eval_accuracy.png", "eval_accuracy_vs_downlink.png", "eval_loss.png", "eval_loss_vs_downlink.png"} <= names
+    assert all((out_dir / n).read_bytes()[:8] == PNG_MAGIC for n in names)
+
+
+def yaml_tree(text: str) -> dict:
+    import yaml
+
+    return yaml.safe_load(text)
 
 
 def test_report_plots_are_png_files(logs, tmp_path, capsys):
@@ -445,12 +524,99 @@ def test_sweep_ranks_match_select_rank_on_dense_spectra(logs, tmp_path, capsys):
     assert digest(path) == before
 
 
-def test_sweep_table_output(logs, capsys):
-    path, _ = logs["florist"]
+def test_sweep_table_output_and_default_folder(logs, capsys):
+    path, written = logs["florist"]
+    folder = path.with_name("florist_sweep_tau")
+    assert not folder.exists()
     code, out, err = run_cli(capsys, ["sweep-tau", str(path), "--taus", "0.8,0.9,1", "--verbose"])
     assert code == 0 and err == ""
     assert "round 2" in out and "0.9 *" in out and "total rank" in out and "down params/client" in out
     assert "global rank per module and τ" in out and "layers.1.mlp.down_proj" in out
+    # the sweep's downlink at the run's τ is printed beside the logged one (build_log logs the runner's formula)
+    logged = written["rounds"][2]["attrs"]["bytes_down"]
+    assert f"logged bytes_down of round 2 {logged / 1e3:.3f} kB ({logged} B): equal" in out
+    # always written: beside the log by default
+    assert sorted(p.name for p in folder.iterdir()) == ["sweep.csv", "sweep.json", "sweep.png"]
+    table = pd.read_csv(folder / "sweep.csv")
+    assert table["tau"].tolist() == [0.8, 0.9, 1.0]
+    info = json.loads((folder / "sweep.json").read_text())
+    assert info["logged_bytes_down"] == info["sweep_bytes_down_at_run_tau"] == logged
+    assert (folder / "sweep.png").read_bytes()[:8] == PNG_MAGIC
+    # a second sweep does not overwrite the first
+    before = {p.name: digest(p) for p in folder.iterdir()}
+    code, out, err = run_cli(capsys, ["sweep-tau", str(path), "--taus", "0.5"])
+    assert_one_line_error(code, err, str(folder), "not an empty directory", "--out")
+    assert out == "" and {p.name: digest(p) for p in folder.iterdir()} == before
+
+
+def test_sweep_refuses_used_out_paths(logs, tmp_path, capsys):
+    path, _ = logs["florist"]
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "keep.txt").write_text("mine")
+    a_file = tmp_path / "file"
+    a_file.write_text("mine")
+    for target, fragment in ((used, "not an empty directory"), (a_file, "is a file")):
+        code, out, err = run_cli(capsys, ["sweep-tau", str(path), "--out", str(target)])
+        assert_one_line_error(code, err, str(target), fragment)
+    assert (used / "keep.txt").read_text() == "mine" and a_file.read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "used"]  # no scratch folder left behind
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = run_cli(capsys, ["sweep-tau", str(path), "--out", str(empty), "--csv"])
+    assert code == 0 and (empty / "sweep.csv").is_file()
+
+
+def test_negative_rounds_count_from_the_end(logs, tmp_path, capsys):
+    path, _ = logs["florist"]
+    tables = []
+    for round_arg in ("-1", "2", "-3", "0"):
+        code, out, _ = run_cli(capsys, ["sweep-tau", str(path), "--round", round_arg, "--csv",
+                                        "--out", str(tmp_path / f"r{round_arg}")])
+        assert code == 0
+        tables.append(pd.read_csv(io.StringIO(out)))
+    pd.testing.assert_frame_equal(tables[0], tables[1])
+    pd.testing.assert_frame_equal(tables[2], tables[3])
+    assert not tables[0].equals(tables[2])
+    code, out, err = run_cli(capsys, ["sweep-tau", str(path), "--round", "-4", "--out", str(tmp_path / "x")])
+    assert_one_line_error(code, err, "round -4 is not in log", "-1 for the last")
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_directory_given_as_the_log(tmp_path, capsys):
+    for argv in (["report", str(tmp_path)], ["sweep-tau", str(tmp_path)], ["export", str(tmp_path), "--out", str(tmp_path / "a")]):
+        code, out, err = run_cli(capsys, argv)
+        assert_one_line_error(code, err, f"'{tmp_path}' is a directory, not a run log")
+        assert out == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("method, tau", [("flora", 0.9), ("ffa", 0.9), ("florist", 1.0)])
+def test_sweep_without_client_adapters_uses_the_exact_global_update(tmp_path, capsys, method, tau):
+    path = tmp_path / f"{method}.h5"
+    written = build_log(path, method=method, tau=tau, adapters=False, seed=4)
+    before = digest(path)
+    code, out, err = run_cli(capsys, ["sweep-tau", str(path), "--round", "1", "--taus", "0.3:1.0:0.1", "--csv"])
+    assert code == 0, err
+    table = pd.read_csv(io.StringIO(out))
+    info = written["rounds"][1]
+    # the dense spectra of Σ p_k B_k A_k from the client factors the log does NOT hold
+    spectra = {m: dense_spectrum(info["factors"], info["kept"], dict(zip(range(4), SAMPLES)), m) for m in MODULES}
+    for _, row in table.iterrows():
+        for m in MODULES:
+            assert row[f"rank:{m}"] == select_rank(spectra[m], row["tau"]), (row["tau"], m)
+    info_file = json.loads((tmp_path / f"{method}_sweep_tau" / "sweep.json").read_text())
+    assert "exact" in info_file["source"] and "logged bytes_down of round 1" in err
+    assert digest(path) == before
+
+
+def test_sweep_refuses_a_global_update_that_is_not_exact(tmp_path, capsys):
+    for method, tau in (("florist", 0.9), ("flexlora", 1.0)):
+        path = tmp_path / f"{method}.h5"
+        build_log(path, method=method, tau=tau, adapters=False)
+        code, out, err = run_cli(capsys, ["sweep-tau", str(path)])
+        assert_one_line_error(code, err, "no client adapters", method, "log.client_adapters: true")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["flexlora.h5", "florist.h5"]
 
 
 @pytest.mark.parametrize("name, tau", [("florist_tau1", 1.0), ("florist", 0.9)])

@@ -169,6 +169,23 @@ def test_truncation_of_a_long_response_keeps_half_the_prompt(synthetic_tokenizer
     assert labels[:32] == [-100] * 32 and -100 not in labels[32:]
 
 
+def test_encode_pair_without_eos_and_with_a_shared_prompt_cut(synthetic_tokenizer):
+    tok = synthetic_tokenizer
+    prompt = list(range(10, 50))  # 40 prompt ids
+    ids, labels = data.encode_pair(tok, prompt, [7], 128, eos=False)
+    assert ids == [tok.bos_token_id] + prompt + [7] and labels == [-100] * 41 + [7]
+    # within 24 tokens: bos + prompt middle-cut to 23 tokens (11 from the start, 12 from the end), no eos
+    short, _ = data.encode_pair(tok, prompt, [7], 24, eos=False)
+    assert short == [tok.bos_token_id] + prompt[:10] + prompt[-12:] + [7]
+    # candidates of different lengths keep one prompt when they share answer_room (the longest)
+    one, _ = data.encode_pair(tok, prompt, [7], 24, eos=False, answer_room=3)
+    three, _ = data.encode_pair(tok, prompt, [7, 8, 9], 24, eos=False, answer_room=3)
+    assert one[:-1] == three[:-3] and len(three) == 24 and three[-3:] == [7, 8, 9]
+    # with eos (encode_records' case) the eos is part of the answer
+    ids, labels = data.encode_pair(tok, prompt, [7], 128)
+    assert ids[-2:] == [7, tok.eos_token_id] and labels[-2:] == [7, tok.eos_token_id]
+
+
 def test_collate_right_pads():
     batch = data.collate([([5, 6, 7], [-100, 6, 7]), ([8], [8])], pad_id=0)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
