@@ -387,7 +387,9 @@ class Federation:
     def _round_line(self, round_index, attrs, kept, outcome, participants) -> str:
         ranks = [r.rank for r in outcome["results"].values()]
         losses = [c.train_loss for c in kept]
-        eval_part = f"eval loss {attrs['eval_loss']:.4f}" if math.isfinite(attrs["eval_loss"]) else "eval -"
+        eval_part = "eval -"
+        if math.isfinite(attrs["eval_loss"]):
+            eval_part = f"eval loss {attrs['eval_loss']:.4f} (ppl {evaluation.perplexity(attrs['eval_loss']):.1f})"
         if math.isfinite(attrs.get("eval_accuracy", math.nan)):
             eval_part = f"eval acc {attrs['eval_accuracy']:.3f}"
         phases = " ".join(f"{k.removeprefix('time_')} {attrs[k]:.2f}s" for k in
