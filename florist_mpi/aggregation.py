@@ -338,8 +338,7 @@ def _zero_result(m, n, like: torch.Tensor, out_dtype, method, spectrum=None) -> 
 
 def spectrum_of(B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     """Singular values of B @ A without forming it (the same small-core trick)."""
-    one = torch.ones(1, dtype=torch.float64, device=B.device)
-    result = _florist_gram([(B, A)], one, 1.0, None, torch.float64) or _florist_svd([(B, A)], one, 1.0, None, torch.float64)
+    result = _florist_gram([(B, A)], [1.0], 1.0, None, torch.float64) or _florist_svd([(B, A)], [1.0], 1.0, None, torch.float64)
     return result.singular_values
 
 

@@ -49,6 +49,8 @@ class FederationConfig(_Section):
             return value
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError("use a count (an integer such as 4) or a fraction (a number such as 0.5)")
+        if isinstance(value, float) and value.is_integer() and value > 1:
+            return int(value)  # 4.0: a count written as a float
         if isinstance(value, float):
             if not 0.0 < value <= 1.0:
                 raise ValueError("a fraction must be in (0, 1]; write a count as an integer, e.g. 4")
@@ -57,7 +59,7 @@ class FederationConfig(_Section):
         return value
 
     def participants_per_round(self) -> int:
-        """An integer is a count of clients, a float (1.0 included) a fraction of them."""
+        """An integer is a count of clients, a float in (0, 1] (1.0 included) a fraction of them."""
         value = self.clients_per_round
         if value is None:
             return self.num_clients
@@ -223,13 +225,6 @@ class ExperimentConfig(_Section):
             raise ValueError(
                 f"lora.ranks has {len(lora.ranks)} entries but federation.num_clients is "
                 f"{fed.num_clients}; give one rank per client or use lora.rank"
-            )
-        precision_dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(self.train.precision)
-        if precision_dtype and self.model.dtype != precision_dtype:
-            raise ValueError(
-                f"train.precision '{self.train.precision}' trains in {precision_dtype} but model.dtype is "
-                f"'{self.model.dtype}': set model.dtype: {precision_dtype} (DeepSpeed casts the shared base "
-                "weights to the training precision)"
             )
         if fed.participants_per_round() > fed.num_clients:
             raise ValueError(

@@ -341,9 +341,10 @@ class Federation:
                                before_publish=before_publish)
             self.log_started = True
         else:
-            # The first round after a resume also records the config it was resumed with.
+            # The first round after a resume also records the config it was resumed with (the
+            # root world_size stays the creating run's; every round holds its own).
             resumed = round_index == self.plan.resume_from + 1 and self.plan.resume_from >= 0
-            root = {"config": self.cfg.to_yaml(), "world_size": int(self.world.size)} if resumed else None
+            root = {"config": self.cfg.to_yaml()} if resumed else None
             storage.append_round(self.output, record, before_publish=before_publish, root_attrs=root)
         written = time.perf_counter() - start
         self._say(self._round_line(round_index, attrs, kept, outcome, participants) + f" log {written:.2f}s")

@@ -134,18 +134,27 @@ def check_model_and_targets(cfg: ExperimentConfig, download: bool = True) -> boo
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if cfg.model.name == "tiny":
+    name = cfg.model.name
+    if name == "tiny":
         config = _tiny_llama_config(cfg, cfg.model.tiny.vocab_size, 0, 1, 2)
     else:
+        path = Path(name).expanduser()
+        looks_local = name.startswith((".", "/", "~")) or (os.sep in name and path.exists())
+        if looks_local and not (path / "config.json").is_file():
+            raise UserError(f"model.name '{name}' is not a model directory (no config.json): give a local model "
+                            "path, a Hugging Face id, or 'tiny'")
         try:
-            config = AutoConfig.from_pretrained(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code,
+            config = AutoConfig.from_pretrained(name, trust_remote_code=cfg.model.trust_remote_code,
                                                 local_files_only=not download)
         except (OSError, ValueError) as err:
-            if not download and not Path(cfg.model.name).expanduser().exists():
+            if not download and not looks_local:
                 return False
-            raise _model_error(cfg.model.name, err) from None
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+            raise _model_error(name, err) from None
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+    except Exception:  # noqa: BLE001 - an architecture that cannot be built without weights: checked at load
+        return True
     adapted_modules(model, cfg.lora.target_modules)
     return True
 

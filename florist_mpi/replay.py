@@ -30,29 +30,41 @@ def load_initial_base(cfg: ExperimentConfig, device: torch.device | None = None)
     return load_base(cfg, comm.init_world(), device or torch.device("cpu"))
 
 
-def merge_rounds_before(model_modules, log_path, cfg: ExperimentConfig, round_index: int) -> None:
-    """Apply the logged global updates of rounds < round_index (nothing for FlexLoRA)."""
-    from florist_mpi.model import merge_update
+def merge_rounds_before(model_modules, log_path, cfg: ExperimentConfig, round_index: int) -> dict:
+    """Apply the logged global updates of rounds < round_index (nothing for FlexLoRA).
 
+    Returns the fp32 masters of weights stored in 16 bits (see model.float32_masters),
+    which later temporary merges must go through, as the run's own merges did.
+    """
+    from florist_mpi.model import float32_masters, merge_update
+
+    masters = float32_masters(model_modules)
     if cfg.federation.method == "flexlora":
-        return
+        return masters
     with storage.open_log(log_path) as handle:
         for r in storage.completed_rounds(handle):
             if r < round_index:
-                merge_update(model_modules, storage.read_global_factors(handle, r))
+                merge_update(model_modules, storage.read_global_factors(handle, r), masters)
+    return masters
 
 
 @contextmanager
 def temporarily_merged(model_modules, factors, masters=None):
     """base + B @ A inside the block; the exact previous weights afterwards.
 
-    Weights kept in lower precision are merged through (copies of) their fp32 `masters`,
-    as a real merge would be.
+    A weight kept in 16 bits becomes the rounding of its fp32 master + B @ A, as a merge
+    makes it; the masters themselves stay unchanged.
     """
-    from florist_mpi.model import merge_update
+    from florist_mpi.model import merge_update, update_matrix
 
     saved = {name: model_modules[name].weight.detach().clone() for name in factors}
-    merge_update(model_modules, factors, {name: masters[name].clone() for name in factors if name in (masters or {})})
+    with torch.no_grad():
+        for name, (B, A) in factors.items():
+            weight = model_modules[name].weight
+            if masters and name in masters and B.shape[1]:
+                weight.copy_(masters[name] + update_matrix(B, A, weight.device))
+            else:
+                merge_update(model_modules, {name: (B, A)})
     try:
         yield
     finally:

@@ -138,17 +138,22 @@ def _check_inputs(cfg: ExperimentConfig, download: bool = True) -> bool:
             raise UserError(f"client {client_id} has no training examples: fix the data split or lower federation.num_clients")
     if cfg.eval.every:
         _eval_records(cfg)
-    if cfg.model.name != "tiny":
-        _check_model_reference(cfg.model.name)
+    check_run_settings(cfg)
     from florist_mpi.model import check_model_and_targets
 
     return check_model_and_targets(cfg, download)
 
 
-def _check_model_reference(name: str) -> None:
-    looks_local = name.startswith((".", "/", "~")) or os.sep in name and Path(name).expanduser().exists()
-    if looks_local and not (Path(name).expanduser() / "config.json").is_file():
-        raise UserError(f"model.name '{name}' is not a model directory (no config.json): give a local model path, a Hugging Face id, or 'tiny'")
+def check_run_settings(cfg: ExperimentConfig) -> None:
+    """Settings a new run cannot work with, though a logged config may hold them (checked here,
+    not at config validation, so that older logs stay readable)."""
+    precision_dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(cfg.train.precision)
+    if precision_dtype and cfg.model.dtype != precision_dtype:
+        raise UserError(
+            f"train.precision '{cfg.train.precision}' trains in {precision_dtype} but model.dtype is "
+            f"'{cfg.model.dtype}': set model.dtype: {precision_dtype} (DeepSpeed casts the shared base "
+            "weights to the training precision)"
+        )
 
 
 def _eval_records(cfg: ExperimentConfig) -> list[dict]:

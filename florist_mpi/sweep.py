@@ -290,11 +290,11 @@ def evaluate_taus(basis: FloristBasis, taus: list[float]) -> list[tuple[float, f
     cfg = replay.logged_config(basis.path)
     model, tokenizer = replay.load_initial_base(cfg)
     modules = adapted_modules(model, cfg.lora.target_modules)
-    replay.merge_rounds_before(modules, basis.path, cfg, basis.round_index)
+    masters = replay.merge_rounds_before(modules, basis.path, cfg, basis.round_index)
     evaluate = replay.Evaluator(cfg, model, tokenizer)
     results = []
     for tau in taus:
-        with replay.temporarily_merged(modules, basis.factors_at(tau)):
+        with replay.temporarily_merged(modules, basis.factors_at(tau), masters):
             results.append(evaluate())
     return results
 

@@ -14,6 +14,9 @@ def add_arguments(parser) -> None:
 
 def main(args) -> int:
     cfg = load_config(args.config, args.overrides)
+    from florist_mpi.runner import check_run_settings
+
+    check_run_settings(cfg)
     model_note = ""
     if not args.no_data:
         from florist_mpi.runner import _check_inputs

@@ -282,14 +282,13 @@ def test_result_does_not_depend_on_how_a_client_splits_its_update(scale, route):
     factors = clients([4, 3, 2], seed=12, decay=True)
     split = list(factors)
     split[1] = (factors[1][0] * scale, factors[1][1] / scale)  # same ΔW_1
-    reference = dense_sum(factors, WEIGHTS[:3])
     for tau in (1.0, 0.9):
         a = aggregate("florist", factors, WEIGHTS[:3], tau=tau, route=route)
         b = aggregate("florist", split, WEIGHTS[:3], tau=tau, route=route)
         assert a.rank == b.rank
         assert rel_err(product(b), product(a)) < 1e-5
-    assert rel_err(product(b if tau == 1.0 else aggregate("florist", split, WEIGHTS[:3], tau=1.0, route=route)),
-                   reference) < 1e-5
+        if tau == 1.0:
+            assert rel_err(product(b), dense_sum(factors, WEIGHTS[:3])) < 1e-5
 
 
 @pytest.mark.parametrize("route", ["gram", "svd"])
@@ -314,7 +313,7 @@ def test_ill_conditioned_stacks_stay_exact_and_optimal(route):
 def test_gram_overflow_falls_back_to_the_svd_route():
     factors = [(B * 1e160, A) for B, A in clients([3, 2], dtype=torch.float64, seed=4)]  # Grams overflow float64
     result = aggregate("florist", factors, [1, 1], tau=1.0)
-    assert result is not None and torch.isfinite(result.B).all()
+    assert torch.isfinite(result.B).all() and torch.isfinite(result.A).all()
     scaled = [(B / 1e160, A) for B, A in factors]
     assert rel_err(product(result) / 1e160, dense_sum(scaled, [1, 1])) < 1e-10
 

@@ -66,9 +66,9 @@ def test_resume_on_another_rank_count_matches(tmp_path, uninterrupted):
     env["FLORIST_MPI_KILL_AT"] = "train@2"
     assert launch(2, config, env=env, timeout=300).returncode != 0
     run_ok(3, config, "--resume")
-    with h5py.File(log, "r") as handle:  # each round says how many ranks ran it; the root, the latest
+    with h5py.File(log, "r") as handle:  # each round says how many ranks ran it; the root, the creating run
         assert [handle["rounds"][r].attrs["world_size"] for r in sorted(handle["rounds"])] == [2, 2, 3]
-        assert handle.attrs["world_size"] == 3
+        assert handle.attrs["world_size"] == 2
     full, resumed = global_factors(uninterrupted), global_factors(log)
     for (r, m, x) in full:
         if x == "B":
@@ -196,6 +196,7 @@ BAD_INPUTS = {
     "target modules match nothing": ({"lora": {"target_modules": ["foo_proj"]}}, [], "lora.target_modules"),
     "steps and epochs both set": ({"train": {"local_epochs": 1}}, [], "train.local_epochs"),
     "precision without matching dtype": ({"train": {"precision": "bf16"}}, [], "model.dtype"),
+    "model dir without config.json": ({"model": {"name": "/tmp"}}, [], "no config.json"),
     "fraction above one": ({"federation": {"clients_per_round": 1.5}}, [], "federation.clients_per_round"),
 }
 
