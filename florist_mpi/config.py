@@ -189,7 +189,6 @@ class TrainConfig(_Section):
         return self
 
 
-
 class EvalConfig(_Section):
     every: int = Field(1, ge=0)  # 0 disables evaluation
     kind: Literal["loss", "mmlu"] = "loss"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 import traceback
@@ -102,6 +101,7 @@ def _preflight(args) -> Plan:
         )
     if output.exists() and output.is_dir():
         raise UserError(f"run.output '{output}' is a directory: give a file path such as runs/demo.h5")
+    check_run_settings(cfg)
     _check_inputs(cfg)
     return plan
 
@@ -138,7 +138,6 @@ def _check_inputs(cfg: ExperimentConfig, download: bool = True) -> bool:
             raise UserError(f"client {client_id} has no training examples: fix the data split or lower federation.num_clients")
     if cfg.eval.every:
         _eval_records(cfg)
-    check_run_settings(cfg)
     from florist_mpi.model import check_model_and_targets
 
     return check_model_and_targets(cfg, download)
