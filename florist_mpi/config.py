@@ -176,6 +176,15 @@ class TrainConfig(_Section):
     zero_stage: int = Field(0, ge=0, le=2)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     gradient_clipping: float | None = Field(1.0, gt=0.0)
+    client_engines: Literal["auto", "reuse", "fresh"] = Field(
+        "auto",
+        description=(
+            "How a rank's virtual clients get their LoRA and DeepSpeed engine. 'reuse': one PEFT adapter, "
+            "optimizer and engine per (LoRA rank, alpha), reset in place before every client (cheap; needs "
+            "zero_stage 0 and no bf16/fp16 engine). 'fresh': a new wrapper and engine per client, removed "
+            "and garbage-collected afterwards (returns memory between clients). 'auto': reuse where possible"
+        ),
+    )
 
     @model_validator(mode="after")
     def _one_budget(self):
@@ -186,6 +195,13 @@ class TrainConfig(_Section):
             self.__dict__["local_steps"] = None  # the default 10 steps gives way to epochs
         elif self.local_steps is None:
             raise ValueError("no local work: set train.local_steps or train.local_epochs")
+        return self
+
+    @model_validator(mode="after")
+    def _reusable_engines(self):
+        if self.client_engines == "reuse" and (self.zero_stage != 0 or self.precision != "fp32"):
+            raise ValueError("train.client_engines 'reuse' needs train.zero_stage 0 and train.precision fp32 "
+                             "(DeepSpeed keeps its own copies of the weights otherwise): use 'auto' or 'fresh'")
         return self
 
 

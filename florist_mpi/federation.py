@@ -21,7 +21,8 @@ from florist_mpi.seeding import Stream, derive_seed, rng
 from florist_mpi.exchange import ClientUpdate
 from florist_mpi.faults import diverges, kill_point
 from florist_mpi.replay import temporarily_merged
-from florist_mpi.training import ClientJob, ClientTrainingError, isolate_torch_distributed, prepare_deepspeed, train_client
+from florist_mpi.training import (ClientJob, ClientTrainer, ClientTrainingError, isolate_torch_distributed,
+                                  prepare_deepspeed)
 
 
 class SharedFailure(RuntimeError):
@@ -93,6 +94,7 @@ class Federation:
         self.modules = adapted_modules(self.model, cfg.lora.target_modules)
         self.shapes = {name: tuple(module.weight.shape) for name, module in self.modules.items()}
         self.masters = float32_masters(self.modules)  # merges of bf16/fp16 weights go through fp32
+        self.trainer = ClientTrainer(self.model, self.shapes, cfg, self.device)
         self.client_records = data_lib.client_records(cfg.data, cfg.federation.num_clients, cfg.run.seed)
         self._encoded: dict[int, list] = {}
         self.eval_set = self._load_eval_shard()
@@ -215,7 +217,7 @@ class Federation:
         job = self._job(client_id, round_index)
         start = time.perf_counter()
         try:
-            update = train_client(self.model, set(self.shapes), job, self.cfg, self.device)
+            update = self.trainer.train(job)
         except (ClientTrainingError, torch.OutOfMemoryError) as err:
             print(f"florist-mpi: warning (rank {self.world.rank}): client {client_id} failed in round "
                   f"{round_index} and is left out: {err}", file=sys.stderr, flush=True)

@@ -10,6 +10,7 @@ import contextlib
 import gc
 import io
 import logging
+import math
 import os
 import sys
 import time
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from florist_mpi import data as data_lib
-from florist_mpi.config import ExperimentConfig
+from florist_mpi.config import ExperimentConfig, TrainConfig
 from florist_mpi.exchange import ClientUpdate
 from florist_mpi.faults import FAULT_ENV, client_fault
 from florist_mpi.model import file_lock
@@ -143,11 +144,11 @@ def _lora_config(job: ClientJob, cfg: ExperimentConfig):
     )
 
 
-def _lora_layers(peft_model, module_names):
-    """module name in the base model -> the PEFT LoRA layer wrapping it."""
+def _lora_layers(peft_model, module_names, adapter: str = "default"):
+    """module name in the base model -> the PEFT LoRA layer wrapping it (model order)."""
     layers = {}
     for name, module in peft_model.named_modules():
-        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+        if hasattr(module, "lora_A") and adapter in getattr(module, "lora_A", {}):
             base_name = name.removeprefix("base_model.model.")
             if base_name in module_names:
                 layers[base_name] = module
@@ -155,10 +156,11 @@ def _lora_layers(peft_model, module_names):
 
 
 @torch.no_grad()
-def _initialise_lora(layers, job: ClientJob, scaling: float) -> None:
+def _initialise_lora(layers, job: ClientJob, scaling: float, adapter: str = "default") -> None:
+    """The client's starting point: FlexLoRA's carried-over truncation, FFA-LoRA's frozen A."""
     for name, layer in layers.items():
-        A = layer.lora_A["default"].weight
-        B = layer.lora_B["default"].weight
+        A = layer.lora_A[adapter].weight
+        B = layer.lora_B[adapter].weight
         if job.init_factors is not None:
             B_eff, A_init = job.init_factors[name]
             # Rows beyond the global rank keep PEFT's random A with a zero B: no effect yet.
@@ -171,22 +173,24 @@ def _initialise_lora(layers, job: ClientJob, scaling: float) -> None:
             A.requires_grad_(False)
 
 
-def _extract_factors(layers, scaling: float) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def _extract_factors(layers, scaling: float, adapter: str = "default") -> dict[str, tuple[np.ndarray, np.ndarray]]:
     factors = {}
     for name, layer in layers.items():
-        B = layer.lora_B["default"].weight.detach().float() * scaling
-        A = layer.lora_A["default"].weight.detach().float()
+        B = layer.lora_B[adapter].weight.detach().float() * scaling
+        A = layer.lora_A[adapter].weight.detach().float()
         factors[name] = (B.cpu().numpy().copy(), A.cpu().numpy().copy())
     return factors
 
 
 def train_client(base_model, module_names, job: ClientJob, cfg: ExperimentConfig, device: torch.device) -> ClientUpdate:
-    """Wrap the shared base with a fresh LoRA, train it locally, return its factors.
+    """One client on a fresh LoRA wrapper and DeepSpeed engine, both removed afterwards.
 
-    The base weights are frozen and the LoRA layers are removed afterwards, so
-    the next virtual client on this rank starts from the same base.
+    The base weights are frozen and the LoRA layers are removed afterwards, so the next
+    virtual client on this rank starts from the same base. A full garbage collection then
+    returns the engine's memory (its objects form reference cycles) before the next client.
+    This is the path for engines that keep their own copies of the weights (ZeRO 1-2,
+    bf16/fp16); ClientTrainer reuses engines where it can.
     """
-    import deepspeed
     import peft
 
     seed = derive_seed(cfg.run.seed, job.round_index, job.client_id, Stream.LORA_INIT)
@@ -198,32 +202,164 @@ def train_client(base_model, module_names, job: ClientJob, cfg: ExperimentConfig
         layers = _lora_layers(peft_model, module_names)
         _initialise_lora(layers, job, scaling)
         trainable = [p for p in peft_model.parameters() if p.requires_grad]
-        optimizer = _optimizer(trainable, cfg)
-        # DeepSpeed would otherwise pick GPU LOCAL_RANK, which need not exist (one visible GPU per task).
-        args = SimpleNamespace(device_rank=device.index) if device.type == "cuda" else None
-        with contextlib.redirect_stdout(io.StringIO()):
-            engine, *_ = deepspeed.initialize(args=args, model=peft_model, optimizer=optimizer,
-                                              config=deepspeed_config(cfg, device))
+        engine = _engine(peft_model, _optimizer(trainable, cfg), cfg, device)
         engine.train()
         loss = _local_steps(engine, job, cfg, device, base_model)
-        fault = client_fault(job.client_id, job.round_index)
-        if fault in ("crash", "exit"):  # the moment of failure, for tests of how fast the job ends
-            print(f"[fault] {fault} injected at {time.time():.3f}", file=sys.stderr, flush=True)
-        if fault == "raise":
-            raise ClientTrainingError(f"injected failure ({FAULT_ENV})")
-        if fault == "crash":
-            raise RuntimeError(f"injected fatal error ({FAULT_ENV})")
-        if fault == "exit":
-            os._exit(17)  # simulates a killed rank
-        factors = _extract_factors(layers, scaling)
-        if fault == "nan":
-            first = next(iter(factors))
-            factors[first][0][0, 0] = np.nan
-        return ClientUpdate(job.client_id, len(job.encoded), job.rank, loss, factors)
+        return _client_update(job, _extract_factors(layers, scaling), loss)
     finally:
         del engine
         peft_model.unload()  # removes the LoRA layers, leaving the base modules in place
         gc.collect()
+
+
+def engines_reusable(train: TrainConfig, device: torch.device) -> bool:
+    """Whether DeepSpeed trains the LoRA weights in place, so that one engine can serve many clients.
+
+    ZeRO 1-2 and bf16/fp16 engines keep fp32 copies of the weights inside their optimizer,
+    which resetting the LoRA weights in place would not reach.
+    """
+    if train.client_engines == "fresh" or train.zero_stage != 0:
+        return False
+    return device.type != "cuda" or train.precision == "fp32"
+
+
+@dataclass
+class _Slot:
+    """One PEFT adapter with its optimizer and engine, shared by the clients of one (rank, alpha)."""
+
+    adapter: str
+    layers: dict  # module name -> PEFT LoRA layer, in model order
+    optimizer: torch.optim.Optimizer
+    engine: object
+
+
+class ClientTrainer:
+    """Trains a rank's clients one after another on the rank's shared base model.
+
+    Where engines are reusable (engines_reusable), the base is wrapped once; each distinct
+    (LoRA rank, alpha) gets one PEFT adapter, optimizer and DeepSpeed engine, built when a
+    client first needs them. Before every client its adapter is redrawn exactly as a fresh
+    `get_peft_model` would draw it from the client's seed, the optimizer state and engine
+    counters are cleared, and between clients the adapters are switched off, so evaluation
+    and merges see the plain base. Each client thus gets bitwise the result of a fresh
+    wrapper and engine (tests/test_training.py) without paying for one: a new wrapper, a
+    new engine and the full garbage collection that returns its memory cost about ten local
+    steps of the demo model. Elsewhere every client goes through `train_client`.
+    """
+
+    def __init__(self, base_model, module_names, cfg: ExperimentConfig, device: torch.device):
+        self.base_model, self.module_names, self.cfg, self.device = base_model, set(module_names), cfg, device
+        self.reuse = engines_reusable(cfg.train, device)
+        self._peft_model = None
+        self._slots: dict[tuple[int, float], _Slot] = {}
+
+    def train(self, job: ClientJob) -> ClientUpdate:
+        if not self.reuse:
+            return train_client(self.base_model, self.module_names, job, self.cfg, self.device)
+        slot = self._slot(job)
+        scaling = job.alpha / job.rank
+        self._activate(slot, frozen_A=job.frozen_A is not None)
+        try:
+            torch.manual_seed(derive_seed(self.cfg.run.seed, job.round_index, job.client_id, Stream.LORA_INIT))
+            _redraw_as_fresh_wrap(slot)
+            _initialise_lora(slot.layers, job, scaling, slot.adapter)
+            slot.engine.train()
+            loss = _local_steps(slot.engine, job, self.cfg, self.device, self.base_model)
+            return _client_update(job, _extract_factors(slot.layers, scaling, slot.adapter), loss)
+        finally:
+            _clear_training_state(slot)
+            self._peft_model.base_model.disable_adapter_layers()  # the plain base until the next client
+
+    def _slot(self, job: ClientJob) -> _Slot:
+        key = (job.rank, float(job.alpha))
+        if key not in self._slots:
+            import peft
+
+            adapter = f"r{job.rank}_alpha{job.alpha:g}"
+            config = _lora_config(job, self.cfg)
+            if self._peft_model is None:
+                self._peft_model = peft.get_peft_model(self.base_model, config, adapter_name=adapter)
+            else:
+                self._peft_model.add_adapter(adapter, config)
+            layers = _lora_layers(self._peft_model, self.module_names, adapter)
+            self._activate_layers(adapter, frozen_A=job.frozen_A is not None)
+            trainable = [p for layer in layers.values()
+                         for p in (layer.lora_A[adapter].weight, layer.lora_B[adapter].weight) if p.requires_grad]
+            optimizer = _optimizer(trainable, self.cfg)
+            engine = _engine(self._peft_model, optimizer, self.cfg, self.device)
+            if engine.optimizer is not optimizer:
+                raise RuntimeError("DeepSpeed wrapped the optimizer of a reused engine: set train.client_engines: fresh")
+            self._slots[key] = _Slot(adapter, layers, optimizer, engine)
+        return self._slots[key]
+
+    def _activate(self, slot: _Slot, frozen_A: bool) -> None:
+        self._peft_model.base_model.enable_adapter_layers()
+        self._activate_layers(slot.adapter, frozen_A)
+
+    def _activate_layers(self, adapter: str, frozen_A: bool) -> None:
+        """Make `adapter` the one PEFT runs and trains (FFA-LoRA: B only)."""
+        self._peft_model.set_adapter(adapter)
+        if frozen_A:
+            for name, module in self._peft_model.named_modules():
+                if hasattr(module, "lora_A") and adapter in module.lora_A:
+                    module.lora_A[adapter].weight.requires_grad_(False)
+
+
+@torch.no_grad()
+def _redraw_as_fresh_wrap(slot: _Slot) -> None:
+    """The slot's initial LoRA weights, drawn as `get_peft_model` draws them.
+
+    For each adapted layer, in model order, PEFT builds nn.Linear(n, r) and nn.Linear(r, m)
+    (each drawing its default init, kaiming-uniform with a = sqrt(5), from the global
+    generator), then redraws A the same way and zeroes B. The same draws in the same order, from
+    the same seed, give the reused adapter bitwise a fresh wrapper's start.
+    """
+    for layer in slot.layers.values():
+        A, B = layer.lora_A[slot.adapter].weight, layer.lora_B[slot.adapter].weight
+        (r, n), m = A.shape, B.shape[0]
+        fresh = torch.empty(r, n)
+        torch.nn.init.kaiming_uniform_(fresh, a=math.sqrt(5))  # nn.Linear(n, r)'s own init (PEFT's lora_A)
+        torch.nn.init.kaiming_uniform_(torch.empty(m, r), a=math.sqrt(5))  # nn.Linear(r, m)'s (lora_B)
+        torch.nn.init.kaiming_uniform_(fresh, a=math.sqrt(5))  # PEFT's reset_lora_parameters
+        A.copy_(fresh)
+        B.zero_()
+
+
+def _clear_training_state(slot: _Slot) -> None:
+    """Nothing of this client may reach the next one: gradients, optimizer moments, step counts."""
+    slot.optimizer.zero_grad(set_to_none=True)
+    slot.optimizer.state.clear()
+    engine = slot.engine
+    engine.global_steps = engine.global_samples = engine.micro_steps = engine.skipped_steps = 0
+
+
+def _engine(model, optimizer, cfg: ExperimentConfig, device: torch.device):
+    """A DeepSpeed engine of a private world of one (see isolate_torch_distributed)."""
+    import deepspeed
+
+    # DeepSpeed would otherwise pick GPU LOCAL_RANK, which need not exist (one visible GPU per task).
+    args = SimpleNamespace(device_rank=device.index) if device.type == "cuda" else None
+    with contextlib.redirect_stdout(io.StringIO()):
+        engine, *_ = deepspeed.initialize(args=args, model=model, optimizer=optimizer,
+                                          config=deepspeed_config(cfg, device))
+    return engine
+
+
+def _client_update(job: ClientJob, factors: dict, loss: float) -> ClientUpdate:
+    """The trained client's upload, after any injected fault (docs/fault-injection.md)."""
+    fault = client_fault(job.client_id, job.round_index)
+    if fault in ("crash", "exit"):  # the moment of failure, for tests of how fast the job ends
+        print(f"[fault] {fault} injected at {time.time():.3f}", file=sys.stderr, flush=True)
+    if fault == "raise":
+        raise ClientTrainingError(f"injected failure ({FAULT_ENV})")
+    if fault == "crash":
+        raise RuntimeError(f"injected fatal error ({FAULT_ENV})")
+    if fault == "exit":
+        os._exit(17)  # simulates a killed rank
+    if fault == "nan":
+        first = next(iter(factors))
+        factors[first][0][0, 0] = np.nan
+    return ClientUpdate(job.client_id, len(job.encoded), job.rank, loss, factors)
 
 
 def _optimizer(parameters, cfg: ExperimentConfig):
