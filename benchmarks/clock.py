@@ -58,11 +58,12 @@ def run_one(args, label: str, method: str, tau: float) -> Path:
     return output
 
 
-def replay_clock(log: Path, slower: float) -> list[float]:
-    """sim_clock_s after each round with every link `slower` times slower, from the logged figures."""
+def replay(log: Path, slower: float) -> dict:
+    """The run's simulated figures with every link `slower` times slower, recomputed from the log:
+    sim_clock_s after each round, and mean download / compute / upload per aggregated client and round."""
     cfg = load_config(CONFIG)
     profile = simclock.resolve_profile(cfg.system, cfg.federation.num_clients, cfg.run.seed)
-    clock, out = 0.0, []
+    clock, clocks, downs, computes, ups = 0.0, [], [], [], []
     with h5py.File(log, "r") as handle:
         for key in sorted(handle["rounds"]):
             group = handle["rounds"][key]
@@ -74,31 +75,30 @@ def replay_clock(log: Path, slower: float) -> list[float]:
                     continue
                 down = simclock.transfer_seconds(int(clients["bytes_down"][j]), profile.downlink_mbps[k] / slower, profile.latency_s[k])
                 up = simclock.transfer_seconds(int(clients["bytes_up"][j]), profile.uplink_mbps[k] / slower, profile.latency_s[k])
-                slowest = max(slowest, down + float(clients["sim_compute_s"][j]) + up)
+                compute = float(clients["sim_compute_s"][j])
+                slowest = max(slowest, down + compute + up)
+                if key != "00000":  # round 0 downloads nothing
+                    downs.append(down)
+                computes.append(compute)
+                ups.append(up)
             clock += float(group.attrs["sim_server_s"]) + slowest
-            out.append(clock)
-    return out
+            clocks.append(clock)
+    return {"clock": clocks, "down": np.mean(downs), "compute": np.mean(computes), "up": np.mean(ups)}
 
 
-def table(logs: dict[str, Path], clocks: dict[str, list[float]], title: str) -> None:
+def table(logs: dict[str, Path], figures: dict[str, dict], title: str) -> None:
     runs = {label: open_run(log) for label, log in logs.items()}
     target = max(float(run.rounds["eval_loss"].min()) for run in runs.values())
     print(f"\n{title}; target eval loss {target:.4f} (the lowest every run reaches)")
-    print(f"{'method':<14} {'down s':>8} {'compute s':>10} {'up s':>8} {'round s':>8} {'rounds':>6} "
-          f"{'time to target s':>17} {'final loss':>10}")
+    print(f"| method | download s | compute s | upload s | round s (median) | rounds to target | "
+          f"simulated time to target s | final eval loss |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for label, run in runs.items():
-        frames = [run.clients(r) for r in run.round_indices]
-        kept = [f[~f["excluded"]] for f in frames]
-        down = np.mean([f["sim_download_s"].mean() for f in kept[1:]]) if len(kept) > 1 else float("nan")
-        compute = np.mean([f["sim_compute_s"].mean() for f in kept])
-        up = np.mean([f["sim_upload_s"].mean() for f in kept])
-        rounds = run.rounds
-        hit = [i for i, loss in enumerate(rounds["eval_loss"].tolist()) if loss <= target][0]
-        clock = clocks[label]
-        per_round = np.diff([0.0] + clock)
-        print(f"{label:<14} {down * 1e3 if title.startswith('shipped') else down:>8.3f} "
-              f"{compute:>10.4f} {up:>8.3f} {np.median(per_round):>8.3f} {hit + 1:>6} {clock[hit]:>17.2f} "
-              f"{rounds['eval_loss'].iloc[-1]:>10.4f}")
+        f = figures[label]
+        hit = next(i for i, loss in enumerate(run.rounds["eval_loss"].tolist()) if loss <= target)
+        per_round = np.diff([0.0] + f["clock"])
+        print(f"| {label} | {f['down']:.4g} | {f['compute']:.4g} | {f['up']:.4g} | {np.median(per_round):.4g} | "
+              f"{hit + 1} | {f['clock'][hit]:.4g} | {run.rounds['eval_loss'].iloc[-1]:.4f} |")
 
 
 def main() -> None:
@@ -111,14 +111,14 @@ def main() -> None:
     print(f"{len(RUNS)} runs of {CONFIG.relative_to(REPO)} ({args.rounds} rounds, {args.ranks} rank(s)):")
     logs = {label: run_one(args, label, method, tau) for label, method, tau in RUNS}
     logged = {label: open_run(log).rounds["sim_clock_s"].tolist() for label, log in logs.items()}
-    replayed = {label: replay_clock(log, 1.0) for label, log in logs.items()}
-    worst = max(abs(a - b) / b for label in logs for a, b in zip(logged[label], replayed[label]))
-    print(f"replayed clock vs logged sim_clock_s: largest relative difference {worst:.1e}")
-    table(logs, logged, "shipped profile (mobile_edge; down s in ms)")
-    table(logs, {label: replay_clock(log, SLOWER) for label, log in logs.items()},
-          f"links {SLOWER:g}x slower (replayed from the logged bytes)")
-    print("\ndown s: mean per aggregated client and round from round 1 on (round 0 downloads nothing); "
-          "compute/up s: mean per aggregated client and round; round s: median simulated round time.")
+    shipped = {label: replay(log, 1.0) for label, log in logs.items()}
+    worst = max(abs(a - b) / b for label in logs for a, b in zip(logged[label], shipped[label]["clock"]))
+    print(f"recomputed clock vs logged sim_clock_s: largest relative difference {worst:.1e}")
+    table(logs, shipped, "shipped profile (configs/system/mobile_edge.yaml)")
+    table(logs, {label: replay(log, SLOWER) for label, log in logs.items()},
+          f"links {SLOWER:g}x slower (recomputed from the logged bytes and compute times)")
+    print("\ndownload s: mean per aggregated client and round from round 1 on (round 0 downloads nothing); "
+          "compute/upload s: mean per aggregated client and round; round s: median simulated round time.")
 
 
 if __name__ == "__main__":
