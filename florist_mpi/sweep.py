@@ -440,7 +440,7 @@ def _text_table(basis: FloristBasis, table, taus: list[float], with_eval: bool, 
                      str(row["down_params_per_client"]), f"{row['down_bytes_per_client'] / per_client_scale:.3f}",
                      f"{row['down_bytes_total'] / total_scale:.3f}"])
         if "sim_round_s" in row:
-            rows[-1].append(f"{row['sim_round_s']:.2f}")
+            rows[-1].append(f"{row['sim_round_s']:.4g}")
         if with_eval:
             rows[-1].insert(1, f"{row['eval_accuracy' if accuracy else 'eval_loss']:.4f}")
     headers = ["tau", "total rank", "mean rank", "min/max", "mean energy", "min energy", "down params/client",

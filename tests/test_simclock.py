@@ -281,3 +281,30 @@ def test_bad_csv_profile_is_one_line_exit_2(tmp_path, capsys, body):
     assert code == 2 and err.startswith("florist-mpi: error:") and "\n" not in err, err
     assert "system.downlink_mbps" in err and ("has 2 rows" in err if body else "not found" in err), err
     assert snapshot(tmp_path) == before
+
+
+@pytest_mpi
+def test_sweep_tau_adds_the_simulated_round_time(clock_runs, capsys):
+    import pandas as pd
+
+    tmp, logs = clock_runs
+    out = tmp / "sweep"
+    assert cli_main(["sweep-tau", str(logs[1]), "--round", "1", "--taus", "0.5,1", "--out", str(out)]) == 0
+    assert "sim round s" in capsys.readouterr().out
+    table = pd.read_csv(out / "sweep.csv")
+    cfg, shapes, rounds = read_rounds(logs[1])
+    c = rounds[1]["clients"]
+    kept = [k for k in c["id"].tolist() if k not in set(c["excluded"].tolist())]
+    seed, ranks_of = cfg["run"]["seed"], cfg["lora"]["ranks"]
+    latency = [0.01 + 0.19 * stream_rng(seed, k, 9).random() for k in range(4)]
+    down_mbps = [float(row["downlink_mbps"]) for row in csv.DictReader(open(tmp / "links.csv"))]
+    for _, row in table.iterrows():
+        r_g = {m: int(row[f"rank:{m}"]) for m in shapes}
+        R = sum(ranks_of[k] for k in kept)
+        server = sum(2 * (m + n) * R**2 + 14 * R**3 + 2 * (m + n) * R * r_g[mod] for mod, (m, n) in shapes.items())
+        slowest = 0.0
+        for k in kept:
+            j = c["id"].tolist().index(k)
+            down = 4 * sum(r_g[mod] * (m + n) for mod, (m, n) in shapes.items())
+            slowest = max(slowest, latency[k] + down * 8 / (down_mbps[k] * 1e6) + c["sim_compute_s"][j] + c["sim_upload_s"][j])
+        assert row["sim_round_s"] == pytest.approx(server / SYSTEM["server_flops"] + slowest, rel=1e-9)
