@@ -41,6 +41,10 @@ class FederationConfig(_Section):
     tau: float = Field(0.9, gt=0.0, le=1.0)
     max_rank: int | None = Field(None, ge=1)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    overcommit: float | None = Field(
+        None, ge=0.0,
+        description="sample this fraction more clients per round and aggregate the first clients_per_round "
+                    "to finish on the simulated clock (needs a system section); the rest are stragglers")
 
     @field_validator("clients_per_round", mode="before")
     @classmethod
@@ -66,6 +70,13 @@ class FederationConfig(_Section):
         if isinstance(value, float):
             return max(1, math.ceil(value * self.num_clients - 1e-9))
         return int(value)
+
+    def sampled_per_round(self) -> int:
+        """Clients sampled per round: participants_per_round plus the overcommitted fraction, at most all."""
+        target = self.participants_per_round()
+        if not self.overcommit:
+            return target
+        return min(self.num_clients, math.ceil(target * (1.0 + self.overcommit) - 1e-9))
 
 
 class TinyModelConfig(_Section):
@@ -219,6 +230,108 @@ class EvalConfig(_Section):
         return self
 
 
+DISTRIBUTION_HINT = ("use a number, a list (one per client), {distribution: lognormal, median: M, sigma: S}, "
+                     "{distribution: uniform, low: L, high: H} or {csv: PATH} (column named like the key)")
+
+
+class LognormalProfile(_Section):
+    """Per-client values median · exp(sigma · z), z ~ N(0, 1) drawn from (seed, client)."""
+
+    distribution: Literal["lognormal"] = Field(description="lognormal")
+    median: float = Field(gt=0.0, description="median of the per-client values")
+    sigma: float = Field(ge=0.0, description="standard deviation of the values' natural logarithm")
+
+
+class UniformProfile(_Section):
+    """Per-client values uniform in [low, high], drawn from (seed, client)."""
+
+    distribution: Literal["uniform"] = Field(description="uniform")
+    low: float = Field(description="smallest value")
+    high: float = Field(description="largest value")
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.high < self.low:
+            raise ValueError(f"uniform high ({self.high:g}) is below low ({self.low:g}): swap them")
+        return self
+
+
+class CsvProfile(_Section):
+    """Per-client values read from a CSV file with a header row and one row per client (in client order)."""
+
+    csv: str = Field(description="path of the CSV file (relative paths: to the working directory)")
+    column: str | None = Field(None, description="column to read (default: the key's own name)")
+
+
+Profile = float | list[float] | LognormalProfile | UniformProfile | CsvProfile
+
+
+def _profile_value(value, key: str, positive: bool):
+    """A profile key's value as the type it names; bounds of literal numbers are checked here."""
+    def check(number) -> float:
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
+            raise ValueError(DISTRIBUTION_HINT)
+        if positive and number <= 0:
+            raise ValueError(f"must be positive, got {number:g}")
+        if not positive and number < 0:
+            raise ValueError(f"must be zero or positive, got {number:g}")
+        return float(number)
+
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return check(value)
+    if isinstance(value, list):
+        if not value:
+            raise ValueError("the list is empty: give one value per client")
+        return [check(v) for v in value]
+    if isinstance(value, dict):
+        kind = "csv" if "csv" in value else value.get("distribution")
+        model = {"lognormal": LognormalProfile, "uniform": UniformProfile, "csv": CsvProfile}.get(kind)
+        if model is None:
+            raise ValueError(f"unknown distribution {kind!r}: {DISTRIBUTION_HINT}")
+        try:
+            profile = model.model_validate(value)
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            what = "unknown key" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
+            raise ValueError(f"{kind} {where}: {what}" if where else f"{kind}: {what}") from None
+        if isinstance(profile, UniformProfile):
+            check(profile.low)
+        return profile
+    if isinstance(value, (LognormalProfile, UniformProfile, CsvProfile)):
+        return value
+    raise ValueError(DISTRIBUTION_HINT)
+
+
+class SystemConfig(_Section):
+    """Simulated deployment: device speeds and links of the clients (docs/simulated-clock.md)."""
+
+    compute_speed: Profile = Field(
+        1.0, description="device speed relative to the reference device (1.0 = reference_flops); > 0")
+    downlink_mbps: Profile = Field(100.0, description="server-to-client bandwidth in Mbit/s (10^6 bit/s); > 0")
+    uplink_mbps: Profile = Field(20.0, description="client-to-server bandwidth in Mbit/s (10^6 bit/s); > 0")
+    latency_s: Profile = Field(0.05, description="fixed cost of each transfer in seconds; >= 0")
+    deadline_s: float | None = Field(
+        None, gt=0.0, description="a client whose download + compute + upload exceeds this many simulated "
+                                  "seconds is a straggler, left out of aggregation")
+    reference_flops: float = Field(
+        1.0e12, gt=0.0, description="sustained training throughput (FLOP/s) of the reference device, "
+                                    "compute_speed 1.0")
+    server_flops: float = Field(
+        1.0e13, gt=0.0, description="sustained throughput (FLOP/s) of the aggregation server")
+
+    @field_validator("compute_speed", "downlink_mbps", "uplink_mbps", "latency_s", mode="before")
+    @classmethod
+    def _profiles(cls, value, info):
+        return _profile_value(value, info.field_name, positive=info.field_name != "latency_s")
+
+    def profiles(self) -> dict[str, Profile]:
+        return {key: getattr(self, key) for key in PROFILE_KEYS}
+
+
+PROFILE_KEYS = ("compute_speed", "downlink_mbps", "uplink_mbps", "latency_s")
+
+
 class LogConfig(_Section):
     client_adapters: bool = False
 
@@ -232,6 +345,8 @@ class ExperimentConfig(_Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     log: LogConfig = LogConfig()
+    system: SystemConfig | None = Field(
+        None, description="simulated deployment clock (device speeds, bandwidths, deadline); absent: no simulation")
 
     @model_validator(mode="after")
     def _cross_checks(self):
@@ -246,10 +361,25 @@ class ExperimentConfig(_Section):
                 f"federation.clients_per_round ({fed.clients_per_round}) exceeds "
                 f"federation.num_clients ({fed.num_clients})"
             )
+        if fed.overcommit and self.system is None:
+            raise ValueError("federation.overcommit needs a system section: the simulated clock decides which "
+                             "clients finish first (add system:, see docs/configuration.md, or drop overcommit)")
+        if self.system is not None:
+            for key, profile in self.system.profiles().items():
+                if isinstance(profile, list) and len(profile) != fed.num_clients:
+                    raise ValueError(f"system.{key} lists {len(profile)} values but federation.num_clients is "
+                                     f"{fed.num_clients}: give one value per client")
         return self
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        tree = self.model_dump(mode="json")
+        # Keys of the simulated clock are left out when unused, so that logs of runs without
+        # it hold the same config text as before the clock existed.
+        if tree["system"] is None:
+            del tree["system"]
+        if tree["federation"]["overcommit"] is None:
+            del tree["federation"]["overcommit"]
+        return yaml.safe_dump(tree, sort_keys=False)
 
 
 # --------------------------------------------------------------------------- loading
@@ -340,6 +470,9 @@ RESUME_KEYS = (
     "eval.kind",
     "eval.path",
     "eval.max_examples",
+    # the simulated clock: its figures accumulate over rounds (sim_clock_s)
+    "federation.overcommit",
+    "system",
 )
 
 

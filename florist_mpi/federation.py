@@ -5,13 +5,14 @@ import json
 import math
 import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from florist_mpi import comm, exchange, storage
+from florist_mpi import comm, exchange, simclock, storage
 from florist_mpi import data as data_lib
 from florist_mpi import evaluation
 from florist_mpi.config import ExperimentConfig
@@ -22,7 +23,7 @@ from florist_mpi.exchange import ClientUpdate
 from florist_mpi.faults import diverges, kill_point
 from florist_mpi.replay import temporarily_merged
 from florist_mpi.training import (ClientJob, ClientTrainer, ClientTrainingError, isolate_torch_distributed,
-                                  prepare_deepspeed)
+                                  local_tokens, prepare_deepspeed)
 
 
 class SharedFailure(RuntimeError):
@@ -38,7 +39,7 @@ class RanksDiverged(SharedFailure):
 
 
 def sample_participants(cfg: ExperimentConfig, round_index: int) -> list[int]:
-    total, count = cfg.federation.num_clients, cfg.federation.participants_per_round()
+    total, count = cfg.federation.num_clients, cfg.federation.sampled_per_round()
     if count >= total:
         return list(range(total))
     chosen = rng(cfg.run.seed, round_index, 0, Stream.SAMPLING).choice(total, size=count, replace=False)
@@ -80,6 +81,25 @@ def library_versions() -> dict:
     }
 
 
+@dataclass
+class ClockState:
+    """The simulated clock across rounds (rank-independent; rebuilt from the log on --resume)."""
+
+    profile: simclock.ClientProfile
+    base_params: int  # weights of the base model's linear layers
+    global_ranks: dict[str, int] | None = None  # module -> r_g of the last round (what clients download next)
+    total_s: float = 0.0  # sim_clock_s so far
+
+
+@dataclass
+class RoundClock:
+    """One round's simulated figures, computed before training."""
+
+    work: dict[int, simclock.ClientWork]
+    times: dict[int, simclock.ClientTimes]
+    schedule: simclock.Schedule
+
+
 class Federation:
     def __init__(self, world, cfg: ExperimentConfig, plan, verbose: bool = False):
         self.world, self.cfg, self.plan, self.verbose = world, cfg, plan, verbose
@@ -102,6 +122,8 @@ class Federation:
         self.client_init: dict[str, tuple[np.ndarray, np.ndarray]] | None = None  # FlexLoRA carry-over
         self.log_started = plan.resume_from >= 0
         self.initial_eval = math.nan
+        self.clock = self._start_clock() if cfg.system is not None else None
+        self.round_clock: RoundClock | None = None  # this round's simulated figures (system section only)
 
     # ------------------------------------------------------------------ set-up
 
@@ -133,6 +155,8 @@ class Federation:
                     self.client_init = factors
                 else:
                     merge_update(self.modules, {name: factors[name] for name in self.shapes}, self.masters)
+            if self.clock is not None and rounds:
+                self._restore_clock(handle, rounds[-1], factors)
 
     # --------------------------------------------------------------------- loop
 
@@ -156,6 +180,10 @@ class Federation:
         participants = sample_participants(cfg, round_index)
         dropped = [c for c in participants if dropped_out(cfg, round_index, c)]
         training = [c for c in participants if c not in dropped]
+        late: list[tuple[int, str]] = []
+        if self.clock is not None:  # the simulated clock decides, before any training, who is too late
+            self.round_clock = self._plan_clock(round_index, training)
+            training, late = self.round_clock.schedule.train, self.round_clock.schedule.stragglers
         mine = training[world.rank :: world.size]
 
         start = time.perf_counter()
@@ -169,7 +197,7 @@ class Federation:
         timings["time_gather"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        outcome = self._aggregate(round_index, received, dropped) if world.is_root else None
+        outcome = self._aggregate(round_index, received, dropped, late) if world.is_root else None
         failure = comm.root_verdict(world, outcome.get("error") if world.is_root else None)
         if failure:
             raise RoundFailed(failure)
@@ -178,6 +206,8 @@ class Federation:
         start = time.perf_counter()
         global_factors = exchange.broadcast_global(world, outcome["global"] if world.is_root else None, self.shapes)
         timings["time_broadcast"] = time.perf_counter() - start
+        if self.clock is not None:
+            self.clock.global_ranks = {name: int(B.shape[1]) for name, (B, _) in global_factors.items()}
 
         start = time.perf_counter()
         if cfg.federation.method == "flexlora":
@@ -229,10 +259,10 @@ class Federation:
 
     # ------------------------------------------------------------ server side
 
-    def _aggregate(self, round_index: int, received, dropped: list[int]) -> dict:
+    def _aggregate(self, round_index: int, received, dropped: list[int], late: list[tuple[int, str]] = ()) -> dict:
         from florist_mpi.aggregation import aggregate_adapter
 
-        excluded = [(c, "dropout (simulated, federation.dropout)") for c in dropped]
+        excluded = [(c, "dropout (simulated, federation.dropout)") for c in dropped] + list(late)
         kept = []
         for client in received:
             if client.failed:
@@ -328,6 +358,9 @@ class Federation:
             "bytes_up": int(bytes_up), "bytes_down": int(self._bytes_down(outcome["global"])),
             "eval_loss": float(eval_loss), "eval_accuracy": float(eval_accuracy), "world_size": int(self.world.size),
         }
+        if self.clock is not None:
+            clients.update(self._clock_columns(participants))
+            attrs.update(self._clock_attrs(outcome))
         record = storage.RoundRecord(
             index=round_index, attrs=attrs, clients=clients, excluded=outcome["excluded"],
             global_factors={
@@ -356,7 +389,7 @@ class Federation:
 
         FFA-LoRA's A is frozen and derived from the shared seed: only B travels.
         """
-        return rank * m if self.cfg.federation.method == "ffa" else rank * (m + n)
+        return simclock.wire_floats(self.cfg.federation.method, rank, m, n)
 
     def _factor_floats(self, rank: int) -> int:
         return sum(self._wire_floats(rank, m, n) for m, n in self.shapes.values())
@@ -370,6 +403,65 @@ class Federation:
                 r = min(B.shape[1], lora.rank_of(client_id)) if fed.method == "flexlora" else B.shape[1]
                 total += 4 * self._wire_floats(r, B.shape[0], A.shape[1])
         return total
+
+    # ------------------------------------------------------- simulated clock
+    # Only with a `system` section (docs/simulated-clock.md). Every figure comes from the
+    # config and the round's plan, never from wall time: the same on any number of ranks.
+
+    def _start_clock(self) -> ClockState:
+        cfg = self.cfg
+        tables = data_lib.system_tables(cfg.system, cfg.federation.num_clients)
+        profile = simclock.resolve_profile(cfg.system, cfg.federation.num_clients, cfg.run.seed, tables)
+        # Weights every token passes through: the base model's linear layers (embeddings are lookups).
+        base_params = sum(m.weight.numel() for m in self.model.modules() if isinstance(m, torch.nn.Linear))
+        return ClockState(profile=profile, base_params=int(base_params))
+
+    def _restore_clock(self, handle, last_round: int, last_factors) -> None:
+        """The running total and the global ranks the next round's clients download, from the log."""
+        self.clock.total_s = float(handle["rounds"][storage.round_key(last_round)].attrs["sim_clock_s"])
+        self.clock.global_ranks = {name: int(B.shape[1]) for name, (B, _) in last_factors.items()}
+
+    def _client_work(self, client_id: int, round_index: int) -> simclock.ClientWork:
+        method, rank = self.cfg.federation.method, self.cfg.lora.rank_of(client_id)
+        tokens = local_tokens(self.cfg, self._encoded_client(client_id), round_index, client_id)
+        per_token = simclock.training_flops_per_token(self.clock.base_params, *simclock.adapter_params(method, self.shapes, rank))
+        return simclock.ClientWork(
+            client_id=client_id, tokens=tokens, flops=tokens * per_token,
+            bytes_down=simclock.download_bytes(method, self.shapes, self.clock.global_ranks, rank),
+            bytes_up=simclock.upload_bytes(method, self.shapes, rank),
+        )
+
+    def _plan_clock(self, round_index: int, candidates: list[int]) -> RoundClock:
+        """Simulated times of the clients that start the round, and which of them train."""
+        system = self.cfg.system
+        work = {c: self._client_work(c, round_index) for c in candidates}
+        times = {c: simclock.client_times(w, self.clock.profile, system.reference_flops) for c, w in work.items()}
+        plan = simclock.schedule(times, self.cfg.federation.participants_per_round(), system.deadline_s)
+        return RoundClock(work=work, times=times, schedule=plan)
+
+    def _clock_columns(self, participants: list[int]) -> dict[str, np.ndarray]:
+        """clients/ datasets, aligned with clients/id (zero bytes and NaN times: did not start)."""
+        work, times = self.round_clock.work, self.round_clock.times
+        nan = simclock.ClientTimes(math.nan, math.nan, math.nan)
+        return {
+            "bytes_down": np.array([work[c].bytes_down if c in work else 0 for c in participants], dtype=np.int64),
+            "bytes_up": np.array([work[c].bytes_up if c in work else 0 for c in participants], dtype=np.int64),
+            "sim_tokens": np.array([work[c].tokens if c in work else 0 for c in participants], dtype=np.int64),
+            "sim_download_s": np.array([times.get(c, nan).download_s for c in participants], dtype=np.float64),
+            "sim_compute_s": np.array([times.get(c, nan).compute_s for c in participants], dtype=np.float64),
+            "sim_upload_s": np.array([times.get(c, nan).upload_s for c in participants], dtype=np.float64),
+        }
+
+    def _clock_attrs(self, outcome) -> dict[str, float]:
+        """sim_server_s, sim_time_s and the running total sim_clock_s of a completed round."""
+        method, lora = self.cfg.federation.method, self.cfg.lora
+        kept = [c.client_id for c in outcome["kept"]]
+        global_ranks = {name: int(result.rank) for name, result in outcome["results"].items()}
+        flops = simclock.aggregation_flops(method, self.shapes, [lora.rank_of(c) for c in kept], global_ranks)
+        server_s = flops / self.cfg.system.server_flops
+        round_s = simclock.round_seconds(server_s, [self.round_clock.times[c] for c in kept])
+        self.clock.total_s += round_s
+        return {"sim_server_s": float(server_s), "sim_time_s": float(round_s), "sim_clock_s": float(self.clock.total_s)}
 
     # ---------------------------------------------------------------- output
 
@@ -398,6 +490,7 @@ class Federation:
         phases = " ".join(f"{k.removeprefix('time_')} {attrs[k]:.2f}s" for k in
                           ("time_train", "time_gather", "time_aggregate", "time_broadcast", "time_merge", "time_eval"))
         excluded = f" ({len(outcome['excluded'])} excluded)" if outcome["excluded"] else ""
+        simulated = f" | sim {attrs['sim_time_s']:.1f}s (clock {attrs['sim_clock_s']:.1f}s)" if "sim_time_s" in attrs else ""
         return (f"round {round_index + 1}/{self.cfg.run.rounds} | clients {len(kept)}/{len(participants)}{excluded} | "
                 f"train loss {np.mean(losses):.4f} | {eval_part} | global rank mean {np.mean(ranks):.1f} "
-                f"| down {attrs['bytes_down'] / 1e6:.2f} MB | {phases}")
+                f"| down {attrs['bytes_down'] / 1e6:.2f} MB{simulated} | {phases}")

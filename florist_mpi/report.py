@@ -43,21 +43,31 @@ def add_arguments(parser) -> None:
                          help="print a JSON document per run (config, summary, totals, rounds, global ranks) instead of text")
     parser.add_argument("--plots", metavar="DIR", help="also write PNG figures into DIR (created if missing)")
     parser.add_argument("--verbose", action="store_true", help="show the per-module global rank table for every run")
+    parser.add_argument("--target-loss", type=float, metavar="LOSS",
+                        help="eval loss of the simulated time-to-target table (runs with a system section; "
+                             "default: the lowest loss every such run reaches)")
 
 
 def main(args) -> int:
     runs = [open_run(path) for path in args.logs]  # every log is checked before anything is printed
     labels = run_labels([run.path for run in runs])
+    target_loss = getattr(args, "target_loss", None)
+    if target_loss is not None and not (math.isfinite(target_loss) and target_loss > 0):
+        raise UserError(f"--target-loss {target_loss:g} is not a positive loss: give e.g. --target-loss 2.5")
     machine = args.csv or args.json
     if args.plots:
         plot_dir = _plot_dir(args.plots)
     if args.csv:
         per_round_rows(runs, labels).to_csv(sys.stdout, index=False, float_format="%.10g")
     elif args.json:
-        json.dump({"runs": [run_document(run, label) for run, label in zip(runs, labels)]}, sys.stdout, indent=1)
+        document = {"runs": [run_document(run, label) for run, label in zip(runs, labels)]}
+        reached = time_to_target(runs, labels, target_loss)
+        if reached is not None:
+            document["time_to_target"] = _jsonable(reached)
+        json.dump(document, sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
-        print(text_report(runs, labels, verbose=args.verbose))
+        print(text_report(runs, labels, verbose=args.verbose, target_loss=target_loss))
     if args.plots:
         written = write_plots(runs, labels, plot_dir)
         note = sys.stderr if machine else sys.stdout
@@ -164,11 +174,59 @@ def _lora_ranks(run: Run) -> str:
 # ------------------------------------------------------------------ text output
 
 
-def text_report(runs: list[Run], labels: list[str], verbose: bool = False) -> str:
+def text_report(runs: list[Run], labels: list[str], verbose: bool = False, target_loss: float | None = None) -> str:
     blocks = [run_text(run, verbose=verbose) for run in runs]
     if len(runs) > 1:
         blocks.append("Comparison\n" + comparison_table(runs, labels))
+    reached = time_to_target(runs, labels, target_loss)
+    if reached is not None:
+        blocks.append(time_to_target_text(reached))
     return "\n\n".join(blocks)
+
+
+# ------------------------------------------------------------ simulated clock
+
+
+def has_clock(run: Run) -> bool:
+    """Whether the run was logged with a system section (simulated round times)."""
+    return "sim_time_s" in run.rounds.columns and bool(np.isfinite(run.rounds["sim_time_s"]).any())
+
+
+def time_to_target(runs: list[Run], labels: list[str], target_loss: float | None = None) -> dict | None:
+    """When each run with a simulated clock first reached `target_loss` (default: the lowest eval loss
+    every such run reaches, i.e. the largest of their best losses); None without two such runs or a target.
+
+    A run reaches the target at the first evaluated round whose eval loss is at or below it; its
+    simulated time is that round's sim_clock_s (the clock at the end of the round).
+    """
+    clocked = [(run, label) for run, label in zip(runs, labels) if has_clock(run)]
+    best = [float(run.rounds["eval_loss"].min()) for run, _ in clocked]
+    if not clocked or (target_loss is None and (len(clocked) < 2 or not all(math.isfinite(b) for b in best))):
+        return None
+    target = float(target_loss) if target_loss is not None else max(best)
+    rows = []
+    for run, label in clocked:
+        frame = run.rounds
+        hit = frame[frame["eval_loss"] <= target]
+        row = {"label": label, "run": str(run.path), "method": run.method, "tau": run.tau, "round": None,
+               "sim_clock_s": math.nan, "rounds": None, "bytes_down": None}
+        if not hit.empty:
+            r = int(hit.index[0])
+            row.update(round=r, sim_clock_s=float(frame.loc[r, "sim_clock_s"]), rounds=int((frame.index <= r).sum()),
+                       bytes_down=int(frame.loc[:r, "bytes_down"].sum()))
+        rows.append(row)
+    return {"target_loss": target, "chosen": "--target-loss" if target_loss is not None else
+            "the lowest eval loss every run reaches", "runs": rows}
+
+
+def time_to_target_text(reached: dict) -> str:
+    rows = [[row["label"], row["method"], f"{row['tau']:g}", "-" if row["round"] is None else str(row["round"]),
+             "-" if row["rounds"] is None else str(row["rounds"]),
+             "not reached" if row["round"] is None else f"{row['sim_clock_s']:.2f}",
+             "-" if row["bytes_down"] is None else _sig(row["bytes_down"] / 1e6)]
+            for row in reached["runs"]]
+    table = format_table(["run", "method", "tau", "round", "rounds", "sim time s", "down MB"], rows, left=2)
+    return (f"Time to reach eval loss {reached['target_loss']:.4f} ({reached['chosen']}; simulated clock)\n" + table)
 
 
 def run_text(run: Run, verbose: bool = False) -> str:
@@ -192,19 +250,26 @@ def run_text(run: Run, verbose: bool = False) -> str:
     down_scale, down_unit = byte_unit(float(frame["cum_bytes_down"].iloc[-1]))
     show_accuracy = has_accuracy(run)
     show_world = frame["world_size"].nunique() > 1  # resumed on another number of ranks
+    show_clock = has_clock(run)
     headers = ["round", "eval loss"] + (["eval acc"] if show_accuracy else []) + (["MPI ranks"] if show_world else []) + [
-        "clients", "excluded", "rank min/mean/max", f"up {up_unit}", f"down {down_unit}", "time s"]
+        "clients", "excluded", "rank min/mean/max", f"up {up_unit}", f"down {down_unit}", "time s"] + (
+        ["sim s", "sim clock s"] if show_clock else [])
     rows = []
     for r, row in frame.iterrows():
         rows.append([str(r), _num(row["eval_loss"])] + ([_num(row["eval_accuracy"], 3)] if show_accuracy else [])
                     + ([str(int(row["world_size"]))] if show_world else []) + [
             f"{int(row['num_clients'])}/{int(row['num_sampled'])}", str(int(row["num_excluded"])),
             f"{int(row['min_rank'])} / {row['mean_rank']:.1f} / {int(row['max_rank'])}",
-            _sig(row["bytes_up"] / up_scale), _sig(row["bytes_down"] / down_scale), f"{row['time_total']:.2f}"])
+            _sig(row["bytes_up"] / up_scale), _sig(row["bytes_down"] / down_scale), f"{row['time_total']:.2f}"]
+                    + ([f"{row['sim_time_s']:.2f}", f"{row['sim_clock_s']:.2f}"] if show_clock else []))
     blank = [""] * (1 + show_accuracy + show_world)
     rows.append(["total", *blank, "", "", "", _sig(frame["bytes_up"].sum() / up_scale),
-                 _sig(frame["bytes_down"].sum() / down_scale), f"{frame['time_total'].sum():.2f}"])
+                 _sig(frame["bytes_down"].sum() / down_scale), f"{frame['time_total'].sum():.2f}"]
+                + ([f"{frame['sim_time_s'].sum():.2f}", ""] if show_clock else []))
     lines += ["", format_table(headers, rows)]
+    if show_clock:
+        lines.append(f"simulated time (system section): {frame['sim_time_s'].sum():.2f} s in total, median "
+                     f"{frame['sim_time_s'].median():.2f} s per round (server {frame['sim_server_s'].sum():.3f} s)")
 
     summary = run_summary(run)
     if math.isfinite(summary["final_eval_loss"]):
@@ -286,12 +351,14 @@ def run_summary(run: Run) -> dict:
         "total_bytes_up": int(frame["bytes_up"].sum()) if not frame.empty else 0,
         "mean_rank": float(frame["mean_rank"].mean()) if not frame.empty else math.nan,
         "total_time_s": float(frame["time_total"].sum()) if not frame.empty else 0.0,
+        "total_sim_time_s": float(frame["sim_time_s"].sum()) if has_clock(run) else math.nan,
     }
 
 
 def comparison_table(runs: list[Run], labels: list[str]) -> str:
     summaries = [run_summary(run) for run in runs]
     accuracy = any(has_accuracy(run) for run in runs)
+    clock = any(has_clock(run) for run in runs)
     down_scale, down_unit = byte_unit(max(s["total_bytes_down"] for s in summaries))
     up_scale, up_unit = byte_unit(max(s["total_bytes_up"] for s in summaries))
     rows = []
@@ -300,10 +367,11 @@ def comparison_table(runs: list[Run], labels: list[str]) -> str:
                      str(s["clients_per_round"]), str(s["rounds"]), _num(s["final_eval_loss"]), _num(s["best_eval_loss"])]
                     + ([_num(s["final_eval_accuracy"]), _num(s["best_eval_accuracy"])] if accuracy else [])
                     + [_sig(s["total_bytes_down"] / down_scale), _sig(s["total_bytes_up"] / up_scale),
-                       _num(s["mean_rank"], 2), f"{s['total_time_s']:.1f}"])
+                       _num(s["mean_rank"], 2), f"{s['total_time_s']:.1f}"]
+                    + ([_num(s["total_sim_time_s"], 1)] if clock else []))
     headers = (["run", "method", "tau", "MPI ranks", "clients", "per round", "rounds", "final loss", "best loss"]
                + (["final acc", "best acc"] if accuracy else [])
-               + [f"down {down_unit}", f"up {up_unit}", "mean rank", "time s"])
+               + [f"down {down_unit}", f"up {up_unit}", "mean rank", "time s"] + (["sim time s"] if clock else []))
     return format_table(headers, rows, left=2)
 
 
@@ -333,6 +401,8 @@ def run_totals(run: Run) -> dict:
     totals = {"rounds": len(frame), "bytes_up": int(frame["bytes_up"].sum()),
               "bytes_down": int(frame["bytes_down"].sum()), "time_total": float(frame["time_total"].sum())}
     totals.update({phase: float(frame[phase].fillna(0.0).sum()) for phase in PHASES})
+    if has_clock(run):
+        totals["sim_time_s"] = float(frame["sim_time_s"].sum())
     return totals
 
 
@@ -395,6 +465,9 @@ def write_plots(runs: list[Run], labels: list[str], out: Path) -> list[Path]:
             written.append(_save(plot_metric_per_round(runs, labels, metric), out / f"{metric.column}.png"))
             written.append(_save(plot_metric_vs_downlink(runs, labels, metric),
                                  out / f"{metric.column}_vs_downlink.png"))
+            if any(has_clock(run) for run in runs):
+                written.append(_save(plot_metric_vs_sim_time(runs, labels, metric),
+                                     out / f"{metric.column}_vs_sim_time.png"))
         for run, label in zip(runs, labels):
             stem = _file_safe(label)
             if run.round_indices:
@@ -495,6 +568,33 @@ def plot_metric_vs_downlink(runs: list[Run], labels: list[str], metric: Metric =
     ax.set_xlabel(f"cumulative downlink, all clients ({unit})")
     ax.set_ylabel(metric.axis)
     if series:
+        ax.legend(fontsize=8)
+    return fig
+
+
+def plot_metric_vs_sim_time(runs: list[Run], labels: list[str], metric: Metric = LOSS):
+    """The metric against the simulated clock (sim_clock_s at the end of each evaluated round)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    drawn = 0
+    for run, label, color in zip(runs, labels, _colors(len(runs))):
+        if not has_clock(run):
+            continue
+        frame = run.rounds
+        frame = frame[np.isfinite(frame[metric.column])]
+        x, y = frame["sim_clock_s"].to_numpy(dtype=float), frame[metric.column].to_numpy(dtype=float)
+        if math.isfinite(_initial(run, metric)):
+            x, y = np.concatenate([[0.0], x]), np.concatenate([[_initial(run, metric)], y])
+        if len(x):
+            ax.plot(x, y, marker="o", ms=3.5, color=color, label=f"{label} ({run.method}, τ={run.tau:g})")
+            drawn += 1
+    if not drawn:
+        _no_data(ax, "no evaluated rounds with a simulated clock")
+    ax.set_title(f"{metric.name.capitalize()} vs simulated deployment time")
+    ax.set_xlabel("simulated time (s, system section: device speeds and links)")
+    ax.set_ylabel(metric.axis)
+    if drawn:
         ax.legend(fontsize=8)
     return fig
 

@@ -138,6 +138,8 @@ def _check_inputs(cfg: ExperimentConfig, download: bool = True) -> bool:
             raise UserError(f"client {client_id} has no training examples: fix the data split or lower federation.num_clients")
     if cfg.eval.every:
         _eval_records(cfg)
+    if cfg.system is not None:
+        data_lib.system_tables(cfg.system, cfg.federation.num_clients)  # CSV profiles: present, one row per client
     from florist_mpi.model import check_model_and_targets
 
     return check_model_and_targets(cfg, download)

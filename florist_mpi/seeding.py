@@ -18,6 +18,11 @@ class Stream(IntEnum):
     SAMPLING = 3
     DROPOUT = 4
     FROZEN_A = 5
+    # per-client device and link profiles of the simulated clock (drawn once per run: round slot 0)
+    SYSTEM_COMPUTE_SPEED = 6
+    SYSTEM_DOWNLINK = 7
+    SYSTEM_UPLINK = 8
+    SYSTEM_LATENCY = 9
 
 
 def derive_seed(run_seed: int, round_index: int, client_id: int, stream: Stream) -> int:

@@ -344,6 +344,13 @@ def main(args) -> int:
         table.insert(2, "eval_accuracy", [accuracy for _, accuracy in evaluated])
     info = sweep_info(basis)
     note = sys.stderr if args.csv else sys.stdout  # --csv keeps stdout pure CSV
+    if run.config.system is not None:
+        from florist_mpi.data import DataError
+
+        try:
+            table["sim_round_s"] = simulated_round_seconds(run, basis, taus)
+        except DataError as err:  # e.g. the profile's CSV is not where the run read it
+            print(f"no simulated round time: {UserError.one_line(err)}", file=note)
     if args.csv:
         table.to_csv(sys.stdout, index=False, float_format="%.10g")
     else:
@@ -358,6 +365,35 @@ def main(args) -> int:
         written = sorted(p.name for p in scratch.iterdir())
     print(f"wrote {out}/: {', '.join(written)}", file=note)
     return 0
+
+
+def simulated_round_seconds(run: Run, basis: FloristBasis, taus: list[float]) -> list[float]:
+    """Simulated duration of a round in which the swept round's aggregated clients download
+    each τ's global factors (runs with a system section; docs/simulated-clock.md).
+
+    Per τ: FLoRIST's aggregation time at r_g(τ) + the largest, over those clients, of the
+    download of the τ-sized factors (their profile's link) plus their logged compute and upload times.
+    """
+    from florist_mpi import simclock
+    from florist_mpi.data import system_tables
+
+    cfg = run.config
+    profile = simclock.resolve_profile(cfg.system, cfg.federation.num_clients, cfg.run.seed,
+                                       system_tables(cfg.system, cfg.federation.num_clients))
+    clients = run.clients(basis.round_index).set_index("id")
+    kept = list(basis.weights)
+    ranks_of = {c: cfg.lora.rank_of(c) for c in kept}
+    result = []
+    for tau in taus:
+        global_ranks = {m: basis.rank(m, tau) for m in basis.modules}
+        server = simclock.aggregation_flops("florist", basis.shapes, list(ranks_of.values()), global_ranks) / cfg.system.server_flops
+        slowest = 0.0
+        for c in kept:
+            down = simclock.transfer_seconds(simclock.download_bytes("florist", basis.shapes, global_ranks, ranks_of[c]),
+                                             profile.downlink_mbps[c], profile.latency_s[c])
+            slowest = max(slowest, down + float(clients.at[c, "sim_compute_s"]) + float(clients.at[c, "sim_upload_s"]))
+        result.append(server + slowest)
+    return result
 
 
 def default_out_dir(log) -> Path:
@@ -403,15 +439,22 @@ def _text_table(basis: FloristBasis, table, taus: list[float], with_eval: bool, 
                      f"{row['min_rank']}/{row['max_rank']}", f"{row['mean_energy']:.4f}", f"{row['min_energy']:.4f}",
                      str(row["down_params_per_client"]), f"{row['down_bytes_per_client'] / per_client_scale:.3f}",
                      f"{row['down_bytes_total'] / total_scale:.3f}"])
+        if "sim_round_s" in row:
+            rows[-1].append(f"{row['sim_round_s']:.4g}")
         if with_eval:
             rows[-1].insert(1, f"{row['eval_accuracy' if accuracy else 'eval_loss']:.4f}")
     headers = ["tau", "total rank", "mean rank", "min/max", "mean energy", "min energy", "down params/client",
                f"down {per_client_unit}/client", f"down {total_unit} ({basis.num_clients} clients)"]
+    if "sim_round_s" in table.columns:
+        headers.append("sim round s")
     if with_eval:
         headers.insert(1, "eval acc" if accuracy else "eval loss")
     lines = [_header(basis), format_table(headers, rows)]
     if any(_is_run_tau(basis, t) for t in taus):
         lines.append("* the run's own τ")
+    if "sim_round_s" in table.columns:
+        lines.append("sim round s: simulated round time if this round's aggregated clients downloaded the τ's "
+                     "global factors (their logged compute and upload, FLoRIST's aggregation at that rank)")
     if verbose:
         names = short_module_names(basis.modules)
         module_rows = [[name, *(str(table[f"rank:{m}"].iloc[i]) for i in range(len(taus)))]

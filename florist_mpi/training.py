@@ -369,9 +369,21 @@ def _optimizer(parameters, cfg: ExperimentConfig):
     return torch.optim.AdamW(parameters, lr=train.lr, weight_decay=train.weight_decay)
 
 
+def local_batches(cfg: ExperimentConfig, encoded: list, round_index: int, client_id: int) -> list[list[int]]:
+    """Example indices of each micro-batch a client trains on in a round; from (seed, round, client) only."""
+    generator = torch.Generator().manual_seed(derive_seed(cfg.run.seed, round_index, client_id, Stream.DATA_ORDER))
+    return data_lib.sample_batches(encoded, cfg.train.micro_batch_size, num_local_batches(cfg, len(encoded)), generator)
+
+
+def local_tokens(cfg: ExperimentConfig, encoded: list, round_index: int, client_id: int) -> int:
+    """Tokens a client's local work processes in a round, padding included (the micro-batches are
+    right-padded to their longest example, and the device computes every position)."""
+    batches = local_batches(cfg, encoded, round_index, client_id)
+    return sum(len(batch) * max(len(encoded[i][0]) for i in batch) for batch in batches)
+
+
 def _local_steps(engine, job: ClientJob, cfg: ExperimentConfig, device: torch.device, base_model) -> float:
-    generator = torch.Generator().manual_seed(derive_seed(cfg.run.seed, job.round_index, job.client_id, Stream.DATA_ORDER))
-    batches = data_lib.sample_batches(job.encoded, cfg.train.micro_batch_size, num_local_batches(cfg, len(job.encoded)), generator)
+    batches = local_batches(cfg, job.encoded, job.round_index, job.client_id)
     pad_id = base_model.config.pad_token_id
     pad_id = 0 if pad_id is None else pad_id
     losses = []

@@ -198,6 +198,11 @@ BAD_INPUTS = {
     "precision without matching dtype": ({"train": {"precision": "bf16"}}, [], "model.dtype"),
     "model dir without config.json": ({"model": {"name": "/tmp"}}, [], "no config.json"),
     "fraction above one": ({"federation": {"clients_per_round": 1.5}}, [], "federation.clients_per_round"),
+    "negative compute speed": ({"system": {"compute_speed": -1}}, [], "system.compute_speed"),
+    "zero bandwidth": ({"system": {"uplink_mbps": 0}}, [], "system.uplink_mbps"),
+    "profile list length": ({"system": {"latency_s": [0.1, 0.2]}}, [], "system.latency_s lists 2 values"),
+    "missing profile CSV": ({"system": {"downlink_mbps": {"csv": "/nonexistent/links.csv"}}}, [], "links.csv"),
+    "overcommit without system": ({"federation": {"overcommit": 0.5}}, [], "federation.overcommit"),
 }
 
 

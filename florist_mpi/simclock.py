@@ -1,0 +1,238 @@
+"""The simulated deployment clock: how long a round would take on the clients' devices and links.
+
+Pure model, no MPI and no I/O (CSV profiles are read by `data.system_tables`). Every
+figure derives from the config, the run seed and the round's plan (which clients train,
+how many tokens they process, which factors travel), never from measured wall time, so
+a run gives the same simulated times on 1 or N ranks, CPU or GPU, and after --resume.
+
+A round of client k (docs/simulated-clock.md):
+
+    download_k = transfer(bytes_down_k, downlink_mbps_k)      the previous round's global factors
+    compute_k  = tokens_k · flops_per_token_k / (reference_flops · compute_speed_k)
+    upload_k   = transfer(bytes_up_k, uplink_mbps_k)          the client's own factors
+    transfer(b, mbps) = latency_s_k + 8 b / (mbps · 10⁶)       (0 when nothing is sent)
+
+    round time = server_s + max over aggregated clients of (download_k + compute_k + upload_k)
+
+Training cost per token (Kaplan et al., "Scaling Laws for Neural Language Models", 2020,
+§2.1: a forward pass costs 2 FLOPs per weight and token, the backward pass twice that, one
+half for activation gradients and one half for weight gradients). A frozen weight skips its
+weight gradient, so LoRA training costs
+
+    flops_per_token = 4 · (N_base + N_adapter) + 2 · N_trainable
+
+with N_base the weights of every linear layer of the base model (embedding lookups cost no
+multiply-adds), N_adapter = Σ_modules r_k (m + n) and N_trainable the adapter weights that
+get gradients (FFA-LoRA: B only, r_k · m). The attention-score term (2 · layers · context ·
+width per token, small for short contexts) is left out.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from florist_mpi.config import PROFILE_KEYS, CsvProfile, LognormalProfile, SystemConfig, UniformProfile
+from florist_mpi.seeding import Stream, rng
+
+BYTES_PER_FLOAT = 4  # factors travel as fp32
+STREAMS = {
+    "compute_speed": Stream.SYSTEM_COMPUTE_SPEED, "downlink_mbps": Stream.SYSTEM_DOWNLINK,
+    "uplink_mbps": Stream.SYSTEM_UPLINK, "latency_s": Stream.SYSTEM_LATENCY,
+}
+
+
+# ------------------------------------------------------------------ client profiles
+
+
+@dataclass(frozen=True)
+class ClientProfile:
+    """Per-client device and link values, each a float64 array indexed by client id."""
+
+    compute_speed: np.ndarray
+    downlink_mbps: np.ndarray
+    uplink_mbps: np.ndarray
+    latency_s: np.ndarray
+
+
+def draw_values(spec, key: str, num_clients: int, seed: int, table: np.ndarray | None = None) -> np.ndarray:
+    """One profile key's value for every client.
+
+    A number is every client's value, a list one per client, a distribution one draw per
+    client from its own stream (seed, round slot 0, client, key), a CSV column `table`.
+    """
+    if isinstance(spec, CsvProfile):
+        if table is None:
+            raise ValueError(f"system.{key}: the CSV column was not loaded")
+        return np.asarray(table, dtype=np.float64)
+    if isinstance(spec, (int, float)):
+        return np.full(num_clients, float(spec))
+    if isinstance(spec, list):
+        return np.asarray(spec, dtype=np.float64)
+    values = np.empty(num_clients)
+    for client in range(num_clients):
+        generator = rng(seed, 0, client, STREAMS[key])
+        if isinstance(spec, LognormalProfile):
+            values[client] = spec.median * math.exp(spec.sigma * generator.standard_normal())
+        elif isinstance(spec, UniformProfile):
+            values[client] = spec.low + (spec.high - spec.low) * generator.random()
+        else:
+            raise TypeError(f"system.{key}: unsupported profile {spec!r}")
+    return values
+
+
+def resolve_profile(system: SystemConfig, num_clients: int, seed: int,
+                    tables: Mapping[str, np.ndarray] | None = None) -> ClientProfile:
+    """Every client's values; `tables` holds the CSV columns of keys given as {csv: PATH}."""
+    tables = tables or {}
+    values = {key: draw_values(getattr(system, key), key, num_clients, seed, tables.get(key)) for key in PROFILE_KEYS}
+    return ClientProfile(**values)
+
+
+# ------------------------------------------------------------------------- bytes
+
+
+def wire_floats(method: str, rank: int, m: int, n: int) -> int:
+    """Floats one module's rank-`rank` factors take on the wire (FFA-LoRA: B only, A is frozen and shared)."""
+    return rank * m if method == "ffa" else rank * (m + n)
+
+
+def upload_bytes(method: str, shapes: Mapping[str, tuple[int, int]], client_rank: int) -> int:
+    """fp32 bytes of one client's own factors."""
+    return BYTES_PER_FLOAT * sum(wire_floats(method, client_rank, m, n) for m, n in shapes.values())
+
+
+def download_bytes(method: str, shapes: Mapping[str, tuple[int, int]], global_ranks: Mapping[str, int] | None,
+                   client_rank: int) -> int:
+    """fp32 bytes of the global factors (module -> r_g) one client receives; FlexLoRA sends each client
+    its rank-r_k prefix. None (before the first aggregation) is nothing to receive."""
+    if global_ranks is None:
+        return 0
+    total = 0
+    for name, (m, n) in shapes.items():
+        rank = min(global_ranks[name], client_rank) if method == "flexlora" else global_ranks[name]
+        total += wire_floats(method, rank, m, n)
+    return BYTES_PER_FLOAT * total
+
+
+def transfer_seconds(num_bytes: int, mbps: float, latency_s: float) -> float:
+    """latency + 8 · bytes / (Mbit/s · 10⁶); a transfer of nothing takes no time."""
+    if num_bytes <= 0:
+        return 0.0
+    return float(latency_s) + 8.0 * num_bytes / (float(mbps) * 1e6)
+
+
+# ------------------------------------------------------------------------- compute
+
+
+def adapter_params(method: str, shapes: Mapping[str, tuple[int, int]], client_rank: int) -> tuple[int, int]:
+    """(adapter weights, of which trainable) of one client's LoRA."""
+    total = sum(client_rank * (m + n) for m, n in shapes.values())
+    trainable = sum(client_rank * m for m, _ in shapes.values()) if method == "ffa" else total
+    return total, trainable
+
+
+def training_flops_per_token(base_params: int, adapter_weights: int, trainable_weights: int) -> float:
+    """4 · (N_base + N_adapter) + 2 · N_trainable (module docstring)."""
+    return 4.0 * (base_params + adapter_weights) + 2.0 * trainable_weights
+
+
+@dataclass(frozen=True)
+class ClientWork:
+    """What one client does in a round, known before it trains."""
+
+    client_id: int
+    tokens: int  # tokens its micro-batches hold, padding included (the device computes them)
+    flops: float
+    bytes_down: int
+    bytes_up: int
+
+
+@dataclass(frozen=True)
+class ClientTimes:
+    download_s: float
+    compute_s: float
+    upload_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.download_s + self.compute_s + self.upload_s
+
+
+def client_times(work: ClientWork, profile: ClientProfile, reference_flops: float) -> ClientTimes:
+    k = work.client_id
+    return ClientTimes(
+        download_s=transfer_seconds(work.bytes_down, profile.downlink_mbps[k], profile.latency_s[k]),
+        compute_s=work.flops / (reference_flops * float(profile.compute_speed[k])),
+        upload_s=transfer_seconds(work.bytes_up, profile.uplink_mbps[k], profile.latency_s[k]),
+    )
+
+
+# ----------------------------------------------------------------- who finishes
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Which of a round's candidates train (and may be aggregated) and which are stragglers."""
+
+    train: list[int]  # ascending client ids
+    stragglers: list[tuple[int, str]]  # (client id, reason)
+
+
+def schedule(times: Mapping[int, ClientTimes], target: int, deadline_s: float | None) -> Schedule:
+    """Clients over the deadline are stragglers; of the rest, the first `target` to finish (ties by
+    id) train and any others are stragglers of over-commitment."""
+    stragglers, on_time = [], []
+    for client, t in sorted(times.items()):
+        if deadline_s is not None and t.total_s > deadline_s:
+            stragglers.append((client, f"straggler: simulated {t.total_s:.1f}s exceeds system.deadline_s {deadline_s:g}s"))
+        else:
+            on_time.append(client)
+    order = sorted(on_time, key=lambda c: (times[c].total_s, c))
+    for client in order[target:]:
+        stragglers.append((client, f"straggler: finished after the first {target} "
+                                   f"(simulated {times[client].total_s:.1f}s, federation.overcommit)"))
+    return Schedule(train=sorted(order[:target]), stragglers=sorted(stragglers))
+
+
+# ---------------------------------------------------------------------- the server
+
+
+def aggregation_flops(method: str, shapes: Mapping[str, tuple[int, int]], client_ranks: list[int],
+                      global_ranks: Mapping[str, int]) -> float:
+    """Multiply-adds (×2 FLOPs) of aggregating the clients' factors, summed over modules.
+
+    Dense linear-algebra counts (Golub & Van Loan, Matrix Computations, 4th ed.), with K
+    clients, R = Σ r_k, r_max = max r_k and r_g the module's global rank:
+      fedit     2 K r_max (m + n)             weighted sums of zero-padded B and A
+      ffa       2 K r_max m                   weighted sum of B
+      flora     R (m + n)                     scaling while stacking
+      florist   2 (m + n) R² + 14 R³ + 2 (m + n) R r_g   Gram matrices of the stacks, Cholesky
+                                              factors and an R × R eigenproblem, then the stacks
+                                              times R × r_g (florist_mpi.aggregation, gram route)
+      flexlora  2 m n R + 6 a b² + 20 b³      forming ΔW, then its thin SVD (a = max(m, n), b = min)
+    """
+    K, R, r_max = len(client_ranks), sum(client_ranks), max(client_ranks, default=0)
+    total = 0.0
+    for name, (m, n) in shapes.items():
+        if method == "fedit":
+            total += 2.0 * K * r_max * (m + n)
+        elif method == "ffa":
+            total += 2.0 * K * r_max * m
+        elif method == "flora":
+            total += float(R * (m + n))
+        elif method == "florist":
+            total += 2.0 * (m + n) * R**2 + 14.0 * R**3 + 2.0 * (m + n) * R * global_ranks[name]
+        elif method == "flexlora":
+            a, b = max(m, n), min(m, n)
+            total += 2.0 * m * n * R + 6.0 * a * b**2 + 20.0 * b**3
+        else:
+            raise ValueError(f"unknown method {method!r}")
+    return total
+
+
+def round_seconds(server_s: float, aggregated: list[ClientTimes]) -> float:
+    """server time + the slowest aggregated client's download + compute + upload."""
+    return server_s + max((t.total_s for t in aggregated), default=0.0)
