@@ -41,6 +41,13 @@ class FederationConfig(_Section):
     tau: float = Field(0.9, gt=0.0, le=1.0)
     max_rank: int | None = Field(None, ge=1)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    aggregation: Literal["root", "sharded"] = Field(
+        "root",
+        description="where aggregation runs: 'root' (rank 0 gathers every client's factors and aggregates "
+                    "all modules) or 'sharded' (each module has an owner rank that receives only that "
+                    "module's client factors and aggregates it; same results, memory and work spread "
+                    "over the ranks)",
+    )
 
     @field_validator("clients_per_round", mode="before")
     @classmethod
