@@ -54,6 +54,12 @@ EIGH_FLOPS_PER_CUBE = 13.0
 GRAM_CORE_FLOPS_PER_CUBE = 5.0
 # Clients per block when ΔW is accumulated (bounds the float64 copies to a block).
 DENSE_BLOCK_COLUMNS = 512
+# Measured limit of the Gram route: once R passes this fraction of min(m, n), the m×R stack
+# of trained-like clients (decaying column scales) is too ill-conditioned for a Cholesky
+# factor and the Gram route pays an m×R SVD: at 4096×4096 with rank-16 clients it took
+# 50 s at R = 3072 and 283 s at R = 3584, against 59–73 s for the dense route
+# (benchmarks/aggregation_routes.py, README "Aggregation at many clients").
+GRAM_MAX_FILL = 0.8
 
 Factors = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
@@ -164,13 +170,15 @@ def route_costs(m: int, n: int, R: int) -> dict[str, float]:
 
     gram:  two Grams of the stacks, 2(m+n)R², then R×R Cholesky, core and eigensolver.
     dense: ΔW = B_s A_s, 2mnR; its smaller Gram, 2s²l (s = min(m, n), l = max(m, n));
-           an s×s eigensolver. Beyond R = s the Gram route also loses its Cholesky
-           factor (a rank-deficient stack) and needs an m×R SVD, so it is never chosen there.
+           an s×s eigensolver.
+    From R = GRAM_MAX_FILL · s on, the stack loses its Cholesky factor (rank-deficient
+    past R = s, too ill-conditioned before) and the Gram route needs an m×R SVD: it is
+    never chosen there (cost inf).
     """
     small, large = min(m, n), max(m, n)
     gram = 2.0 * (m + n) * R * R + (EIGH_FLOPS_PER_CUBE + GRAM_CORE_FLOPS_PER_CUBE) * float(R) ** 3
     dense = 2.0 * m * n * R + 2.0 * small * small * large + EIGH_FLOPS_PER_CUBE * float(small) ** 3
-    return {"gram": gram if R < small else math.inf, "dense": dense}
+    return {"gram": gram if R < GRAM_MAX_FILL * small else math.inf, "dense": dense}
 
 
 def exact_route(m: int, n: int, R: int) -> str:
