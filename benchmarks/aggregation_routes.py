@@ -7,8 +7,7 @@ For one dim×dim module and rank-`rank` clients (R = K · rank), times in one pr
   gram   aggregate(route="gram")  (today's route: two R×R Grams, Cholesky, R×R eigensolver;
                                    past R = dim the stack is rank-deficient and an m×R SVD takes over)
   dense  aggregate(route="dense") (ΔW once, eigensolver of its dim×dim Gram, truncate)
-  auto   aggregate()              (what runs: the route `exact_route` picks from m, n, R)
-and checks that the routes choose the same rank and agree on ΔW_global (probe vector).
+and which of the two `aggregate()` picks there (`exact_route` from m, n, R), and checks that the routes choose the same rank and agree on ΔW_global (probe vector).
 Then, side by side at K = --side-by-side clients: `aggregate` against the plain dense
 baseline (form ΔW = Σ p_k B_k A_k in float64, one full SVD, truncate to the same rule).
 Gram timings beyond --gram-max are skipped (that route takes minutes there).
@@ -78,22 +77,19 @@ def main() -> None:
     print(f"one {args.dim}x{args.dim} module, rank-{args.rank} clients, tau={args.tau}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads", flush=True)
     print()
-    print("| R = K x r | K | gram (s) | dense (s) | auto (s) | auto picks | rank | gram vs dense |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| R = K x r | K | gram (s) | dense (s) | aggregate() picks | rank | gram vs dense |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for R in stacks:
         K = R // args.rank
         factors, weights = clients[:K], samples(K)
         t_dense, dense = timed(lambda: aggregate("florist", factors, weights, tau=args.tau, route="dense"), args.repeats)
-        t_auto, auto = timed(lambda: aggregate("florist", factors, weights, tau=args.tau), args.repeats)
         gram_cell, agree = "skipped", "-"
         if R <= args.gram_max:
             t_gram, gram = timed(lambda: aggregate("florist", factors, weights, tau=args.tau, route="gram"), args.repeats)
             gram_cell = f"{t_gram:.2f}"
             diff = probe_difference((gram.B, gram.A), (dense.B, dense.A), args.dim)
             agree = f"same rank, {diff:.0e}" if gram.rank == dense.rank else f"RANKS DIFFER {gram.rank}/{dense.rank}"
-        if auto.rank != dense.rank:
-            raise SystemExit(f"auto and dense chose different ranks at R={R}: {auto.rank} vs {dense.rank}")
-        print(f"| {R} | {K} | {gram_cell} | {t_dense:.2f} | {t_auto:.2f} | {exact_route(args.dim, args.dim, R)} | "
+        print(f"| {R} | {K} | {gram_cell} | {t_dense:.2f} | {exact_route(args.dim, args.dim, R)} | "
               f"{dense.rank} | {agree} |", flush=True)
 
     K = args.side_by_side

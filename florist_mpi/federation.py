@@ -266,9 +266,16 @@ class Federation:
             "received": state.clients, "kept": state.kept, "excluded": state.excluded, "results": state.results,
             "global": state.global_factors, "time_aggregate": slowest_owner, "sharded": state,
         }
-        if world.is_root and self.cfg.log.client_adapters:
-            outcome["client_adapters"] = self._streamed_client_adapters(state)
         return outcome, state.global_factors
+
+    def _client_adapters_for_log(self, outcome: dict):
+        """The round's client adapters for its record, taken when the round is written (in
+        sharded mode the other ranks send theirs then, see `_run_round`); None when not logged."""
+        if not self.cfg.log.client_adapters:
+            return None
+        if outcome.get("sharded") is not None:
+            return self._streamed_client_adapters(outcome["sharded"])
+        return {c.client_id: c.factors for c in outcome["kept"]}
 
     def _streamed_client_adapters(self, state: "sharding.ShardedRound"):
         """The round's client adapters for the log, received from their owners as they are written.
@@ -315,8 +322,6 @@ class Federation:
         results = aggregate_adapter(fed.method, per_module, [c.num_samples for c in kept], tau=fed.tau, max_rank=fed.max_rank)
         outcome["time_aggregate"] = time.perf_counter() - start
         outcome["results"] = results
-        if self.cfg.log.client_adapters:
-            outcome["client_adapters"] = {c.client_id: c.factors for c in kept}
         outcome["global"] = {
             name: (results[name].B.float().contiguous().numpy(), results[name].A.float().contiguous().numpy())
             for name in self.shapes
@@ -395,7 +400,7 @@ class Federation:
                 name: (B, A, results[name].singular_values.double().numpy(), results[name].rank, float(results[name].energy))
                 for name, (B, A) in outcome["global"].items()
             },
-            client_adapters=outcome.get("client_adapters"),
+            client_adapters=self._client_adapters_for_log(outcome),
         )
         before_publish = lambda: self._kill_point("write", round_index)  # noqa: E731 - test hook
         start = time.perf_counter()

@@ -127,7 +127,9 @@ def assert_same_log(root_log, sharded_log):
             assert got == want, key
 
 
-FAULTS = "nan@0:2,raise@1:0"  # one non-finite and one failed client, besides the simulated dropouts
+# One non-finite and one failed client (neither drops out with seed 3: round 0 drops client 2,
+# round 1 client 0), besides the simulated dropouts.
+FAULTS = "nan@0:1,raise@1:3"
 
 
 @pytest.mark.mpi
@@ -148,5 +150,8 @@ def test_sharded_run_equals_root_run(tmp_path, method):
         run_ok(3, config, env=env)
     assert_same_log(logs["root"], logs["sharded"])
     with h5py.File(logs["sharded"], "r") as handle:
-        excluded = [handle["rounds"][r]["clients/excluded"][()].tolist() for r in ("00000", "00001")]
-    assert 2 in excluded[0] and 0 in excluded[1]  # the faults were excluded in both modes alike
+        reasons = [dict(zip(handle["rounds"][r]["clients/excluded"][()].tolist(),
+                            (x.decode() for x in handle["rounds"][r]["clients/excluded_reason"][()])))
+                   for r in ("00000", "00001")]
+    assert "non-finite" in reasons[0][1] and "training failed" in reasons[1][3], reasons  # in both modes alike
+    assert "dropout" in reasons[0][2] and "dropout" in reasons[1][0], reasons
