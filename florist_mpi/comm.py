@@ -14,9 +14,9 @@ import numpy as np
 
 # Elements per collective call; int32-safe for counts and displacements.
 DEFAULT_CHUNK_ELEMENTS = 1 << 28  # 1 GiB of fp32
-# All-to-all and all-gather steps stage at most this many elements in all (256 MiB of fp32),
+# All-to-all and all-gather steps stage at most this many elements in all (64 MiB of fp32),
 # so the staging buffers stay small next to the factors they move.
-STAGING_ELEMENTS = 1 << 26
+STAGING_ELEMENTS = 1 << 24
 INT_MAX = 2**31 - 1
 CHUNK_ENV = "FLORIST_MPI_CHUNK_ELEMENTS"
 
