@@ -18,6 +18,15 @@ the reference. Both routes first rescale each client to ‖B_k‖ = ‖p_k A_k�
 Accuracy: the Gram route resolves singular values down to about 1e-8 of the largest
 (float64 squared); smaller ones carry less than 1e-16 of the energy. Stacks too
 ill-conditioned for a Cholesky factor take an exact SVD basis instead.
+
+The Gram route costs about 2(m+n)R² flops plus an R×R eigensolver, so it grows like R³
+once many clients take part, and when R reaches min(m, n) the stack can no longer have
+a Cholesky factor (it is rank-deficient) and the exact SVD basis of an m×R stack takes
+over: a cliff. The "dense" route is bounded for any R: it forms ΔW (m×n, float64) once,
+client block by client block, takes the eigendecomposition of its smaller Gram matrix
+(min(m, n) square), truncates, and projects ΔW on the kept singular vectors. "auto"
+picks, per module, whichever of the two a flop model (`route_costs`) says is cheaper;
+its eigensolver weight was measured (README, "Aggregation at many clients").
 """
 from __future__ import annotations
 
@@ -29,13 +38,28 @@ from typing import Sequence
 import torch
 
 METHODS = ("florist", "fedit", "flora", "flexlora", "ffa")
-ROUTES = ("auto", "gram", "svd")
+ROUTES = ("auto", "gram", "dense", "svd")
 # Relative energy below which the tail of a spectrum counts as numerical zero. Its
 # Frobenius contribution is at most 1e-6 of ‖ΔW‖, far below float32 resolution of ΔW.
 ZERO_ENERGY = 1e-12
 # A stack direction whose singular value is below this fraction of the largest is
 # treated as absent (Gram eigenvalues in float64 resolve about 1e-8 in σ).
 STACK_RTOL = 1e-7
+# Cost of a float64 s×s symmetric eigendecomposition (values and vectors) in units of
+# s³ GEMM flops: torch.linalg.eigh at s = 2048…4096 took 11–15× the time of s³ flops of
+# float64 GEMM on the development machine (benchmarks/aggregation_routes.py).
+EIGH_FLOPS_PER_CUBE = 13.0
+# The Gram route's small dense work (Cholesky, triangular inverse, the core C_B G_A C_Bᵀ):
+# about 5 R³ flops.
+GRAM_CORE_FLOPS_PER_CUBE = 5.0
+# Clients per block when ΔW is accumulated (bounds the float64 copies to a block).
+DENSE_BLOCK_COLUMNS = 512
+# Measured limit of the Gram route: once R passes this fraction of min(m, n), the m×R stack
+# of trained-like clients (decaying column scales) is too ill-conditioned for a Cholesky
+# factor and the Gram route pays an m×R SVD: at 4096×4096 with rank-16 clients it took
+# 50 s at R = 3072 and 283 s at R = 3584, against 59–73 s for the dense route
+# (benchmarks/aggregation_routes.py, README "Aggregation at many clients").
+GRAM_MAX_FILL = 0.8
 
 Factors = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
@@ -136,6 +160,47 @@ def _retained(singular_values: torch.Tensor, rank: int) -> float:
     energies = _relative_energies(singular_values.reshape(-1).tolist())
     total = math.fsum(energies)
     return 1.0 if total <= 0.0 else math.fsum(energies[:rank]) / total
+
+
+# ------------------------------------------------------------------- routes
+
+
+def route_costs(m: int, n: int, R: int) -> dict[str, float]:
+    """Estimated work (GEMM-flop equivalents) of FLoRIST's exact routes for one m×n module.
+
+    gram:  two Grams of the stacks, 2(m+n)R², then R×R Cholesky, core and eigensolver.
+    dense: ΔW = B_s A_s, 2mnR; its smaller Gram, 2s²l (s = min(m, n), l = max(m, n));
+           an s×s eigensolver.
+    From R = GRAM_MAX_FILL · s on, the stack loses its Cholesky factor (rank-deficient
+    past R = s, too ill-conditioned before) and the Gram route needs an m×R SVD: it is
+    never chosen there (cost inf).
+    """
+    small, large = min(m, n), max(m, n)
+    gram = 2.0 * (m + n) * R * R + (EIGH_FLOPS_PER_CUBE + GRAM_CORE_FLOPS_PER_CUBE) * float(R) ** 3
+    dense = 2.0 * m * n * R + 2.0 * small * small * large + EIGH_FLOPS_PER_CUBE * float(small) ** 3
+    return {"gram": gram if R < GRAM_MAX_FILL * small else math.inf, "dense": dense}
+
+
+def exact_route(m: int, n: int, R: int) -> str:
+    """The cheaper exact route ("gram" or "dense") for an m×n module with stack width R."""
+    costs = route_costs(m, n, R)
+    return "dense" if costs["dense"] < costs["gram"] else "gram"
+
+
+def aggregation_cost(method: str, m: int, n: int, R: int, width: int) -> float:
+    """Estimated work of aggregating one module (for spreading modules over workers).
+
+    R is the stack width Σ r_k, `width` the largest client rank. FLoRIST and FLoRA
+    (whose spectrum needs the same factorisation) pay the cheaper exact route; FlexLoRA
+    forms ΔW and takes its full SVD (about 2mnR + 20 s²l); FedIT and FFA average the
+    factors and take the spectrum of a width-`width` product.
+    """
+    small, large = min(m, n), max(m, n)
+    if method in ("florist", "flora"):
+        return min(route_costs(m, n, R).values())
+    if method == "flexlora":
+        return 2.0 * m * n * R + 20.0 * small * small * large
+    return 2.0 * (m + n) * R + min(route_costs(m, n, width).values())
 
 
 # ------------------------------------------------------------------- stacking
@@ -318,7 +383,105 @@ def _florist_svd(factors: Factors, p: list[float], tau, max_rank, out_dtype) -> 
                              _retained(spectrum, rank), method="florist")
 
 
+# ------------------------------------------------------- FLoRIST's dense route
+
+
+def _dense_update(factors: Factors, p: list[float]) -> torch.Tensor:
+    """ΔW = Σ_k p_k B_k A_k (m×n, float64), one GEMM per block of clients.
+
+    Blocks of about DENSE_BLOCK_COLUMNS stack columns keep each GEMM wide while the float64
+    copies stay a block's, not the R-wide stacks'. Zero-weight clients are skipped.
+    """
+    m, n = factors[0][0].shape[0], factors[0][1].shape[1]
+    delta = torch.zeros(m, n, dtype=torch.float64, device=factors[0][0].device)
+    block: list[int] = []
+
+    def flush() -> None:
+        if not block:
+            return
+        widths = [factors[k][0].shape[1] for k in block]
+        B_block = _stacked_float64([factors[k][0] for k in block], 1)  # m × w
+        A_block = _stacked_float64([factors[k][1] for k in block], 0)  # w × n
+        A_block.mul_(_per_column([p[k] for k in block], widths, A_block)[:, None])
+        delta.addmm_(B_block, A_block)
+        block.clear()
+
+    for k in range(len(factors)):
+        if p[k] > 0:
+            block.append(k)
+            if sum(factors[j][0].shape[1] for j in block) >= DENSE_BLOCK_COLUMNS:
+                flush()
+    flush()
+    return delta
+
+
+def _smaller_gram_eigh(X: torch.Tensor, vectors: bool = True):
+    """Eigen-decomposition of X Xᵀ (m ≤ n) or Xᵀ X (m > n): (σ descending, vectors or None)."""
+    G = X @ X.T if X.shape[0] <= X.shape[1] else X.T @ X  # s × s, s = min(m, n)
+    if not vectors:
+        return torch.linalg.eigvalsh(G).flip(-1).clamp(min=0.0).sqrt(), None
+    eigenvalues, V = torch.linalg.eigh(G)  # ascending
+    return eigenvalues.flip(-1).clamp(min=0.0).sqrt(), V
+
+
+def _florist_dense(factors: Factors, p: list[float], tau, max_rank, out_dtype) -> AggregationResult:
+    """FLoRIST through ΔW: its truncated SVD from the eigenvectors of its smaller Gram.
+
+    With X = ΔW / max|ΔW| (so that the Gram cannot overflow) and m ≤ n, X Xᵀ = U diag(σ²) Uᵀ
+    gives B_g = U_r diag(σ_r) and A_g = diag(σ_r)⁻¹ U_rᵀ X = V_rᵀ (for m > n the roles swap:
+    A_g = V_rᵀ, B_g = X V_r). Either way B_g A_g is ΔW projected on the kept singular
+    vectors, the same rank-r_g truncated SVD as the Gram route, in the same B = UΣ, A = Vᵀ
+    split. The spectrum is cut at min(R, m, n), ΔW's largest possible rank, as the Gram
+    route's is.
+    """
+    _check_factors(factors)  # one cheap pass; names a client with NaN/Inf
+    m, n = factors[0][0].shape[0], factors[0][1].shape[1]
+    live = [k for k, (B, A) in enumerate(factors) if p[k] > 0 and bool(B.any()) and bool(A.any())]
+    like = factors[0][0]
+    if not live:
+        return _zero_result(m, n, like, out_dtype, "florist")
+    X = _dense_update([factors[k] for k in live], [p[k] for k in live])
+    if not bool(torch.isfinite(X).all()):  # finite factors whose product overflows float64
+        return _florist_svd(factors, p, tau, max_rank, out_dtype)
+    scale = float(X.abs().max())
+    if scale == 0.0:
+        return _zero_result(m, n, like, out_dtype, "florist")
+    X.div_(scale)
+    sigma, V = _smaller_gram_eigh(X)
+    sigma = sigma[: min(sum(factors[k][0].shape[1] for k in live), m, n)]
+    sigma_values = sigma.tolist()
+    rank = select_rank(sigma_values, tau, max_rank)
+    rank = min(rank, sum(1 for s in sigma_values if s > 0))  # never divide by a zero singular value
+    spectrum = sigma * scale
+    if rank == 0:
+        return _zero_result(m, n, like, out_dtype, "florist", spectrum)
+    V_r, sigma_r = V[:, V.shape[1] - rank :].flip(-1), sigma[:rank]
+    if m <= n:
+        B_g, A_g = V_r * (sigma_r * scale), (V_r / sigma_r).T @ X
+    else:
+        B_g, A_g = (X @ V_r) * scale, V_r.T
+    return AggregationResult(B_g.to(out_dtype), A_g.contiguous().to(out_dtype), rank, spectrum,
+                             _retained(spectrum, rank), method="florist")
+
+
+def _dense_spectrum(B: torch.Tensor, A: torch.Tensor) -> torch.Tensor | None:
+    """Singular values of B @ A (at most min(r, m, n) of them) through the dense product."""
+    X = B.double() @ A.double()
+    if not bool(torch.isfinite(X).all()):
+        return None
+    scale = float(X.abs().max()) if X.numel() else 0.0
+    if scale == 0.0:
+        return torch.zeros(0, dtype=torch.float64, device=X.device)
+    sigma, _ = _smaller_gram_eigh(X.div_(scale), vectors=False)
+    return sigma[: min(B.shape[1], *X.shape)] * scale
+
+
 def _florist(factors: Factors, p: list[float], tau: float, max_rank, route: str, out_dtype) -> AggregationResult:
+    if route == "auto":
+        width = sum(B.shape[1] for k, (B, _) in enumerate(factors) if p[k] > 0)
+        route = exact_route(factors[0][0].shape[0], factors[0][1].shape[1], width)
+    if route == "dense":
+        return _florist_dense(factors, p, tau, max_rank, out_dtype)
     if route == "gram":
         result = _florist_gram(factors, p, tau, max_rank, out_dtype)
         if result is not None:
@@ -337,7 +500,11 @@ def _zero_result(m, n, like: torch.Tensor, out_dtype, method, spectrum=None) -> 
 
 
 def spectrum_of(B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-    """Singular values of B @ A without forming it (the same small-core trick)."""
+    """Singular values of B @ A: the small-core trick, or the dense product where cheaper."""
+    if exact_route(B.shape[0], A.shape[1], B.shape[1]) == "dense":
+        spectrum = _dense_spectrum(B, A)
+        if spectrum is not None:
+            return spectrum
     result = _florist_gram([(B, A)], [1.0], 1.0, None, torch.float64) or _florist_svd([(B, A)], [1.0], 1.0, None, torch.float64)
     return result.singular_values
 
@@ -359,8 +526,9 @@ def _flora(factors: Factors, p: list[float], out_dtype) -> AggregationResult:
 
 
 def _flexlora(factors: Factors, p: list[float], out_dtype) -> AggregationResult:
-    B_s, A_s = _stacks(factors, p)
-    delta = B_s @ A_s  # FlexLoRA's defining cost: the dense m×n update
+    # FlexLoRA's defining cost: the dense m×n update and its full SVD, O(mnR + s²l) for any
+    # number of clients; ΔW is accumulated block by block, never from the R-wide stacks.
+    delta = _dense_update(factors, p)
     U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
     width = min(max(B.shape[1] for B, _ in factors), S.numel())
     root = S[:width].sqrt()
@@ -395,7 +563,8 @@ def aggregate(method: str, factors: Factors, weights, *, tau: float = 1.0, max_r
     """Aggregate one adapted module's client factors into global factors (see module docstring).
 
     `tau` and `max_rank` shape FLoRIST only; the other methods accept and ignore them.
-    `route` picks FLoRIST's numerics: "gram" (default via "auto") or the reference "svd".
+    `route` picks FLoRIST's numerics: "auto" (the cheaper of "gram" and "dense" for the
+    module's m, n and R, see `exact_route`), one of those two forced, or the reference "svd".
     Results are returned in the inputs' dtype on the inputs' device; the work is float64.
     """
     return _aggregate_module(method, factors, weights, tau, max_rank, route)
@@ -408,7 +577,7 @@ def _aggregate_module(method: str, factors: Factors, weights, tau, max_rank, rou
     out_dtype = factors[0][0].dtype
     p = _normalised_weights(weights, len(factors))
     if method == "florist":
-        return _florist(factors, p, tau, max_rank, "svd" if route == "svd" else "gram", out_dtype)
+        return _florist(factors, p, tau, max_rank, route, out_dtype)
     if method == "fedit":
         return _fedit(factors, p, out_dtype)
     if method == "flora":

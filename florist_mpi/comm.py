@@ -14,6 +14,9 @@ import numpy as np
 
 # Elements per collective call; int32-safe for counts and displacements.
 DEFAULT_CHUNK_ELEMENTS = 1 << 28  # 1 GiB of fp32
+# All-to-all and all-gather steps stage at most this many elements in all (64 MiB of fp32),
+# so the staging buffers stay small next to the factors they move.
+STAGING_ELEMENTS = 1 << 24
 INT_MAX = 2**31 - 1
 CHUNK_ENV = "FLORIST_MPI_CHUNK_ELEMENTS"
 
@@ -208,3 +211,120 @@ def gather_digests(world: World, digest: bytes) -> list[bytes] | None:
     if not world.is_root:
         return None
     return [out[i * mine.size : (i + 1) * mine.size].tobytes() for i in range(world.size)]
+
+
+# ------------------------------------------------- all-to-all and all-gather (sharded)
+
+
+def exchange_step_elements(chunk: int, size: int) -> int:
+    """Elements per rank pair and step of an all-to-all or all-gather: each count ≤ chunk,
+    the displacements (a sum over `size` ranks) within MPI's int, the staging bounded."""
+    return max(1, min(chunk, INT_MAX // size, STAGING_ELEMENTS // size))
+
+
+def allgather_rows(world: World, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every rank gets every rank's (k_i × w) float64 rows, in rank order, and the k_i."""
+    MPI = _mpi()
+    rows = np.ascontiguousarray(rows, dtype=np.float64)
+    width = rows.shape[1]
+    mine = np.array([rows.shape[0]], dtype=np.int64)
+    counts = np.empty(world.size, dtype=np.int64)
+    world.comm.Allgather([mine, MPI.INT64_T], [counts, MPI.INT64_T])
+    sizes = counts * width
+    out = np.empty(int(sizes.sum()), dtype=np.float64)
+    world.comm.Allgatherv([rows.reshape(-1), MPI.DOUBLE], [out, sizes, _displacements(sizes), MPI.DOUBLE])
+    return out.reshape(-1, width), counts
+
+
+class _PieceReader:
+    """Reads a list of flat arrays as one stream, `take(n)` elements at a time (no concatenation)."""
+
+    def __init__(self, pieces: list[np.ndarray]):
+        self.pieces, self.index, self.offset = pieces, 0, 0
+
+    def take_into(self, out: np.ndarray) -> None:
+        filled = 0
+        while filled < out.size:
+            piece = self.pieces[self.index]
+            count = min(out.size - filled, piece.size - self.offset)
+            out[filled : filled + count] = piece[self.offset : self.offset + count]
+            filled += count
+            self.offset += count
+            if self.offset == piece.size:
+                self.index, self.offset = self.index + 1, 0
+
+
+def _max_steps(world: World, totals: np.ndarray, step: int) -> int:
+    MPI = _mpi()
+    steps = np.array([-(-int(totals.max(initial=0)) // step)], dtype=np.int64)
+    world.comm.Allreduce(MPI.IN_PLACE, [steps, MPI.INT64_T], op=MPI.MAX)
+    return int(steps[0])
+
+
+def alltoallv_float32(world: World, outgoing: list[list[np.ndarray]], incoming: list[np.ndarray],
+                      chunk: int | None = None) -> None:
+    """Send outgoing[d] (flat fp32 pieces, read in order) to rank d; fill incoming[s] from rank s.
+
+    incoming[s] must have exactly the size rank s sends here (both sides know it from
+    metadata exchanged before). Moved in steps of at most `exchange_step_elements` per rank
+    pair, so every count and displacement fits MPI's int whatever the totals, and only one
+    step's staging buffers exist at a time.
+    """
+    MPI = _mpi()
+    step = exchange_step_elements(chunk or chunk_elements(), world.size)
+    send_totals = np.array([sum(p.size for p in pieces) for pieces in outgoing], dtype=np.int64)
+    recv_totals = np.array([a.size for a in incoming], dtype=np.int64)
+    readers = [_PieceReader(pieces) for pieces in outgoing]
+    for index in range(_max_steps(world, np.concatenate([send_totals, recv_totals]), step)):
+        start = index * step
+        send_sizes = np.clip(send_totals - start, 0, step).astype(np.int64)
+        recv_sizes = np.clip(recv_totals - start, 0, step).astype(np.int64)
+        send, send_displs = np.empty(int(send_sizes.sum()), np.float32), _displacements(send_sizes)
+        for rank, (offset, size) in enumerate(zip(send_displs, send_sizes)):
+            if size:
+                readers[rank].take_into(send[offset : offset + size])
+        recv, recv_displs = np.empty(int(recv_sizes.sum()), np.float32), _displacements(recv_sizes)
+        world.comm.Alltoallv([send, send_sizes, send_displs, MPI.FLOAT], [recv, recv_sizes, recv_displs, MPI.FLOAT])
+        for rank, (offset, size) in enumerate(zip(recv_displs, recv_sizes)):
+            incoming[rank][start : start + size] = recv[offset : offset + size]
+
+
+def allgatherv_float32(world: World, local: np.ndarray, chunk: int | None = None) -> list[np.ndarray]:
+    """Every rank gets every rank's flat fp32 buffer (one array per rank), in int-safe steps."""
+    MPI = _mpi()
+    step = exchange_step_elements(chunk or chunk_elements(), world.size)
+    local = np.ascontiguousarray(local, dtype=np.float32).reshape(-1)
+    mine = np.array([local.size], dtype=np.int64)
+    totals = np.empty(world.size, dtype=np.int64)
+    world.comm.Allgather([mine, MPI.INT64_T], [totals, MPI.INT64_T])
+    out = [np.empty(int(t), dtype=np.float32) for t in totals]
+    for index in range(-(-int(totals.max(initial=0)) // step)):
+        start = index * step
+        sizes = np.clip(totals - start, 0, step).astype(np.int64)
+        staging, displs = np.empty(int(sizes.sum()), np.float32), _displacements(sizes)
+        world.comm.Allgatherv([local[start : start + int(sizes[world.rank])], MPI.FLOAT],
+                              [staging, sizes, displs, MPI.FLOAT])
+        for rank, (offset, size) in enumerate(zip(displs, sizes)):
+            out[rank][start : start + size] = staging[offset : offset + size]
+    return out
+
+
+def send_float32(world: World, pieces: list[np.ndarray], dest: int, chunk: int | None = None) -> None:
+    """Send flat fp32 pieces to `dest` as one stream, in messages of at most `chunk` elements."""
+    MPI = _mpi()
+    chunk = chunk or chunk_elements()
+    total = sum(p.size for p in pieces)
+    reader, buffer = _PieceReader(pieces), np.empty(min(chunk, total), np.float32)
+    for start in range(0, total, chunk):
+        piece = buffer[: min(chunk, total - start)]
+        reader.take_into(piece)
+        world.comm.Send([piece, MPI.FLOAT], dest=dest, tag=7)
+
+
+def recv_float32(world: World, out: np.ndarray, source: int, chunk: int | None = None) -> np.ndarray:
+    """Receive what `send_float32` sends into the flat fp32 array `out` (its size is known)."""
+    MPI = _mpi()
+    chunk = chunk or chunk_elements()
+    for start in range(0, out.size, chunk):
+        world.comm.Recv([out[start : start + chunk], MPI.FLOAT], source=source, tag=7)
+    return out

@@ -45,6 +45,13 @@ class FederationConfig(_Section):
         None, ge=0.0,
         description="sample this fraction more clients per round and aggregate the first clients_per_round "
                     "to finish on the simulated clock (needs a system section); the rest are stragglers")
+    aggregation: Literal["root", "sharded"] = Field(
+        "root",
+        description="where aggregation runs: 'root' (rank 0 gathers every client's factors and aggregates "
+                    "all modules) or 'sharded' (each module has an owner rank that receives only that "
+                    "module's client factors and aggregates it; same results, memory and work spread "
+                    "over the ranks)",
+    )
 
     @field_validator("clients_per_round", mode="before")
     @classmethod

@@ -13,8 +13,11 @@ import numpy as np
 
 from florist_mpi import comm
 
-STATUS_OK, STATUS_FAILED = 0, 1
+STATUS_OK, STATUS_FAILED, STATUS_NONFINITE = 0, 1, 2
 META_WIDTH = 6  # client id, num_samples, rank, train_loss, status, payload floats
+# Why a client that trained is left out of a round (the log's excluded_reason).
+REASON_FAILED = "local training failed (see that rank's stderr)"
+REASON_NONFINITE = "non-finite factors (NaN/Inf)"
 
 
 @dataclass

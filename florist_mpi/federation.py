@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from florist_mpi import comm, exchange, simclock, storage
+from florist_mpi import comm, exchange, sharding, simclock, storage
 from florist_mpi import data as data_lib
 from florist_mpi import evaluation
 from florist_mpi.config import ExperimentConfig
@@ -24,6 +24,9 @@ from florist_mpi.faults import diverges, kill_point
 from florist_mpi.replay import temporarily_merged
 from florist_mpi.training import (ClientJob, ClientTrainer, ClientTrainingError, isolate_torch_distributed,
                                   local_tokens, prepare_deepspeed)
+
+
+DROPOUT_REASON = "dropout (simulated, federation.dropout)"
 
 
 class SharedFailure(RuntimeError):
@@ -192,20 +195,10 @@ class Federation:
         timings["time_train"] = time.perf_counter() - start
         self._kill_point("gather", round_index)
 
-        start = time.perf_counter()
-        received = exchange.gather_updates(world, updates, self.shapes)
-        timings["time_gather"] = time.perf_counter() - start
-
-        start = time.perf_counter()
-        outcome = self._aggregate(round_index, received, dropped, late) if world.is_root else None
-        failure = comm.root_verdict(world, outcome.get("error") if world.is_root else None)
-        if failure:
-            raise RoundFailed(failure)
-        timings["time_aggregate"] = time.perf_counter() - start
-
-        start = time.perf_counter()
-        global_factors = exchange.broadcast_global(world, outcome["global"] if world.is_root else None, self.shapes)
-        timings["time_broadcast"] = time.perf_counter() - start
+        if cfg.federation.aggregation == "sharded":
+            outcome, global_factors = self._aggregate_sharded(round_index, updates, dropped, late, timings)
+        else:
+            outcome, global_factors = self._aggregate_at_root(round_index, updates, dropped, late, timings)
         if self.clock is not None:
             self.clock.global_ranks = {name: int(B.shape[1]) for name, (B, _) in global_factors.items()}
 
@@ -229,6 +222,9 @@ class Federation:
         if world.is_root:
             timings["time_aggregate"] = outcome["time_aggregate"]
             self._commit_round(round_index, outcome, timings, eval_loss, eval_accuracy, participants)
+        elif outcome is not None and outcome.get("sharded") is not None and cfg.log.client_adapters:
+            # rank 0 is writing the round and takes its client adapters module by module
+            sharding.send_client_adapters(world, outcome["sharded"], self.shapes)
 
     def _kill_point(self, point: str, round_index: int) -> None:
         if self.world.is_root:
@@ -259,16 +255,90 @@ class Federation:
 
     # ------------------------------------------------------------ server side
 
+    def _aggregate_at_root(self, round_index: int, updates, dropped: list[int], late: list[tuple[int, str]],
+                           timings: dict):
+        """federation.aggregation: root. Rank 0 gathers every client, aggregates, broadcasts."""
+        world = self.world
+        start = time.perf_counter()
+        received = exchange.gather_updates(world, updates, self.shapes)
+        timings["time_gather"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        outcome = self._aggregate(round_index, received, dropped, late) if world.is_root else None
+        failure = comm.root_verdict(world, outcome.get("error") if world.is_root else None)
+        if failure:
+            raise RoundFailed(failure)
+        timings["time_aggregate"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        global_factors = exchange.broadcast_global(world, outcome["global"] if world.is_root else None, self.shapes)
+        timings["time_broadcast"] = time.perf_counter() - start
+        return outcome, global_factors
+
+    def _aggregate_sharded(self, round_index: int, updates, dropped: list[int], late: list[tuple[int, str]],
+                           timings: dict):
+        """federation.aggregation: sharded. Owners aggregate their modules; see sharding.py.
+
+        Every rank returns the same outcome fields rank 0 logs (clients, exclusions, every
+        module's global factors and spectrum); the client adapters for the log stay with
+        their modules' owners until rank 0 writes the round.
+        """
+        fed, world = self.cfg.federation, self.world
+        state = sharding.sharded_round(
+            world, updates, self.shapes, [(c, DROPOUT_REASON) for c in dropped] + list(late), method=fed.method, tau=fed.tau,
+            max_rank=fed.max_rank, before_aggregate=lambda: self._kill_point("aggregate", round_index),
+        )
+        if not state.kept:  # every rank reached this verdict from the same metadata
+            reasons = "; ".join(f"client {c}: {why}" for c, why in state.excluded)
+            raise RoundFailed(f"round {round_index} has no client left to aggregate ({reasons})")
+        slowest_owner = float(comm.reduce_max(world, np.array([state.time_aggregate]))[0]) if world.size > 1 \
+            else state.time_aggregate
+        timings["time_gather"] = state.time_scatter
+        timings["time_aggregate"] = state.time_aggregate
+        timings["time_broadcast"] = state.time_allgather
+        outcome = {
+            "received": state.clients, "kept": state.kept, "excluded": state.excluded, "results": state.results,
+            "global": state.global_factors, "time_aggregate": slowest_owner, "sharded": state,
+        }
+        return outcome, state.global_factors
+
+    def _client_adapters_for_log(self, outcome: dict):
+        """The round's client adapters for its record, taken when the round is written (in
+        sharded mode the other ranks send theirs then, see `_run_round`); None when not logged."""
+        if not self.cfg.log.client_adapters:
+            return None
+        if outcome.get("sharded") is not None:
+            return self._streamed_client_adapters(outcome["sharded"])
+        return {c.client_id: c.factors for c in outcome["kept"]}
+
+    def _streamed_client_adapters(self, state: "sharding.ShardedRound"):
+        """The round's client adapters for the log, received from their owners as they are written.
+
+        The interface between this loop and storage.py: `RoundRecord.client_adapters` is either
+        a dict {client id: {module: (B, A)}} or, where storage.py sets STREAMED_CLIENT_ADAPTERS,
+        an iterable of (module, {client id: (B, A)}) that `_write_round` consumes one module at a
+        time while the other ranks send them (so rank 0 never holds all modules' client factors).
+        With a storage that takes only the dict, the stream is collected into that dict here.
+        """
+        stream = sharding.stream_client_adapters(self.world, state, self.shapes)
+        if getattr(storage, "STREAMED_CLIENT_ADAPTERS", False):
+            return stream
+        adapters: dict[int, dict] = {c.client_id: {} for c in state.kept}
+        for module, pairs in stream:
+            for client_id, pair in pairs.items():
+                adapters[client_id][module] = pair
+        return adapters
+
     def _aggregate(self, round_index: int, received, dropped: list[int], late: list[tuple[int, str]] = ()) -> dict:
         from florist_mpi.aggregation import aggregate_adapter
 
-        excluded = [(c, "dropout (simulated, federation.dropout)") for c in dropped] + list(late)
+        excluded = [(c, DROPOUT_REASON) for c in dropped] + list(late)
         kept = []
         for client in received:
             if client.failed:
-                excluded.append((client.client_id, "local training failed (see that rank's stderr)"))
+                excluded.append((client.client_id, exchange.REASON_FAILED))
             elif not all(np.isfinite(B).all() and np.isfinite(A).all() for B, A in client.factors.values()):
-                excluded.append((client.client_id, "non-finite factors (NaN/Inf)"))
+                excluded.append((client.client_id, exchange.REASON_NONFINITE))
             else:
                 kept.append(client)
         outcome = {"received": received, "kept": kept, "excluded": sorted(excluded)}
@@ -367,7 +437,7 @@ class Federation:
                 name: (B, A, results[name].singular_values.double().numpy(), results[name].rank, float(results[name].energy))
                 for name, (B, A) in outcome["global"].items()
             },
-            client_adapters={c.client_id: c.factors for c in kept} if self.cfg.log.client_adapters else None,
+            client_adapters=self._client_adapters_for_log(outcome),
         )
         before_publish = lambda: self._kill_point("write", round_index)  # noqa: E731 - test hook
         start = time.perf_counter()
