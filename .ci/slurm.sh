@@ -20,12 +20,18 @@
 # The node is what `slurmd -C` reports (CPUs, memory), with no accounting, no cgroups
 # (proctrack/linuxproc, task/none) and cores as the consumable resource (cons_tres), so
 # jobs run as they would on a CPU node of a cluster; `srun --mpi=pmix` needs libpmix-dev.
+# SLURM_FAKE_GPUS=N declares N stand-in GPUs (gres gpu on character devices in the state
+# directory that are copies of /dev/null), so that `sbatch --gpus-per-task=1` is accepted
+# and its way into the job, its srun and each task's CUDA_VISIBLE_DEVICES can be checked
+# on a machine without GPUs; CUDA finds nothing, the ranks run on CPU. It takes effect
+# when the daemons start (stop them first to change it).
 set -euo pipefail
 
 STATE=${SLURM_STATE_DIR:-/var/tmp/florist-slurm}
 CTLD_PORT=${SLURM_CTLD_PORT:-6817}
 SLURMD_PORT=${SLURM_SLURMD_PORT:-6818}
 WAIT_S=${SLURM_WAIT_S:-60}
+FAKE_GPUS=${SLURM_FAKE_GPUS:-0}
 CONF="$STATE/slurm.conf"
 SYSTEM_CONF=/etc/slurm/slurm.conf
 PACKAGES=(slurm-wlm munge libpmix-dev)
@@ -89,6 +95,17 @@ write_conf() {
   # slurmd -C: "NodeName=<host> CPUs=... Boards=... SocketsPerBoard=... ... RealMemory=..."
   node=$(slurmd -C | grep '^NodeName=') || die "slurmd -C reported no node"
   mkdir -p "$STATE/ctld" "$STATE/d" "$STATE/log"
+  local gres_types="" gres=""
+  rm -f "$STATE/gres.conf" "$STATE"/fake-gpu*
+  if (( FAKE_GPUS > 0 )); then
+    local i
+    for (( i = 0; i < FAKE_GPUS; i++ )); do
+      mknod "$STATE/fake-gpu$i" c 1 3   # slurmd wants a device file per GPU: /dev/null's numbers
+    done
+    gres_types="GresTypes=gpu"
+    gres="Gres=gpu:$FAKE_GPUS"
+    printf 'AutoDetect=off\nName=gpu File=%s/fake-gpu[0-%d]\n' "$STATE" $((FAKE_GPUS - 1)) > "$STATE/gres.conf"
+  fi
   cat > "$CONF" <<EOF
 # One-node Slurm written by .ci/slurm.sh (state in $STATE).
 ClusterName=florist
@@ -120,7 +137,9 @@ MailProg=/bin/true
 SlurmctldTimeout=30
 SlurmdTimeout=60
 KillWait=5
-$node NodeAddr=127.0.0.1 State=UNKNOWN
+MinJobAge=3600
+$gres_types
+$node $gres NodeAddr=127.0.0.1 State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
 }
@@ -190,7 +209,24 @@ stop_daemon() {
   say "stopped $name ($pid)"
 }
 
+# Jobs still on this one-node cluster (a test that timed out): cancel them so that their
+# slurmstepd and ranks end with the daemons instead of running on.
+cancel_jobs() {
+  [[ -n "$(live_pid "$STATE/slurmctld.pid" slurmctld)" ]] || return 0
+  local jobs waited=0
+  jobs=$(SLURM_CONF="$CONF" squeue --noheader --format=%A 2>/dev/null | sort -u) || return 0
+  [[ -n "$jobs" ]] || return 0
+  say "cancelling jobs $(echo $jobs)"
+  # shellcheck disable=SC2086
+  SLURM_CONF="$CONF" scancel $jobs || true
+  while [[ -n "$(SLURM_CONF="$CONF" squeue --noheader --format=%A 2>/dev/null)" ]] && (( waited < 30 )); do
+    sleep 1
+    waited=$((waited + 1))
+  done
+}
+
 stop() {
+  cancel_jobs
   stop_daemon "$STATE/slurmd.pid" slurmd
   stop_daemon "$STATE/slurmctld.pid" slurmctld
   stop_daemon "$STATE/munge/munged.pid" munged

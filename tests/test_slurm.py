@@ -162,6 +162,40 @@ def test_scaling_study_array_and_its_report(slurm, tmp_path):
     assert (scaling / "plots" / "eval_loss.png").is_file()
 
 
+def node_gpus() -> int:
+    shown = subprocess.run(["scontrol", "--oneliner", "show", "node"], capture_output=True, text=True).stdout
+    counts = [int(n) for n in re.findall(r"\bGres=gpu(?::[\w-]+)?:(\d+)", shown)]
+    return max(counts, default=0)
+
+
+@pytest.mark.parametrize("script", ["slurm_single_node.sbatch", "slurm_multi_node.sbatch", "scaling_study.sbatch"])
+def test_gpus_asked_at_submission_reach_every_task(slurm, tmp_path, script):
+    """`SBATCH_GPUS_PER_TASK=1 sbatch ...` (same as `sbatch --gpus-per-task=1`): Slurm puts it in
+    the job, the script passes --gpus-per-task=1 to srun, and each task gets a GPU of its own.
+    A stand-in florist-mpi reports what each task was given (CUDA cannot run here anyway)."""
+    if node_gpus() < TASKS:
+        pytest.skip(f"the Slurm node has fewer than {TASKS} GPUs (`SLURM_FAKE_GPUS={TASKS} .ci/slurm.sh start` "
+                    "declares counted ones on a machine without)")
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    stand_in = venv / "bin" / "florist-mpi"
+    stand_in.write_text('#!/usr/bin/env bash\n'
+                        'echo "task $SLURM_PROCID of $SLURM_STEP_NUM_TASKS: step gpus ${SLURM_STEP_GPUS:-none}, '
+                        'cuda ${CUDA_VISIBLE_DEVICES:-none}, gpus per task ${SLURM_GPUS_PER_TASK:-none}, args $*"\n')
+    stand_in.chmod(0o755)
+    env = job_env(VENV=str(venv), OUTPUT=str(tmp_path / "gpu.h5"), SBATCH_GPUS_PER_TASK="1", PAIRS="4:2",
+                  SCALING_DIR=str(tmp_path / "scaling"))
+    flags = ["--nodes=1", *CPUS] + (["--array=0"] if script == "scaling_study.sbatch" else [])
+    job = submit(script, flags, ["configs/demo.yaml"], tmp_path / "gpu-%j.out", env)
+    assert_completed(job)
+    assert re.search(r"^\+ srun --mpi=pmix --kill-on-bad-exit=1 (--ntasks=2 )?--gpus-per-task=1 florist-mpi run",
+                     job.output, re.M), job.output
+    tasks = re.findall(r"^task (\d) of 2: step gpus (\d+), cuda (\d+), gpus per task 1, args run configs/demo.yaml",
+                       job.output, re.M)
+    assert sorted(t[0] for t in tasks) == ["0", "1"], job.output
+    assert sorted(t[1] for t in tasks) == ["0", "1"] and all(t[1] == t[2] for t in tasks), tasks  # one GPU each
+
+
 @pytest.mark.parametrize("plugin", ["pmi2", "none"])
 def test_launch_without_a_joint_mpi_world_is_refused(slurm, tmp_path, plugin):
     """srun --mpi=pmi2 (or none) starts two 1-rank worlds of the Open MPI 5 wheel: both refuse, nothing is written."""
