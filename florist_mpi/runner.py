@@ -14,6 +14,7 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -70,7 +71,7 @@ def _fail(world, err: BaseException, debug: bool):
     comm.abort(world, message, code=2 if user else 1)
 
 
-def check_launch(world_size: int, environ) -> None:
+def check_launch(world_size: int, environ: Mapping[str, str]) -> None:
     """Refuse N tasks that each see an MPI world of one: they would be N independent runs
     writing the same log. Raised on every such process (each is its own world of one, so
     each prints the line and exits 2)."""
