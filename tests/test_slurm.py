@@ -43,7 +43,8 @@ def slurm_missing() -> str | None:
     except subprocess.TimeoutExpired:
         return "the Slurm controller does not answer (scontrol ping timed out): `.ci/slurm.sh start`"
     if ping.returncode != 0 or "UP" not in ping.stdout:
-        return f"the Slurm controller does not answer ({(ping.stdout + ping.stderr).strip()}): `.ci/slurm.sh start`"
+        said = " ".join((ping.stdout + ping.stderr).split())[:160]
+        return f"the Slurm controller does not answer (scontrol ping: {said}): `.ci/slurm.sh start`"
     if not set(nodes.stdout.split()) & {"idle", "mix", "alloc", "comp"}:
         return f"no Slurm node is up (sinfo: {nodes.stdout.strip() or nodes.stderr.strip()})"
     return None
