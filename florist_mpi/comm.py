@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,6 +71,31 @@ def init_world() -> World:
         local_size=node_comm.Get_size(),
         node_comm=node_comm,
     )
+
+
+# Task counts a launcher puts in each process's environment, most specific first: the
+# MPI library's own launcher (Open MPI's mpirun/prterun; PMI_SIZE: MPICH/Intel MPI's
+# hydra and srun --mpi=pmi2), then Slurm's step. SLURM_NTASKS is left out on purpose: the
+# batch script of `sbatch --ntasks=4` has it too, where one plain process is normal;
+# SLURM_STEP_NUM_TASKS exists only in tasks that srun started.
+LAUNCHER_SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS")
+
+
+@dataclass(frozen=True)
+class LaunchSize:
+    """How many tasks the launcher says it started, and which variable said so."""
+
+    tasks: int
+    variable: str
+
+
+def launcher_size(environ: Mapping[str, str]) -> LaunchSize | None:
+    """The task count from the first launcher variable present (None: no launcher, or unreadable)."""
+    for name in LAUNCHER_SIZE_VARIABLES:
+        value = environ.get(name, "").strip()
+        if value:
+            return LaunchSize(int(value), name) if value.isdigit() else None
+    return None
 
 
 def abort(world: World | None, message: str, code: int = 1) -> None:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 import traceback
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,6 +42,7 @@ def add_arguments(parser) -> None:
 
 def main(args) -> int:
     world = comm.init_world()
+    check_launch(world.size, os.environ)  # before any work: a broken launch writes nothing
     try:
         return run_job(world, args)
     except SystemExit:
@@ -66,6 +69,21 @@ def _fail(world, err: BaseException, debug: bool):
     if world.size == 1:
         raise err  # the CLI prints user errors as one line (exit 2), anything else with its traceback
     comm.abort(world, message, code=2 if user else 1)
+
+
+def check_launch(world_size: int, environ: Mapping[str, str]) -> None:
+    """Refuse N tasks that each see an MPI world of one: they would be N independent runs
+    writing the same log. Raised on every such process (each is its own world of one, so
+    each prints the line and exits 2)."""
+    launched = comm.launcher_size(environ)
+    if world_size != 1 or launched is None or launched.tasks <= 1:
+        return
+    raise UserError(
+        f"the launcher started {launched.tasks} tasks ({launched.variable}={launched.tasks}) but MPI sees a world "
+        "of 1 process, so each task would run alone on the same log: launch with `srun --mpi=pmix` "
+        "(Open MPI 5 and other PMIx builds; `srun --mpi=list` shows the plugins) or with mpirun/mpiexec "
+        "inside the allocation"
+    )
 
 
 # ---------------------------------------------------------------- preflight (rank 0)

@@ -122,20 +122,67 @@ def test_the_expected_commands_are_there():
 
 
 @pytest.mark.parametrize("script", SBATCH, ids=lambda p: p.name)
-def test_sbatch_scripts_request_tasks_and_gpus(script):
-    directives = [line for line in script.read_text().splitlines() if line.startswith("#SBATCH")]
-    text = "\n".join(directives)
-    assert "--ntasks-per-node" in text
-    assert "--gpus-per-task" in text or "--gres=gpu" in text
-    assert "--time" in text and "--output" in text
-    assert "srun --mpi=" in script.read_text()
-    # a rank that dies must end the step, not leave the others blocked in a collective
-    sruns = [line for line in logical_lines(script.read_text()) if line.lstrip().startswith("srun ")]
-    assert sruns and all("--kill-on-bad-exit=1" in line for line in sruns)
+def test_sbatch_scripts_request_tasks_and_no_gpus_unless_asked(script):
+    text = script.read_text()
+    directives = [line for line in text.splitlines() if line.startswith("#SBATCH")]
+    joined = "\n".join(directives)
+    assert "--ntasks-per-node" in joined
+    assert "--time" in joined and "--output" in joined
+    # GPUs only where the user asks (sbatch --gpus-per-task=N): a CPU node must take the job as it is
+    assert "gpu" not in joined.lower() and "gres" not in joined
+    # srun gets its flags from one array: the MPI plugin, kill-on-bad-exit (a rank that dies must
+    # end the step, not leave the others blocked in a collective) and GPUs only when asked
+    lines = logical_lines(text)
+    sruns = [line for line in lines if line.lstrip().startswith("srun ")]
+    assert sruns and all(line.lstrip().startswith('srun "${srun_flags[@]}"') for line in sruns)
+    assert all("gpu" not in line for line in sruns)
+    flags = [line for line in lines if line.strip().startswith("srun_flags=(")]
+    assert len(flags) == 1 and '--mpi="$SRUN_MPI"' in flags[0] and "--kill-on-bad-exit=1" in flags[0]
+    assert "gpu" not in flags[0]
     # Slurm ignores #SBATCH lines after the first command
-    body = [line for line in script.read_text().splitlines()[1:] if line.strip() and not line.startswith("#")]
-    first_command = script.read_text().splitlines().index(body[0])
-    assert all(script.read_text().splitlines().index(d) < first_command for d in directives)
+    body = [line for line in text.splitlines()[1:] if line.strip() and not line.startswith("#")]
+    first_command = text.splitlines().index(body[0])
+    assert all(text.splitlines().index(d) < first_command for d in directives)
+
+
+def fake_srun(tmp_path: Path) -> Path:
+    """A directory whose `srun` prints the arguments it was given instead of launching anything."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    srun = bin_dir / "srun"
+    srun.write_text('#!/usr/bin/env bash\necho "SRUN $*"\n')
+    srun.chmod(0o755)
+    return bin_dir
+
+
+@pytest.mark.parametrize("script", SBATCH, ids=lambda p: p.name)
+@pytest.mark.parametrize("job_env, gpu_flag", [
+    ({}, None),                                                 # CPU node: no GPU asked for
+    ({"SLURM_GPUS_PER_TASK": "1"}, "--gpus-per-task=1"),        # what sbatch --gpus-per-task=1 sets in the job
+    ({"SLURM_GPUS_PER_TASK": "1", "GPUS_PER_TASK": "2"}, "--gpus-per-task=2"),  # the variable overrides it
+], ids=["cpu", "sbatch-gpus", "variable"])
+def test_srun_line_passes_gpus_on_only_when_asked(tmp_path, script, job_env, gpu_flag):
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("no bash")
+    env = {"PATH": f"{fake_srun(tmp_path)}:/usr/bin:/bin", "VENV": str(tmp_path / "none"), "SLURM_JOB_ID": "42",
+           "SLURM_ARRAY_TASK_ID": "1", "OUTPUT": str(tmp_path / "run.h5"), "SCALING_DIR": str(tmp_path / "scaling"),
+           **job_env}
+    result = subprocess.run([bash, str(script), "configs/demo.yaml", "--set", "run.rounds=1"], capture_output=True,
+                            text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    srun = [line.split()[1:] for line in result.stdout.splitlines() if line.startswith("SRUN ")]
+    assert len(srun) == 1
+    argv = srun[0]
+    assert argv[:2] == ["--mpi=pmix", "--kill-on-bad-exit=1"]
+    assert [a for a in argv if a.startswith(("--gpu", "--gres"))] == ([gpu_flag] if gpu_flag else [])
+    assert argv[argv.index("florist-mpi"):][:3] == ["florist-mpi", "run", "configs/demo.yaml"]
+    assert argv[-2:] == ["--set", "run.rounds=1"]
+    if script.name == "scaling_study.sbatch":  # the second default pair, 8 clients on 2 ranks
+        assert "--ntasks=2" in argv and "federation.num_clients=8" in argv
+    # the echoed command is the one that ran
+    echoed = [line for line in result.stdout.splitlines() if line.startswith("+ srun ")]
+    assert len(echoed) == 1 and echoed[0].startswith("+ srun " + " ".join(argv[: argv.index("florist-mpi")]))
 
 
 def test_mpirun_local_adds_root_flags_only_when_asked(tmp_path):
