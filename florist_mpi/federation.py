@@ -332,22 +332,28 @@ class Federation:
                 name: (B, A, results[name].singular_values.double().numpy(), results[name].rank, float(results[name].energy))
                 for name, (B, A) in outcome["global"].items()
             },
-            client_adapters={c.client_id: c.factors for c in kept} if self.cfg.log.client_adapters else None,
+            client_adapters=self._client_modules(kept) if self.cfg.log.client_adapters else None,
         )
-        before_publish = lambda: self._kill_point("write", round_index)  # noqa: E731 - test hook
+        # test hooks: a kill with the round written but unpublished, and between its file's rename and its link
+        hooks = {"before_publish": lambda: self._kill_point("write", round_index),
+                 "before_link": lambda: self._kill_point("link", round_index)}
         start = time.perf_counter()
         if not self.log_started:
-            storage.create_log(self.output, self._header(), replace=self.plan.overwrite, first_round=record,
-                               before_publish=before_publish)
+            storage.create_log(self.output, self._header(), replace=self.plan.overwrite, first_round=record, **hooks)
             self.log_started = True
         else:
             # The first round after a resume also records the config it was resumed with (the
             # root world_size stays the creating run's; every round holds its own).
             resumed = round_index == self.plan.resume_from + 1 and self.plan.resume_from >= 0
             root = {"config": self.cfg.to_yaml()} if resumed else None
-            storage.append_round(self.output, record, before_publish=before_publish, root_attrs=root)
+            storage.append_round(self.output, record, root_attrs=root, **hooks)
         written = time.perf_counter() - start
         self._say(self._round_line(round_index, attrs, kept, outcome, participants) + f" log {written:.2f}s")
+
+    def _client_modules(self, kept):
+        """The kept clients' factors for the log, one module at a time: (module, {client id: (B, A)})."""
+        for name in self.shapes:
+            yield name, {c.client_id: c.factors[name] for c in kept}
 
     def _wire_floats(self, rank: int, m: int, n: int) -> int:
         """Floats one module's factors of this rank take on the wire.
