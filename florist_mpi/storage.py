@@ -474,6 +474,7 @@ def pack_log(source: str | Path, target: str | Path) -> int:
     if target.resolve() in (source.resolve(), rounds_folder(source).resolve()):
         raise LogError(f"'{target}' is the log being packed: choose a new file name")
     with open_log(source, verify=True) as src:
+        target.parent.mkdir(parents=True, exist_ok=True)
         with _atomic_update(target, start_from_existing=False) as dst:
             for key, value in src.attrs.items():
                 if key not in ("rounds_dir", "run_id"):
