@@ -370,6 +370,7 @@ class RoundWriter:
         if record.client_adapters is not None:
             for module, factors in _client_modules(record.client_adapters):
                 self.write_client_module(module, factors)
+                del factors  # let this module's factors go before the next module is produced
         if self.split:
             self._commit_split(root_attrs, before_publish, before_link)
         else:
