@@ -619,7 +619,7 @@ def test_sweep_refuses_a_global_update_that_is_not_exact(tmp_path, capsys):
         build_log(path, method=method, tau=tau, adapters=False)
         code, out, err = run_cli(capsys, ["sweep-tau", str(path)])
         assert_one_line_error(code, err, "no client adapters", method, "log.client_adapters: true")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["flexlora.h5", "florist.h5"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["flexlora.h5", "flexlora.h5.rounds", "florist.h5", "florist.h5.rounds"]
 
 
 @pytest.mark.parametrize("name, tau", [("florist_tau1", 1.0), ("florist", 0.9)])
