@@ -329,7 +329,7 @@ class RoundWriter:
 
     def _start_append(self) -> None:
         path = self.path
-        with open_log(path) as handle:
+        with open_log(path, check_files=False) as handle:
             if round_key(self.index) in handle["rounds"]:
                 raise LogError(f"log '{path}' already holds round {self.index}")
             info = _split_info(path)
@@ -492,11 +492,12 @@ def pack_log(source: str | Path, target: str | Path) -> int:
 
 
 @contextmanager
-def open_log(path: str | Path, verify: bool = False):
+def open_log(path: str | Path, verify: bool = False, check_files: bool = True):
     """Open a log read-only (either form), turning anything that is not one into a LogError.
 
-    Checks that every linked round file exists (cheap); `verify` also opens each one
-    (catches truncated copies; costs one file open per round).
+    Checks that every linked round file exists (~50 us a round; `check_files=False` skips
+    it, for the writer, which reads no round); `verify` also opens each one (catches
+    truncated copies; ~0.3 ms a round).
     """
     path = Path(path)
     if not path.is_file():
@@ -514,7 +515,8 @@ def open_log(path: str | Path, verify: bool = False):
                 f"log '{path}' has format_version {int(version)}, newer than this florist_mpi "
                 f"understands ({FORMAT_VERSION}): upgrade florist_mpi"
             )
-        _check_round_files(handle, path, verify)
+        if check_files:
+            _check_round_files(handle, path, verify)
         yield handle
     finally:
         handle.close()
