@@ -34,7 +34,7 @@ def add_arguments(parser) -> None:
                         help="override a config key, e.g. --set federation.tau=0.8 (repeatable)")
     parser.add_argument("--resume", action="store_true", help="continue the run recorded in run.output")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing run.output (the old log stays until round 0 completes)")
+                        help="replace an existing run.output and its round folder (the old log stays until round 0 completes)")
     parser.add_argument("--verbose", action="store_true", help="per-client lines from every rank")
 
 

@@ -297,3 +297,40 @@ def test_pack_refuses_an_existing_target_and_leaves_it(tmp_path, capsys):
     assert cli.main(["pack", str(path), str(target)]) == 2
     err = capsys.readouterr().err
     assert "already exists" in err and target.read_bytes() == b"keep me"
+
+
+# ------------------------------------------------------------------ `run` refuses a broken log up front
+
+
+def _run_args(tmp_path, log):
+    from test_run import write_config
+
+    config, _ = write_config(tmp_path)
+    return ["run", str(config), "--set", f"run.output={log}"]
+
+
+@pytest.mark.parametrize("kind", ["folder is a file", "resume: log file gone", "resume: folder gone",
+                                  "resume: round file truncated"])
+def test_run_refuses_a_broken_log_in_one_line_and_touches_nothing(tmp_path, capsys, kind):
+    log = tmp_path / "old.h5"
+    build_log(log)
+    extra, fragment = ["--resume"], None
+    if kind == "folder is a file":
+        log = tmp_path / "new.h5"
+        storage.rounds_folder(log).write_text("not a folder")
+        extra, fragment = [], "is a file, but the log keeps its round files in a folder of that name"
+    elif kind == "resume: log file gone":
+        log.unlink()
+        fragment = "its round folder"
+    elif kind == "resume: folder gone":
+        storage.rounds_folder(log).rename(tmp_path / "moved")
+        fragment = "which is missing (moved or renamed?)"
+    else:
+        _round_file_truncated(log)
+        fragment = "is truncated or damaged"
+    argv = _run_args(tmp_path, log) + extra
+    before = digests(tmp_path)
+    code = cli.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("florist-mpi: error:") and "\n" not in err and fragment in err, err
+    assert digests(tmp_path) == before
