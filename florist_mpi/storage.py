@@ -34,7 +34,7 @@ Streaming client adapters: rank 0 never needs every client's factors at once to 
 For writers that get client factors before the round's global factors are known,
 `begin_round(path, index, ...)` returns a `RoundWriter`: call
 `writer.write_client_module(module, {client_id: (B, A)})` once per module, as the factors
-arrive (any order, each module at most once), then `writer.commit(record)` with
+arrive (any order; a client's module at most once), then `writer.commit(record)` with
 `record.client_adapters=None`; leaving the `with` block without commit discards the round.
 B is m x r_k and A is r_k x n (effective factors, LoRA scaling folded in), stored float32.
 """
@@ -297,7 +297,6 @@ class RoundWriter:
     def __init__(self, path: Path, index: int, header: RunHeader | None, replace: bool):
         self.path, self.index, self.header, self.replace = path, index, header, replace
         self._done = False
-        self._modules_written: set[str] = set()
         self._old: tuple[Path, str] | None = None
         if header is not None:
             self._start_new_log()
@@ -355,7 +354,6 @@ class RoundWriter:
     def write_client_module(self, module: str, factors: ClientModule) -> None:
         """Write one module's factors of the given clients (client id -> (B m x r_k, A r_k x n))."""
         _write_client_module(self.group, module, factors)
-        self._modules_written.add(module)
 
     def commit(self, record: RoundRecord, *, root_attrs: dict | None = None,
                before_publish: Hook = None, before_link: Hook = None) -> None:
@@ -409,6 +407,11 @@ class RoundWriter:
                 self.round_handle.close()
             finally:
                 self.round_temp.unlink(missing_ok=True)
+            if self.header is not None:  # a new log's folder that holds nothing: leave no trace
+                try:
+                    self.round_path.parent.rmdir()
+                except OSError:
+                    pass
         else:
             self.shadow.discard()
 

@@ -168,6 +168,12 @@ def test_replacing_a_log_keeps_the_old_one_until_the_new_round_0_is_linked(tmp_p
         assert not set(round_files(path)) & set(old_files)  # the replaced run's files are gone
 
 
+def test_a_new_log_that_fails_before_its_first_round_is_published_leaves_nothing(tmp_path):
+    with pytest.raises(RuntimeError):
+        storage.create_log(tmp_path / "log.h5", header(), first_round=record(0), before_publish=explode)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_new_log_beside_a_folder_of_another_log_leaves_that_log_readable(tmp_path):
     """`mv run.h5 kept.h5` keeps working (the links name the folder); a new run.h5 then shares the folder."""
     path = tmp_path / "run.h5"
