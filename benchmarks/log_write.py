@@ -8,7 +8,9 @@ both see the same disk and page-cache conditions:
 (a) old: `storage.legacy_create_log` + `append_round` on a single file, i.e. the
     format-1 writer: copy the whole log beside itself, add the round, fsync, rename;
 (b) new: `storage.create_log` + `append_round` on a split log: write the round's own
-    file, fsync, rename, then add its link to the small log file (copy, fsync, rename).
+    file, fsync, rename, then add its link to the small log file (copy, fsync, rename);
+(c) floor: the round appended in place to one open-and-close HDF5 file, then fsync: the
+    least any layout can do, but not crash-safe (docs/crash-safety.md), so not an option.
 
 A round holds `--modules` modules of global factors (rank 16) plus the client adapters of
 `--clients` clients, sized so that the round is about `--mb` MB. Prints write time per
@@ -23,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 
 from florist_mpi import storage
@@ -50,6 +53,18 @@ def synthetic_round(index: int, modules: list[str], dim: int, clients: int) -> s
     )
 
 
+def append_in_place(path: Path, header: storage.RunHeader, record: storage.RoundRecord) -> None:
+    """(c): the round written straight into the one file (no copy, no rename), then fsync."""
+    with h5py.File(path, "a") as handle:
+        if record.index == 0:
+            storage._write_header(handle, header)
+        group = handle.require_group("rounds").create_group(storage.round_key(record.index))
+        storage._write_round(group, record)
+        for module, factors in storage._client_modules(record.client_adapters):
+            storage._write_client_module(group, module, factors)
+    storage._fsync_file(path)
+
+
 def dim_for(mb: float, modules: int, clients: int) -> int:
     """Square modules (dim x dim) whose factors add up to about `mb` MB a round."""
     floats_per_dim = modules * 2 * (GLOBAL_RANK + clients * CLIENT_RANK)  # B and A: r * (m + n) = 2 r dim
@@ -70,14 +85,16 @@ def main() -> None:
     header = storage.RunHeader(config_yaml="run: {}\n", method="florist", tau=0.9, num_clients=args.clients,
                                world_size=1, created="bench", versions={}, modules=modules,
                                module_shapes=[(dim, dim)] * len(modules))
-    times = {"old": [], "new": []}
+    times = {"old": [], "new": [], "floor": []}
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        paths = {"old": Path(tmp) / "old.h5", "new": Path(tmp) / "new.h5"}
+        paths = {layout: Path(tmp) / f"{layout}.h5" for layout in times}
         for r in range(args.rounds):
             record = synthetic_round(r, modules, dim, args.clients)
-            for layout in ("old", "new"):
+            for layout in times:
                 start = time.perf_counter()
-                if r == 0 and layout == "old":
+                if layout == "floor":
+                    append_in_place(paths[layout], header, record)
+                elif r == 0 and layout == "old":
                     storage.legacy_create_log(paths[layout], header, record)
                 elif r == 0:
                     storage.create_log(paths[layout], header, first_round=record)
@@ -90,12 +107,12 @@ def main() -> None:
 
     print(f"{args.rounds} rounds of {round_mb:.1f} MB ({args.modules} modules {dim}x{dim}, global rank {GLOBAL_RANK}, "
           f"{args.clients} clients of rank {CLIENT_RANK}); old log {old_mb:.0f} MB, new log file {index_kb:.0f} kB + folder")
-    print("| round | old: single file, copy per round (s) | new: round file + link (s) |")
-    print("| ---: | ---: | ---: |")
+    print("| round | old: single file, copy per round (s) | new: round file + link (s) | floor: in place, unsafe (s) |")
+    print("| ---: | ---: | ---: | ---: |")
     for r in range(args.rounds):
-        print(f"| {r + 1} | {times['old'][r]:.3f} | {times['new'][r]:.3f} |")
+        print(f"| {r + 1} | {times['old'][r]:.3f} | {times['new'][r]:.3f} | {times['floor'][r]:.3f} |")
     k = min(4, args.rounds // 2)
-    for layout in ("old", "new"):
+    for layout in times:
         first, last = statistics.median(times[layout][:k]), statistics.median(times[layout][-k:])
         print(f"{layout}: median of the first {k} rounds {first:.3f} s, of the last {k} {last:.3f} s, "
               f"ratio {last / first:.2f}")
