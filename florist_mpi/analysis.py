@@ -11,8 +11,11 @@ opening and closing the file again, so a `Run` never holds the file open.
     >>> run.ranks                       # module x round global ranks
     >>> B, A = run.global_factors(-1)["model.layers.0.self_attn.q_proj"]
 
-Every problem with the file (a directory, missing, not HDF5, truncated, not a florist_mpi
-log, a round that is not there) is a `storage.LogError` with a one-line message; negative
+Both forms of a log are read alike: the log file with its round folder beside it
+(`runs/demo.h5` + `runs/demo.h5.rounds/`, what runs write) and a single file (format 1,
+or made by `florist-mpi pack`). Every problem with the file (a directory, missing, not
+HDF5, truncated, not a florist_mpi log, a missing or partly copied round folder, a round
+that is not there) is a `storage.LogError` with a one-line message; negative
 round indices count from the end, as in Python.
 """
 from __future__ import annotations
@@ -47,9 +50,7 @@ CLIENT_ADAPTERS_HINT = "rerun with log.client_adapters: true (e.g. --set log.cli
 def open_run(path: str | Path) -> "Run":
     """Read a run log's header and round summary; raises LogError for anything that is not a readable log."""
     path = Path(path)
-    if path.is_dir():
-        raise LogError(f"'{path}' is a directory, not a run log: give the path of a run's .h5 file (run.output)")
-    with _reading(path) as handle:
+    with _reading(path, verify=True) as handle:  # opens every round once anyway: check their files open
         attrs = handle.attrs
         try:
             config = parse_config_text(storage.decode_str(attrs["config"]), source=f"log '{path}'")
@@ -87,9 +88,9 @@ def open_run(path: str | Path) -> "Run":
 
 
 @contextmanager
-def _reading(path: Path):
+def _reading(path: Path, verify: bool = False):
     """storage.open_log plus: anything h5py raises while reading becomes a one-line LogError."""
-    with storage.open_log(path) as handle:
+    with storage.open_log(path, verify=verify) as handle:
         try:
             yield handle
         except LogError:

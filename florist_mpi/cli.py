@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "report": ("florist_mpi.report", "summarise one or more run logs, with optional plots"),
     "sweep-tau": ("florist_mpi.sweep", "recompute FLoRIST's global rank and size for many tau from a log"),
     "export": ("florist_mpi.export", "write a round's cumulative global update as a PEFT LoRA adapter"),
+    "pack": ("florist_mpi.pack", "copy a run log (file + round folder) into one self-contained HDF5 file"),
 }
 
 

@@ -2,7 +2,8 @@
 
 FLORIST_MPI_FAULT  = 'KIND@ROUND:CLIENT,...'  client faults: nan, raise, crash, exit
 FLORIST_MPI_KILL_AT = 'POINT@ROUND'           rank 0 SIGKILLs itself at a point of a round:
-                                              train, gather, aggregate, write (mid log write)
+                                              train, gather, aggregate, write (round written,
+                                              not published), link (round file in place, not linked)
 FLORIST_MPI_DIVERGE = 'ROUND:RANK'            that rank perturbs its base weights after the merge
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ import signal
 FAULT_ENV = "FLORIST_MPI_FAULT"
 KILL_ENV = "FLORIST_MPI_KILL_AT"
 DIVERGE_ENV = "FLORIST_MPI_DIVERGE"
-KILL_POINTS = ("train", "gather", "aggregate", "write")
+KILL_POINTS = ("train", "gather", "aggregate", "write", "link")
 
 
 def client_fault(client_id: int, round_index: int) -> str | None:

@@ -309,25 +309,13 @@ class Federation:
             return None
         if outcome.get("sharded") is not None:
             return self._streamed_client_adapters(outcome["sharded"])
-        return {c.client_id: c.factors for c in outcome["kept"]}
+        return self._client_modules(outcome["kept"])
 
     def _streamed_client_adapters(self, state: "sharding.ShardedRound"):
-        """The round's client adapters for the log, received from their owners as they are written.
-
-        The interface between this loop and storage.py: `RoundRecord.client_adapters` is either
-        a dict {client id: {module: (B, A)}} or, where storage.py sets STREAMED_CLIENT_ADAPTERS,
-        an iterable of (module, {client id: (B, A)}) that `_write_round` consumes one module at a
-        time while the other ranks send them (so rank 0 never holds all modules' client factors).
-        With a storage that takes only the dict, the stream is collected into that dict here.
-        """
-        stream = sharding.stream_client_adapters(self.world, state, self.shapes)
-        if getattr(storage, "STREAMED_CLIENT_ADAPTERS", False):
-            return stream
-        adapters: dict[int, dict] = {c.client_id: {} for c in state.kept}
-        for module, pairs in stream:
-            for client_id, pair in pairs.items():
-                adapters[client_id][module] = pair
-        return adapters
+        """The round's client adapters for the log, received from their owners as they are written:
+        (module, {client id: (B, A)}) one module at a time, which storage consumes while the other
+        ranks send (so rank 0 never holds all modules' client factors at once)."""
+        return sharding.stream_client_adapters(self.world, state, self.shapes)
 
     def _aggregate(self, round_index: int, received, dropped: list[int], late: list[tuple[int, str]] = ()) -> dict:
         from florist_mpi.aggregation import aggregate_adapter
@@ -439,20 +427,26 @@ class Federation:
             },
             client_adapters=self._client_adapters_for_log(outcome),
         )
-        before_publish = lambda: self._kill_point("write", round_index)  # noqa: E731 - test hook
+        # test hooks: a kill with the round written but unpublished, and between its file's rename and its link
+        hooks = {"before_publish": lambda: self._kill_point("write", round_index),
+                 "before_link": lambda: self._kill_point("link", round_index)}
         start = time.perf_counter()
         if not self.log_started:
-            storage.create_log(self.output, self._header(), replace=self.plan.overwrite, first_round=record,
-                               before_publish=before_publish)
+            storage.create_log(self.output, self._header(), replace=self.plan.overwrite, first_round=record, **hooks)
             self.log_started = True
         else:
             # The first round after a resume also records the config it was resumed with (the
             # root world_size stays the creating run's; every round holds its own).
             resumed = round_index == self.plan.resume_from + 1 and self.plan.resume_from >= 0
             root = {"config": self.cfg.to_yaml()} if resumed else None
-            storage.append_round(self.output, record, before_publish=before_publish, root_attrs=root)
+            storage.append_round(self.output, record, root_attrs=root, **hooks)
         written = time.perf_counter() - start
         self._say(self._round_line(round_index, attrs, kept, outcome, participants) + f" log {written:.2f}s")
+
+    def _client_modules(self, kept):
+        """The kept clients' factors for the log, one module at a time: (module, {client id: (B, A)})."""
+        for name in self.shapes:
+            yield name, {c.client_id: c.factors[name] for c in kept}
 
     def _wire_floats(self, rank: int, m: int, n: int) -> int:
         """Floats one module's factors of this rank take on the wire.

@@ -36,7 +36,7 @@ def add_arguments(parser) -> None:
                         help="override a config key, e.g. --set federation.tau=0.8 (repeatable)")
     parser.add_argument("--resume", action="store_true", help="continue the run recorded in run.output")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing run.output (the old log stays until round 0 completes)")
+                        help="replace an existing run.output and its round folder (the old log stays until round 0 completes)")
     parser.add_argument("--verbose", action="store_true", help="per-client lines from every rank")
 
 
@@ -119,17 +119,30 @@ def _preflight(args) -> Plan:
         )
     if output.exists() and output.is_dir():
         raise UserError(f"run.output '{output}' is a directory: give a file path such as runs/demo.h5")
+    _check_rounds_folder(output)
     check_run_settings(cfg)
     _check_inputs(cfg)
     return plan
+
+
+def _check_rounds_folder(output: Path) -> None:
+    """The log keeps its round files in `<run.output>.rounds/`: that name must be free for a folder."""
+    from florist_mpi import storage
+
+    folder = storage.rounds_folder(output)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"'{folder}' is a file, but the log keeps its round files in a folder of that name: "
+                        "move the file away or choose another run.output")
 
 
 def _check_resumable(output: Path, cfg: ExperimentConfig) -> int:
     from florist_mpi import storage
 
     if not output.exists():
-        raise UserError(f"cannot resume: log '{output}' does not exist; drop --resume to start a new run")
-    with storage.open_log(output) as handle:
+        moved = (f" (its round folder '{storage.rounds_folder(output)}' is there: was the log file moved or renamed?)"
+                 if storage.rounds_folder(output).is_dir() else "")
+        raise UserError(f"cannot resume: log '{output}' does not exist{moved}; drop --resume to start a new run")
+    with storage.open_log(output, verify=True) as handle:  # every round file opens: the replay will read them
         logged = parse_config_text(storage.decode_str(handle.attrs["config"]), source=f"log '{output}'")
         rounds = storage.completed_rounds(handle)
     differing = resume_mismatch(logged, cfg)

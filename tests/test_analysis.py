@@ -36,11 +36,12 @@ EXCLUDED = {1: [(2, "non-finite factors (NaN/Inf)")]}  # round -> [(client, reas
 
 def build_log(path, *, method="florist", tau=0.9, rounds=3, modules=MODULES, shapes=SHAPES, ranks=CLIENT_RANKS,
               samples=SAMPLES, adapters=True, excluded=EXCLUDED, seed=0, eval_every=1, accuracy=False,
-              world_sizes=None):
+              world_sizes=None, legacy=False):
     """Write a log; return what was written: {'rounds': {r: {...}}, 'header': RunHeader}.
 
     `accuracy`: log MMLU-style accuracies (eval_loss NaN) instead of losses; `world_sizes`: a
-    per-round `world_size` attribute (as logs written since rounds record it have).
+    per-round `world_size` attribute (as logs written since rounds record it have); `legacy`: the
+    single-file layout of format_version 1.
     """
     num_clients = len(ranks)
     cfg = ExperimentConfig.model_validate({
@@ -94,7 +95,9 @@ def build_log(path, *, method="florist", tau=0.9, rounds=3, modules=MODULES, sha
             excluded=sorted(dropped.items()), global_factors=global_factors,
             client_adapters=factors if adapters else None,
         )
-        if r == 0:
+        if r == 0 and legacy:
+            storage.legacy_create_log(path, header, record)
+        elif r == 0:
             storage.create_log(path, header, first_round=record)
         else:
             storage.append_round(path, record)
@@ -616,7 +619,7 @@ def test_sweep_refuses_a_global_update_that_is_not_exact(tmp_path, capsys):
         build_log(path, method=method, tau=tau, adapters=False)
         code, out, err = run_cli(capsys, ["sweep-tau", str(path)])
         assert_one_line_error(code, err, "no client adapters", method, "log.client_adapters: true")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["flexlora.h5", "florist.h5"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["flexlora.h5", "flexlora.h5.rounds", "florist.h5", "florist.h5.rounds"]
 
 
 @pytest.mark.parametrize("name, tau", [("florist_tau1", 1.0), ("florist", 0.9)])

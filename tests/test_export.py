@@ -112,6 +112,20 @@ def test_adapter_keys_and_ranks_are_what_peft_itself_saves(tmp_path, runs):
         assert config.rank_pattern[name] == config.alpha_pattern[name] == rank  # scaling α/r = 1
 
 
+def test_export_of_a_packed_log_equals_the_export_of_the_log(tmp_path, capsys, runs):
+    from safetensors.numpy import load_file
+
+    packed = tmp_path / "packed.h5"
+    assert cli_main(["pack", runs["florist"], str(packed)]) == 0
+    exported = {}
+    for name, log in (("split", runs["florist"]), ("packed", str(packed))):
+        assert cli_main(["export", log, "--no-base", "--out", str(tmp_path / name)]) == 0
+        exported[name] = load_file(tmp_path / name / "adapter_model.safetensors")
+    assert exported["split"].keys() == exported["packed"].keys() and exported["split"]
+    for key, value in exported["split"].items():
+        np.testing.assert_array_equal(value, exported["packed"][key])
+
+
 def test_export_refuses_a_missing_round_and_a_used_directory(tmp_path, capsys, runs):
     assert cli_main(["export", runs["florist"], "--round", "7", "--out", str(tmp_path / "a")]) == 2
     assert "round 7 is not in log" in capsys.readouterr().err

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from conftest import mpi_env
+from florist_mpi import storage
 from florist_mpi.cli import main as cli_main
 from test_run import launch, run_ok, write_config
 
@@ -39,7 +40,7 @@ def uninterrupted(tmp_path_factory):
     return log
 
 
-@pytest.mark.parametrize("point", ["train@1", "gather@2", "aggregate@1", "write@1", "write@0"])
+@pytest.mark.parametrize("point", ["train@1", "gather@2", "aggregate@1", "write@1", "write@0", "link@1", "link@0"])
 def test_kill_then_resume_is_bitwise_identical(tmp_path, uninterrupted, point):
     config, log = write_config(tmp_path, run={"rounds": 3})
     env = mpi_env()
@@ -55,6 +56,23 @@ def test_kill_then_resume_is_bitwise_identical(tmp_path, uninterrupted, point):
         run_ok(2, config, "--resume")
     assert rounds_in(log) == ["00000", "00001", "00002"]
     full, resumed = global_factors(uninterrupted), global_factors(log)
+    assert full.keys() == resumed.keys()
+    for key in full:
+        assert np.array_equal(full[key], resumed[key]), key
+
+
+def test_a_single_file_log_resumes_in_its_own_form(tmp_path, uninterrupted):
+    """A packed (or format-1) log is continued by copy-append: no round folder, same numbers."""
+    config, log = write_config(tmp_path, run={"rounds": 3})
+    env = mpi_env()
+    env["FLORIST_MPI_KILL_AT"] = "train@2"
+    assert launch(2, config, env=env, timeout=300).returncode != 0
+    single = tmp_path / "single.h5"
+    storage.pack_log(log, single)
+    run_ok(2, config, "--resume", "--set", f"run.output={single}")
+    assert rounds_in(single) == ["00000", "00001", "00002"]
+    assert not storage.rounds_folder(single).exists()
+    full, resumed = global_factors(uninterrupted), global_factors(single)
     assert full.keys() == resumed.keys()
     for key in full:
         assert np.array_equal(full[key], resumed[key]), key
@@ -265,22 +283,24 @@ def test_resume_with_changed_config_names_the_key(tmp_path, capsys, uninterrupte
 
 def test_resuming_a_finished_log_does_nothing(tmp_path, capsys, uninterrupted):
     log = tmp_path / "done.h5"
-    log.write_bytes(open(uninterrupted, "rb").read())
+    storage.pack_log(uninterrupted, log)  # a single-file copy: the log file alone would lack its round folder
+    before = log.read_bytes()
     config, _ = write_config(tmp_path, run={"rounds": 3})
     code = cli_main(["run", str(config), "--resume", "--set", f"run.output={log}"])
     out = capsys.readouterr()
     assert code == 0 and "already holds all 3 rounds: nothing to do" in out.out, out
-    assert log.read_bytes() == open(uninterrupted, "rb").read()
+    assert log.read_bytes() == before
 
 
 def test_resuming_with_fewer_rounds_than_logged_is_refused(tmp_path, capsys, uninterrupted):
     log = tmp_path / "done.h5"
-    log.write_bytes(open(uninterrupted, "rb").read())
+    storage.pack_log(uninterrupted, log)  # a single-file copy: the log file alone would lack its round folder
+    before = log.read_bytes()
     config, _ = write_config(tmp_path, run={"rounds": 2})
     code = cli_main(["run", str(config), "--resume", "--set", f"run.output={log}"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "run.rounds" in err and "\n" not in err, err
-    assert log.read_bytes() == open(uninterrupted, "rb").read()
+    assert log.read_bytes() == before
 
 
 def test_debug_flag_shows_the_traceback(tmp_path):
