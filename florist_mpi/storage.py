@@ -55,7 +55,6 @@ import numpy as np
 
 FORMAT_VERSION = 2
 ROUND_DIGITS = 5
-STREAMED_CLIENT_ADAPTERS = True  # RoundRecord.client_adapters may be an iterable of (module, {client: (B, A)})
 ROUNDS_SUFFIX = ".rounds"  # the round files' folder: run.output + this suffix
 PACK_HINT = "florist-mpi pack LOG OUT.h5 makes a single-file copy"
 
