@@ -107,11 +107,17 @@ def _check_factors(factors: Factors, finite: bool = True) -> tuple[int, int]:
         if B.dim() != 2 or A.dim() != 2:
             raise ValueError(f"client {k}: B and A must be 2-D matrices (got {B.dim()}-D and {A.dim()}-D)")
         if B.shape[1] != A.shape[0]:
-            raise ValueError(f"client {k}: B is {tuple(B.shape)} but A is {tuple(A.shape)}; B's columns must equal A's rows (the rank)")
+            raise ValueError(
+                f"client {k}: B is {tuple(B.shape)} but A is {tuple(A.shape)}; "
+                "B's columns must equal A's rows (the rank)"
+            )
         if m is None:
             m, n = B.shape[0], A.shape[1]
         elif (B.shape[0], A.shape[1]) != (m, n):
-            raise ValueError(f"client {k}: update is {B.shape[0]}×{A.shape[1]} but client 0's is {m}×{n}; all clients must adapt the same module")
+            raise ValueError(
+                f"client {k}: update is {B.shape[0]}×{A.shape[1]} but client 0's is {m}×{n}; "
+                "all clients must adapt the same module"
+            )
         if finite and not (torch.isfinite(B).all() and torch.isfinite(A).all()):
             raise ValueError(f"client {k}: factors contain NaN or Inf; exclude that client before aggregating")
     return m, n
@@ -122,7 +128,9 @@ def _check_options(method: str, tau: float, max_rank, route: str) -> None:
         raise ValueError(f"unknown method '{method}': use one of {', '.join(METHODS)}")
     if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or math.isnan(tau) or not 0.0 < tau <= 1.0:
         raise ValueError(f"tau must be in (0, 1], got {tau!r}: pass a number such as 0.9")
-    if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, numbers.Integral) or max_rank < 1):
+    if max_rank is not None and (
+        isinstance(max_rank, bool) or not isinstance(max_rank, numbers.Integral) or max_rank < 1
+    ):
         raise ValueError(f"max_rank must be a positive integer or None, got {max_rank!r}")
     if route not in ROUTES:
         raise ValueError(f"unknown route '{route}': use one of {', '.join(ROUTES)}")
@@ -133,8 +141,11 @@ def _check_options(method: str, tau: float, max_rank, route: str) -> None:
 
 def select_rank(singular_values, tau: float, max_rank: int | None = None) -> int:
     """Smallest k with Σ_{i≤k} σ_i² ≥ tau · Σ σ_i² (σ sorted descending); 0 for a zero spectrum."""
-    values = singular_values if isinstance(singular_values, list) else \
-        torch.as_tensor(singular_values, dtype=torch.float64).reshape(-1).tolist()
+    values = (
+        singular_values
+        if isinstance(singular_values, list)
+        else torch.as_tensor(singular_values, dtype=torch.float64).reshape(-1).tolist()
+    )
     energies = _relative_energies(values)
     total = math.fsum(energies)
     if total <= 0.0:
@@ -339,7 +350,9 @@ def _florist_gram(factors: Factors, p: list[float], tau, max_rank, out_dtype) ->
     else:
         B_g = B_s @ (w_B[:, None] * (C_B_inv @ (U_r * sigma_r)))
     A_g = (((U_r / sigma_r).T @ C_B) * w_A) @ A_s
-    return AggregationResult(B_g.to(out_dtype), A_g.to(out_dtype), rank, sigma, _retained(sigma, rank), method="florist")
+    return AggregationResult(
+        B_g.to(out_dtype), A_g.to(out_dtype), rank, sigma, _retained(sigma, rank), method="florist"
+    )
 
 
 def _truncated_core(core: torch.Tensor, tau: float, max_rank):
@@ -379,8 +392,14 @@ def _florist_svd(factors: Factors, p: list[float], tau, max_rank, out_dtype) -> 
     left, right, spectrum, rank = _truncated_core(C_B @ C_A.T, tau, max_rank)
     if rank == 0:
         return _zero_result(m, n, B_s, out_dtype, "florist", spectrum)
-    return AggregationResult((U_B @ left).to(out_dtype), (right @ V_A.T).to(out_dtype), rank, spectrum,
-                             _retained(spectrum, rank), method="florist")
+    return AggregationResult(
+        (U_B @ left).to(out_dtype),
+        (right @ V_A.T).to(out_dtype),
+        rank,
+        spectrum,
+        _retained(spectrum, rank),
+        method="florist",
+    )
 
 
 # ------------------------------------------------------- FLoRIST's dense route
@@ -460,8 +479,9 @@ def _florist_dense(factors: Factors, p: list[float], tau, max_rank, out_dtype) -
         B_g, A_g = V_r * (sigma_r * scale), (V_r / sigma_r).T @ X
     else:
         B_g, A_g = (X @ V_r) * scale, V_r.T
-    return AggregationResult(B_g.to(out_dtype), A_g.contiguous().to(out_dtype), rank, spectrum,
-                             _retained(spectrum, rank), method="florist")
+    return AggregationResult(
+        B_g.to(out_dtype), A_g.contiguous().to(out_dtype), rank, spectrum, _retained(spectrum, rank), method="florist"
+    )
 
 
 def _dense_spectrum(B: torch.Tensor, A: torch.Tensor) -> torch.Tensor | None:
@@ -494,8 +514,12 @@ def _florist(factors: Factors, p: list[float], tau: float, max_rank, route: str,
 def _zero_result(m, n, like: torch.Tensor, out_dtype, method, spectrum=None) -> AggregationResult:
     empty_spectrum = torch.zeros(0, dtype=torch.float64, device=like.device)
     return AggregationResult(
-        torch.zeros(m, 0, dtype=out_dtype, device=like.device), torch.zeros(0, n, dtype=out_dtype, device=like.device),
-        0, empty_spectrum if spectrum is None else spectrum, 1.0, method=method,
+        torch.zeros(m, 0, dtype=out_dtype, device=like.device),
+        torch.zeros(0, n, dtype=out_dtype, device=like.device),
+        0,
+        empty_spectrum if spectrum is None else spectrum,
+        1.0,
+        method=method,
     )
 
 
@@ -505,7 +529,9 @@ def spectrum_of(B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
         spectrum = _dense_spectrum(B, A)
         if spectrum is not None:
             return spectrum
-    result = _florist_gram([(B, A)], [1.0], 1.0, None, torch.float64) or _florist_svd([(B, A)], [1.0], 1.0, None, torch.float64)
+    result = _florist_gram([(B, A)], [1.0], 1.0, None, torch.float64) or _florist_svd(
+        [(B, A)], [1.0], 1.0, None, torch.float64
+    )
     return result.singular_values
 
 
@@ -517,12 +543,16 @@ def _fedit(factors: Factors, p: list[float], out_dtype) -> AggregationResult:
     B = sum(p[k] * _padded_columns(Bk.double(), width) for k, (Bk, _) in enumerate(factors))
     A = sum(p[k] * _padded_rows(Ak.double(), width) for k, (_, Ak) in enumerate(factors))
     padded = len({Bk.shape[1] for Bk, _ in factors}) > 1
-    return AggregationResult(B.to(out_dtype), A.to(out_dtype), width, spectrum_of(B, A), 1.0, padded=padded, method="fedit")
+    return AggregationResult(
+        B.to(out_dtype), A.to(out_dtype), width, spectrum_of(B, A), 1.0, padded=padded, method="fedit"
+    )
 
 
 def _flora(factors: Factors, p: list[float], out_dtype) -> AggregationResult:
     B_s, A_s = _stacks(factors, p)
-    return AggregationResult(B_s.to(out_dtype), A_s.to(out_dtype), B_s.shape[1], spectrum_of(B_s, A_s), 1.0, method="flora")
+    return AggregationResult(
+        B_s.to(out_dtype), A_s.to(out_dtype), B_s.shape[1], spectrum_of(B_s, A_s), 1.0, method="flora"
+    )
 
 
 def _flexlora(factors: Factors, p: list[float], out_dtype) -> AggregationResult:
@@ -558,8 +588,9 @@ def _ffa(factors: Factors, p: list[float], out_dtype) -> AggregationResult:
 # ---------------------------------------------------------------- entry points
 
 
-def aggregate(method: str, factors: Factors, weights, *, tau: float = 1.0, max_rank: int | None = None,
-              route: str = "auto") -> AggregationResult:
+def aggregate(
+    method: str, factors: Factors, weights, *, tau: float = 1.0, max_rank: int | None = None, route: str = "auto"
+) -> AggregationResult:
     """Aggregate one adapted module's client factors into global factors (see module docstring).
 
     `tau` and `max_rank` shape FLoRIST only; the other methods accept and ignore them.
@@ -587,8 +618,15 @@ def _aggregate_module(method: str, factors: Factors, weights, tau, max_rank, rou
     return _ffa(factors, p, out_dtype)
 
 
-def aggregate_adapter(method: str, adapter_factors: dict[str, Factors], weights, *, tau: float = 1.0,
-                      max_rank: int | None = None, route: str = "auto") -> dict[str, AggregationResult]:
+def aggregate_adapter(
+    method: str,
+    adapter_factors: dict[str, Factors],
+    weights,
+    *,
+    tau: float = 1.0,
+    max_rank: int | None = None,
+    route: str = "auto",
+) -> dict[str, AggregationResult]:
     """Aggregate every module of an adapter (module name -> per-client (B, A) list) in one call.
 
     The modules run one after another: batching all equal-shaped modules into batched

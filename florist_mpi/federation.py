@@ -1,7 +1,6 @@
 """The federated round loop run by every rank (rank 0 also aggregates and logs)."""
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -12,19 +11,31 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from florist_mpi import comm, exchange, sharding, simclock, storage
+from florist_mpi import comm, evaluation, exchange, sharding, simclock, storage
 from florist_mpi import data as data_lib
-from florist_mpi import evaluation
 from florist_mpi.config import ExperimentConfig
-from florist_mpi.model import (adapted_modules, cores_for_rank, float32_masters, load_base, merge_update,
-                               quiet_libraries, select_device, weights_digest)
-from florist_mpi.seeding import Stream, derive_seed, rng
 from florist_mpi.exchange import ClientUpdate
 from florist_mpi.faults import diverges, kill_point
+from florist_mpi.model import (
+    adapted_modules,
+    cores_for_rank,
+    float32_masters,
+    load_base,
+    merge_update,
+    quiet_libraries,
+    select_device,
+    weights_digest,
+)
 from florist_mpi.replay import temporarily_merged
-from florist_mpi.training import (ClientJob, ClientTrainer, ClientTrainingError, isolate_torch_distributed,
-                                  local_tokens, prepare_deepspeed)
-
+from florist_mpi.seeding import Stream, derive_seed, rng
+from florist_mpi.training import (
+    ClientJob,
+    ClientTrainer,
+    ClientTrainingError,
+    isolate_torch_distributed,
+    local_tokens,
+    prepare_deepspeed,
+)
 
 DROPOUT_REASON = "dropout (simulated, federation.dropout)"
 
@@ -285,20 +296,34 @@ class Federation:
         """
         fed, world = self.cfg.federation, self.world
         state = sharding.sharded_round(
-            world, updates, self.shapes, [(c, DROPOUT_REASON) for c in dropped] + list(late), method=fed.method, tau=fed.tau,
-            max_rank=fed.max_rank, before_aggregate=lambda: self._kill_point("aggregate", round_index),
+            world,
+            updates,
+            self.shapes,
+            [(c, DROPOUT_REASON) for c in dropped] + list(late),
+            method=fed.method,
+            tau=fed.tau,
+            max_rank=fed.max_rank,
+            before_aggregate=lambda: self._kill_point("aggregate", round_index),
         )
         if not state.kept:  # every rank reached this verdict from the same metadata
             reasons = "; ".join(f"client {c}: {why}" for c, why in state.excluded)
             raise RoundFailed(f"round {round_index} has no client left to aggregate ({reasons})")
-        slowest_owner = float(comm.reduce_max(world, np.array([state.time_aggregate]))[0]) if world.size > 1 \
+        slowest_owner = (
+            float(comm.reduce_max(world, np.array([state.time_aggregate]))[0])
+            if world.size > 1
             else state.time_aggregate
+        )
         timings["time_gather"] = state.time_scatter
         timings["time_aggregate"] = state.time_aggregate
         timings["time_broadcast"] = state.time_allgather
         outcome = {
-            "received": state.clients, "kept": state.kept, "excluded": state.excluded, "results": state.results,
-            "global": state.global_factors, "time_aggregate": slowest_owner, "sharded": state,
+            "received": state.clients,
+            "kept": state.kept,
+            "excluded": state.excluded,
+            "results": state.results,
+            "global": state.global_factors,
+            "time_aggregate": slowest_owner,
+            "sharded": state,
         }
         return outcome, state.global_factors
 
@@ -341,7 +366,9 @@ class Federation:
             name: [(torch.from_numpy(c.factors[name][0]), torch.from_numpy(c.factors[name][1])) for c in kept]
             for name in self.shapes
         }
-        results = aggregate_adapter(fed.method, per_module, [c.num_samples for c in kept], tau=fed.tau, max_rank=fed.max_rank)
+        results = aggregate_adapter(
+            fed.method, per_module, [c.num_samples for c in kept], tau=fed.tau, max_rank=fed.max_rank
+        )
         outcome["time_aggregate"] = time.perf_counter() - start
         outcome["results"] = results
         outcome["global"] = {
@@ -383,7 +410,9 @@ class Federation:
         self.model.eval()  # local training left the shared base in train mode (dropout on)
         if self.cfg.eval.kind == "mmlu":
             correct, total = evaluation.multiple_choice_correct(self.model, self.eval_set, self.device)
-            correct, total = comm.allreduce_sum(self.world, np.array([correct, total])) if self.world.size > 1 else (correct, total)
+            correct, total = (
+                comm.allreduce_sum(self.world, np.array([correct, total])) if self.world.size > 1 else (correct, total)
+            )
             return math.nan, float(correct) / float(total) if total else math.nan
         total, count = evaluation.loss_sums(self.model, self.eval_set, self.cfg.eval.batch_size, self.device)
         if self.world.size > 1:
@@ -394,10 +423,16 @@ class Federation:
 
     def _header(self) -> storage.RunHeader:
         return storage.RunHeader(
-            config_yaml=self.cfg.to_yaml(), method=self.cfg.federation.method, tau=self.cfg.federation.tau,
-            num_clients=self.cfg.federation.num_clients, world_size=self.world.size,
-            created=datetime.now(timezone.utc).isoformat(timespec="seconds"), versions=library_versions(),
-            modules=list(self.shapes), module_shapes=list(self.shapes.values()), initial_eval_loss=self.initial_eval,
+            config_yaml=self.cfg.to_yaml(),
+            method=self.cfg.federation.method,
+            tau=self.cfg.federation.tau,
+            num_clients=self.cfg.federation.num_clients,
+            world_size=self.world.size,
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            versions=library_versions(),
+            modules=list(self.shapes),
+            module_shapes=list(self.shapes.values()),
+            initial_eval_loss=self.initial_eval,
         )
 
     def _commit_round(self, round_index, outcome, timings, eval_loss, eval_accuracy, participants) -> None:
@@ -412,24 +447,39 @@ class Federation:
         }
         bytes_up = 4 * sum(self._factor_floats(c.rank) for c in kept)
         attrs = {
-            "tau": float(self.cfg.federation.tau), **{k: float(v) for k, v in timings.items()},
-            "bytes_up": int(bytes_up), "bytes_down": int(self._bytes_down(outcome["global"])),
-            "eval_loss": float(eval_loss), "eval_accuracy": float(eval_accuracy), "world_size": int(self.world.size),
+            "tau": float(self.cfg.federation.tau),
+            **{k: float(v) for k, v in timings.items()},
+            "bytes_up": int(bytes_up),
+            "bytes_down": int(self._bytes_down(outcome["global"])),
+            "eval_loss": float(eval_loss),
+            "eval_accuracy": float(eval_accuracy),
+            "world_size": int(self.world.size),
         }
         if self.clock is not None:
             clients.update(self._clock_columns(participants))
             attrs.update(self._clock_attrs(outcome))
         record = storage.RoundRecord(
-            index=round_index, attrs=attrs, clients=clients, excluded=outcome["excluded"],
+            index=round_index,
+            attrs=attrs,
+            clients=clients,
+            excluded=outcome["excluded"],
             global_factors={
-                name: (B, A, results[name].singular_values.double().numpy(), results[name].rank, float(results[name].energy))
+                name: (
+                    B,
+                    A,
+                    results[name].singular_values.double().numpy(),
+                    results[name].rank,
+                    float(results[name].energy),
+                )
                 for name, (B, A) in outcome["global"].items()
             },
             client_adapters=self._client_adapters_for_log(outcome),
         )
         # test hooks: a kill with the round written but unpublished, and between its file's rename and its link
-        hooks = {"before_publish": lambda: self._kill_point("write", round_index),
-                 "before_link": lambda: self._kill_point("link", round_index)}
+        hooks = {
+            "before_publish": lambda: self._kill_point("write", round_index),
+            "before_link": lambda: self._kill_point("link", round_index),
+        }
         start = time.perf_counter()
         if not self.log_started:
             storage.create_log(self.output, self._header(), replace=self.plan.overwrite, first_round=record, **hooks)
@@ -488,9 +538,13 @@ class Federation:
     def _client_work(self, client_id: int, round_index: int) -> simclock.ClientWork:
         method, rank = self.cfg.federation.method, self.cfg.lora.rank_of(client_id)
         tokens = local_tokens(self.cfg, self._encoded_client(client_id), round_index, client_id)
-        per_token = simclock.training_flops_per_token(self.clock.base_params, *simclock.adapter_params(method, self.shapes, rank))
+        per_token = simclock.training_flops_per_token(
+            self.clock.base_params, *simclock.adapter_params(method, self.shapes, rank)
+        )
         return simclock.ClientWork(
-            client_id=client_id, tokens=tokens, flops=tokens * per_token,
+            client_id=client_id,
+            tokens=tokens,
+            flops=tokens * per_token,
             bytes_down=simclock.download_bytes(method, self.shapes, self.clock.global_ranks, rank),
             bytes_up=simclock.upload_bytes(method, self.shapes, rank),
         )
@@ -539,9 +593,12 @@ class Federation:
         cfg, world = self.cfg, self.world
         what = f"resuming after round {first - 1}" if first else "starting"
         initial = f", initial eval loss {self.initial_eval:.4f}" if math.isfinite(self.initial_eval) else ""
-        return (f"florist-mpi {what}: {cfg.federation.method} (tau={cfg.federation.tau}) | {cfg.federation.num_clients} clients "
-                f"on {world.size} rank(s), device {self.device.type} | {len(self.shapes)} adapted modules | "
-                f"{cfg.run.rounds} rounds -> {self.output}{initial}")
+        return (
+            f"florist-mpi {what}: {cfg.federation.method} (tau={cfg.federation.tau}) | "
+            f"{cfg.federation.num_clients} clients "
+            f"on {world.size} rank(s), device {self.device.type} | {len(self.shapes)} adapted modules | "
+            f"{cfg.run.rounds} rounds -> {self.output}{initial}"
+        )
 
     def _round_line(self, round_index, attrs, kept, outcome, participants) -> str:
         ranks = [r.rank for r in outcome["results"].values()]
@@ -551,10 +608,16 @@ class Federation:
             eval_part = f"eval loss {attrs['eval_loss']:.4f} (ppl {evaluation.perplexity(attrs['eval_loss']):.1f})"
         if math.isfinite(attrs.get("eval_accuracy", math.nan)):
             eval_part = f"eval acc {attrs['eval_accuracy']:.3f}"
-        phases = " ".join(f"{k.removeprefix('time_')} {attrs[k]:.2f}s" for k in
-                          ("time_train", "time_gather", "time_aggregate", "time_broadcast", "time_merge", "time_eval"))
+        phases = " ".join(
+            f"{k.removeprefix('time_')} {attrs[k]:.2f}s"
+            for k in ("time_train", "time_gather", "time_aggregate", "time_broadcast", "time_merge", "time_eval")
+        )
         excluded = f" ({len(outcome['excluded'])} excluded)" if outcome["excluded"] else ""
-        simulated = f" | sim {attrs['sim_time_s']:.1f}s (clock {attrs['sim_clock_s']:.1f}s)" if "sim_time_s" in attrs else ""
-        return (f"round {round_index + 1}/{self.cfg.run.rounds} | clients {len(kept)}/{len(participants)}{excluded} | "
-                f"train loss {np.mean(losses):.4f} | {eval_part} | global rank mean {np.mean(ranks):.1f} "
-                f"| down {attrs['bytes_down'] / 1e6:.2f} MB{simulated} | {phases}")
+        simulated = (
+            f" | sim {attrs['sim_time_s']:.1f}s (clock {attrs['sim_clock_s']:.1f}s)" if "sim_time_s" in attrs else ""
+        )
+        return (
+            f"round {round_index + 1}/{self.cfg.run.rounds} | clients {len(kept)}/{len(participants)}{excluded} | "
+            f"train loss {np.mean(losses):.4f} | {eval_part} | global rank mean {np.mean(ranks):.1f} "
+            f"| down {attrs['bytes_down'] / 1e6:.2f} MB{simulated} | {phases}"
+        )

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from pathlib import Path
 
-import numpy as np
 import torch
 
 from florist_mpi import storage

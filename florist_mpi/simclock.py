@@ -187,21 +187,28 @@ def schedule(times: Mapping[int, ClientTimes], target: int, deadline_s: float | 
     stragglers, on_time = [], []
     for client, t in sorted(times.items()):
         if deadline_s is not None and t.total_s > deadline_s:
-            stragglers.append((client, f"straggler: simulated {t.total_s:.1f}s exceeds system.deadline_s {deadline_s:g}s"))
+            reason = f"straggler: simulated {t.total_s:.1f}s exceeds system.deadline_s {deadline_s:g}s"
+            stragglers.append((client, reason))
         else:
             on_time.append(client)
     order = sorted(on_time, key=lambda c: (times[c].total_s, c))
     for client in order[target:]:
-        stragglers.append((client, f"straggler: finished after the first {target} "
-                                   f"(simulated {times[client].total_s:.1f}s, federation.overcommit)"))
+        stragglers.append(
+            (
+                client,
+                f"straggler: finished after the first {target} "
+                f"(simulated {times[client].total_s:.1f}s, federation.overcommit)",
+            )
+        )
     return Schedule(train=sorted(order[:target]), stragglers=sorted(stragglers))
 
 
 # ---------------------------------------------------------------------- the server
 
 
-def aggregation_flops(method: str, shapes: Mapping[str, tuple[int, int]], client_ranks: list[int],
-                      global_ranks: Mapping[str, int]) -> float:
+def aggregation_flops(
+    method: str, shapes: Mapping[str, tuple[int, int]], client_ranks: list[int], global_ranks: Mapping[str, int]
+) -> float:
     """Multiply-adds (×2 FLOPs) of aggregating the clients' factors, summed over modules.
 
     Dense linear-algebra counts (Golub & Van Loan, Matrix Computations, 4th ed.), with K
