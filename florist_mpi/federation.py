@@ -142,11 +142,9 @@ class Federation:
     # ------------------------------------------------------------------ set-up
 
     def _load_eval_shard(self):
-        from florist_mpi.runner import _eval_records
-
         if not self.cfg.eval.every:
             return None
-        records = evaluation.shard(_eval_records(self.cfg), self.world.rank, self.world.size)
+        records = evaluation.shard(evaluation.eval_set_records(self.cfg), self.world.rank, self.world.size)
         if self.cfg.eval.kind == "mmlu":
             return evaluation.multiple_choice_items(records, self.tokenizer, self.cfg.data.max_length)
         return data_lib.encode_records(records, self.tokenizer, self.cfg.data.max_length)

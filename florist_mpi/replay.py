@@ -77,10 +77,9 @@ class Evaluator:
     def __init__(self, cfg: ExperimentConfig, model, tokenizer, device: torch.device | None = None):
         from florist_mpi import data as data_lib
         from florist_mpi import evaluation
-        from florist_mpi.runner import _eval_records
 
         self.cfg, self.model, self.device = cfg, model, device or torch.device("cpu")
-        records = _eval_records(cfg)
+        records = evaluation.eval_set_records(cfg)
         if cfg.eval.kind == "mmlu":
             self.items = evaluation.multiple_choice_items(records, tokenizer, cfg.data.max_length)
         else:

@@ -127,7 +127,7 @@ def test_resume_keys_include_what_the_logged_metric_means():
 
 def test_precision_needs_the_matching_model_dtype_for_a_new_run_but_logs_stay_readable():
     from florist_mpi.errors import UserError
-    from florist_mpi.runner import check_run_settings
+    from florist_mpi.preflight import check_run_settings
 
     mismatched = config_from_tree({"train": {"precision": "bf16"}})  # a logged config may hold this
     with pytest.raises(UserError, match="train.precision 'bf16'.*model.dtype: bfloat16"):
