@@ -15,7 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-METHODS = ("florist", "fedit", "flora", "flexlora", "ffa")
+from florist_mpi import methods
+
 ALPHA_PER_RANK = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*r\s*$")
 
 
@@ -37,7 +38,9 @@ class FederationConfig(_Section):
     num_clients: int = Field(8, ge=1)
     # An int is a count of clients per round, a float in (0, 1] a fraction of them.
     clients_per_round: int | float | None = None
-    method: Literal["florist", "fedit", "flora", "flexlora", "ffa"] = "florist"
+    method: str = Field(
+        "florist", description="aggregation method: a name in the florist_mpi.methods registry (see README.md)"
+    )
     tau: float = Field(0.9, gt=0.0, le=1.0)
     max_rank: int | None = Field(None, ge=1)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -52,6 +55,12 @@ class FederationConfig(_Section):
                     "module's client factors and aggregates it; same results, memory and work spread "
                     "over the ranks)",
     )
+
+    @field_validator("method")
+    @classmethod
+    def _registered_method(cls, value: str) -> str:
+        methods.get(value)  # ValueError naming the registered methods
+        return value
 
     @field_validator("clients_per_round", mode="before")
     @classmethod

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from florist_mpi import comm, evaluation, exchange, sharding, simclock, storage
+from florist_mpi import comm, evaluation, exchange, methods, sharding, simclock, storage
 from florist_mpi import data as data_lib
 from florist_mpi.config import ExperimentConfig
 from florist_mpi.exchange import ClientUpdate
@@ -132,8 +132,10 @@ class Federation:
         self.client_records = data_lib.client_records(cfg.data, cfg.federation.num_clients, cfg.run.seed)
         self._encoded: dict[int, list] = {}
         self.eval_set = self._load_eval_shard()
-        self.frozen_A = frozen_A(cfg, self.shapes) if cfg.federation.method == "ffa" else None
-        self.client_init: dict[str, tuple[np.ndarray, np.ndarray]] | None = None  # FlexLoRA carry-over
+        self.method = methods.get(cfg.federation.method)
+        self.frozen_A = frozen_A(cfg, self.shapes) if self.method.frozen_A else None
+        # the kept global update clients start from (methods that keep the base: FlexLoRA)
+        self.client_init: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
         self.log_started = plan.resume_from >= 0
         self.initial_eval = math.nan
         self.clock = self._start_clock() if cfg.system is not None else None
@@ -163,7 +165,7 @@ class Federation:
             self.initial_eval = float(handle.attrs.get("initial_eval_loss", math.nan))
             for round_index in rounds:
                 factors = storage.read_global_factors(handle, round_index)
-                if self.cfg.federation.method == "flexlora":
+                if self.method.keeps_base:
                     self.client_init = factors
                 else:
                     merge_update(self.modules, {name: factors[name] for name in self.shapes}, self.masters)
@@ -212,7 +214,7 @@ class Federation:
             self.clock.global_ranks = {name: int(B.shape[1]) for name, (B, _) in global_factors.items()}
 
         start = time.perf_counter()
-        if cfg.federation.method == "flexlora":
+        if self.method.keeps_base:
             self.client_init = global_factors
         else:
             merge_update(self.modules, global_factors, self.masters)
@@ -398,8 +400,8 @@ class Federation:
         """Held-out loss (and MMLU accuracy) of the global model, split over ranks."""
         if self.eval_set is None:
             return math.nan, math.nan
-        if self.cfg.federation.method == "flexlora" and global_factors is not None:
-            # FlexLoRA keeps the base; its global model is base + the aggregated update.
+        if self.method.keeps_base and global_factors is not None:
+            # the base is kept (FlexLoRA): the global model is base + the aggregated update
             with temporarily_merged(self.modules, global_factors, self.masters):
                 return self._evaluate_model()
         return self._evaluate_model()
@@ -496,15 +498,9 @@ class Federation:
         for name in self.shapes:
             yield name, {c.client_id: c.factors[name] for c in kept}
 
-    def _wire_floats(self, rank: int, m: int, n: int) -> int:
-        """Floats one module's factors of this rank take on the wire.
-
-        FFA-LoRA's A is frozen and derived from the shared seed: only B travels.
-        """
-        return simclock.wire_floats(self.cfg.federation.method, rank, m, n)
-
     def _factor_floats(self, rank: int) -> int:
-        return sum(self._wire_floats(rank, m, n) for m, n in self.shapes.values())
+        """Floats one client's rank-`rank` factors take on the wire (the method says which travel)."""
+        return sum(self.method.wire_floats(rank, m, n) for m, n in self.shapes.values())
 
     def _bytes_down(self, global_factors) -> int:
         """fp32 bytes the server sends, summed over every client (each gets its own prefix in FlexLoRA)."""
@@ -512,8 +508,8 @@ class Federation:
         total = 0
         for client_id in range(fed.num_clients):
             for B, A in global_factors.values():
-                r = min(B.shape[1], lora.rank_of(client_id)) if fed.method == "flexlora" else B.shape[1]
-                total += 4 * self._wire_floats(r, B.shape[0], A.shape[1])
+                r = self.method.download_rank(B.shape[1], lora.rank_of(client_id))
+                total += 4 * self.method.wire_floats(r, B.shape[0], A.shape[1])
         return total
 
     # ------------------------------------------------------- simulated clock

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 
 import torch
 
-from florist_mpi import storage
+from florist_mpi import methods, storage
 from florist_mpi.config import ExperimentConfig, parse_config_text
 
 
@@ -29,7 +29,7 @@ def load_initial_base(cfg: ExperimentConfig, device: torch.device | None = None)
 
 
 def merge_rounds_before(model_modules, log_path, cfg: ExperimentConfig, round_index: int) -> dict:
-    """Apply the logged global updates of rounds < round_index (nothing for FlexLoRA).
+    """Apply the logged global updates of rounds < round_index (nothing for methods that keep the base).
 
     Returns the fp32 masters of weights stored in 16 bits (see model.float32_masters),
     which later temporary merges must go through, as the run's own merges did.
@@ -37,7 +37,7 @@ def merge_rounds_before(model_modules, log_path, cfg: ExperimentConfig, round_in
     from florist_mpi.model import float32_masters, merge_update
 
     masters = float32_masters(model_modules)
-    if cfg.federation.method == "flexlora":
+    if methods.get(cfg.federation.method).keeps_base:
         return masters
     with storage.open_log(log_path) as handle:
         for r in storage.completed_rounds(handle):

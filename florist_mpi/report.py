@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from florist_mpi import methods
 from florist_mpi.analysis import PHASES, Run, open_run
 from florist_mpi.errors import UserError
 
@@ -265,7 +266,7 @@ def run_text(run: Run, verbose: bool = False) -> str:
     fed = cfg.federation
     frame = run.rounds
     lines = [f"== {run.path} =="]
-    tau = f"tau {run.tau:g}" if run.method == "florist" else f"tau {run.tau:g} (unused by {run.method})"
+    tau = f"tau {run.tau:g}" if methods.get(run.method).uses_tau else f"tau {run.tau:g} (unused by {run.method})"
     max_rank = f", max rank {fed.max_rank}" if fed.max_rank else ""
     lines.append(
         f"method {run.method}, {tau}{max_rank} | {run.num_clients} clients, "
@@ -768,7 +769,7 @@ def plot_spectra(run: Run, label: str):
     ranks = run.ranks[last]
     names = dict(zip(run.modules, short_module_names(run.modules)))
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4))
-    florist = run.method == "florist"
+    florist = methods.get(run.method).uses_tau  # its rank was cut at τ: mark τ on the energy plot
     handles = []
     for module, color in zip(modules, _colors(len(modules))):
         sv = spectra[module]

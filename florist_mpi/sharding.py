@@ -5,7 +5,7 @@ A round, every step a collective over all ranks:
    per client (id, samples, rank, loss, status): every rank learns every client and the
    same exclusion verdict root mode reaches (same clients, same reasons).
 2. Owners. Modules go to ranks by greedy longest-processing-time on their estimated
-   aggregation cost (`aggregation.aggregation_cost` from m, n and R): the same on every rank.
+   aggregation cost (`Method.aggregation_cost` from m, n and R): the same on every rank.
 3. Scatter. Each rank sends each kept client's factors of module M to M's owner (all-to-all
    in int-safe steps). An owner holds its modules' factors of every kept client; no rank
    holds every module's factors of every client.

@@ -32,6 +32,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from florist_mpi import methods
 from florist_mpi.analysis import CLIENT_ADAPTERS_HINT, Run, check_new_output_dir, open_run, publishing_dir
 from florist_mpi.errors import UserError
 from florist_mpi.storage import LogError
@@ -225,15 +226,7 @@ def florist_basis(run_path: str | Path | Run, round_index: int | None = None) ->
 
 def exact_global_update(run) -> str | None:
     """How the run's logged global factors hold the exact ΔW = Σ p_k B_k A_k, or None if they do not."""
-    if run.method == "flora":
-        return "flora's logged global update (the client stacks, exact)"
-    if run.method == "ffa":
-        return "ffa's logged global update (averaged B times the shared A, exact)"
-    cap = run.config.federation.max_rank
-    uncapped = cap is None or int(run.ranks.to_numpy().max(initial=0)) < cap
-    if run.method == "florist" and run.tau >= 1.0 and uncapped:
-        return "the logged global update (florist at τ = 1 keeps every direction: exact)"
-    return None
+    return methods.get(run.method).exact_global_update(run)
 
 
 def _tensors(pair):

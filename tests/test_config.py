@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 
+from florist_mpi import methods
 from florist_mpi.config import ConfigError, config_from_tree, load_config, parse_config_text, resume_mismatch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -11,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_validate(path):
     cfg = load_config(path)
-    assert cfg.federation.method in ("florist", "fedit", "flora", "flexlora", "ffa")
+    assert cfg.federation.method in methods.names()
 
 
 def test_defaults_and_alpha_per_rank():

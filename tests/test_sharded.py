@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from conftest import REPO, mpi_env, run_mpi
 
-from florist_mpi.aggregation import METHODS
 from florist_mpi.config import ConfigError, config_from_tree
+from florist_mpi.methods import names
 from florist_mpi.sharding import assign_owners, module_costs
 
 # ------------------------------------------------------------------ owner assignment (no MPI)
@@ -132,7 +132,7 @@ FAULTS = "nan@0:1,raise@1:3"
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", names())
 def test_sharded_run_equals_root_run(tmp_path, method):
     """3 ranks, 2 rounds, dropouts and faults; sharded with a tiny chunk so every collective steps."""
     from test_run import run_ok, write_config
