@@ -647,7 +647,8 @@ class Federation:
             f" | sim {attrs['sim_time_s']:.1f}s (clock {attrs['sim_clock_s']:.1f}s)" if "sim_time_s" in attrs else ""
         )
         return (
-            f"round {round_index + 1}/{self.cfg.run.rounds} | clients {len(kept)}/{len(participants)}{excluded} | "
+            f"round {round_index} ({round_index + 1}/{self.cfg.run.rounds}) | "
+            f"clients {len(kept)}/{len(participants)}{excluded} | "
             f"train loss {np.mean(losses):.4f} | {eval_part} | global rank mean {np.mean(ranks):.1f} "
             f"| down {attrs['bytes_down'] / 1e6:.2f} MB{simulated} | {phases}"
         )

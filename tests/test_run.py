@@ -190,7 +190,8 @@ def test_log_matches_documented_schema(florist_runs):
 
 def test_progress_lines_from_rank_zero_only(florist_runs):
     _, result = florist_runs[3]
-    assert result.stdout.count("round 1/2") == 1 and result.stdout.count("round 2/2") == 1
+    # rounds are numbered from 0 as in the log, report and --round; (k/N) counts them
+    assert result.stdout.count("round 0 (1/2)") == 1 and result.stdout.count("round 1 (2/2)") == 1
     assert "eval loss" in result.stdout
     lines = [line for line in result.stdout.splitlines() if line.strip()]
     # banner, one line per round, the closing line: nothing from the other ranks or the libraries
@@ -261,7 +262,7 @@ def test_model_from_a_local_directory(tmp_path):
     model.save_pretrained(tmp_path / "my-model")
     tokenizer.save_pretrained(tmp_path / "my-model")
     result = run_ok(1, config, "--set", f"model.name={tmp_path / 'my-model'}")
-    assert "round 1/1" in result.stdout
+    assert "round 0 (1/1)" in result.stdout
     with h5py.File(log, "r") as handle:
         assert math.isfinite(handle["rounds/00000"].attrs["eval_loss"])
 
