@@ -1,6 +1,6 @@
 # Set-up and everyday commands. Everything lives in .venv (created when missing).
 #   make demo   - install, then run the embedded demo on 4 MPI ranks (offline, CPU is fine)
-#   make test   - install, then run the test suite
+#   make test   - install, then lint (ruff) and run the test suite
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -28,6 +28,7 @@ demo: install
 	$(BIN)/mpiexec $(MPIEXEC_FLAGS) -n $(NP) $(BIN)/florist-mpi run configs/demo.yaml --overwrite
 
 test: install
+	$(BIN)/ruff check .
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: install

@@ -88,7 +88,9 @@ def batched_route(adapter, weights, tau):
     G_B = G_B * w_B[:, :, None] * w_B[:, None, :]
     G_A = G_A * w_A[:, :, None] * w_A[:, None, :]
     L = torch.linalg.cholesky(G_B)
-    L_inv = torch.linalg.solve_triangular(L, torch.eye(L.shape[-1], dtype=L.dtype, device=device).expand_as(L), upper=False)
+    L_inv = torch.linalg.solve_triangular(
+        L, torch.eye(L.shape[-1], dtype=L.dtype, device=device).expand_as(L), upper=False
+    )
     eigenvalues, U = torch.linalg.eigh(L.transpose(1, 2) @ G_A @ L)
     sigma, U = eigenvalues.flip(-1).clamp(min=0).sqrt(), U.flip(-1)
     ranks = [select_rank(s, tau) for s in sigma]
@@ -157,13 +159,17 @@ def main() -> None:
     started = time.perf_counter()
     device = args.device
     threads = f"{torch.get_num_threads()} threads" if device == "cpu" else torch.cuda.get_device_name()
-    print(f"{args.modules} modules {args.dim}x{args.dim}, ranks {RANKS}, tau={TAU}, torch {torch.__version__}, "
-          f"{device} ({threads})", flush=True)
+    print(
+        f"{args.modules} modules {args.dim}x{args.dim}, ranks {RANKS}, tau={TAU}, torch {torch.__version__}, "
+        f"{device} ({threads})",
+        flush=True,
+    )
     adapter = make_adapter(args.modules, args.dim, device=device)
 
     t_fast, fast = timed(lambda: aggregate_adapter("florist", adapter, SAMPLES, tau=TAU), args.repeats, device)
-    t_official, official = timed(lambda: {n: official_route(f, SAMPLES, TAU) for n, f in adapter.items()},
-                                 args.repeats, device)
+    t_official, official = timed(
+        lambda: {n: official_route(f, SAMPLES, TAU) for n, f in adapter.items()}, args.repeats, device
+    )
     one = next(iter(adapter.values()))
     t_dense_one, _ = timed(lambda: flexlora_dense(one, SAMPLES), max(1, min(args.repeats, 2)), device)
     t_dense = t_dense_one * args.modules
@@ -184,29 +190,47 @@ def main() -> None:
     core = torch.randn(R, R, dtype=torch.float64, device=device)
     core = core @ core.T
     t_eigh, _ = timed(lambda: [torch.linalg.eigh(core) for _ in range(args.modules)], args.repeats, device)
-    print(f"mean global rank {mean_rank:.1f}; max relative difference (a) vs (b) on a probe: {worst:.1e}; "
-          f"ranks that differ: {rank_differences}")
-    print(f"GEMM throughput ({args.dim}x{args.dim} @ {args.dim}x{R}): float64 {rate64 / 1e9:.1f} GFLOP/s, "
-          f"float32 {rate32 / 1e9:.1f} GFLOP/s")
+    print(
+        f"mean global rank {mean_rank:.1f}; max relative difference (a) vs (b) on a probe: {worst:.1e}; "
+        f"ranks that differ: {rank_differences}"
+    )
+    print(
+        f"GEMM throughput ({args.dim}x{args.dim} @ {args.dim}x{R}): float64 {rate64 / 1e9:.1f} GFLOP/s, "
+        f"float32 {rate32 / 1e9:.1f} GFLOP/s"
+    )
     print()
     print("| route | median time (s) | ratio |")
     print("| --- | --- | --- |")
     print(f"| (a) florist_mpi, Gram route, {args.modules} modules | {t_fast:.3f} | 1.00 |")
     print(f"| (b) official 3-SVD route | {t_official:.3f} | {t_official / t_fast:.2f}x slower than (a) |")
-    print(f"| (c) FlexLoRA dense SVD (1 module x {args.modules}) | {t_dense:.1f} | {t_dense / t_fast:.0f}x slower than (a) |")
+    print(
+        f"| (c) FlexLoRA dense SVD (1 module x {args.modules}) | {t_dense:.1f} | "
+        f"{t_dense / t_fast:.0f}x slower than (a) |"
+    )
     if args.batched:
         t_batched, batched = timed(lambda: batched_route(adapter, SAMPLES, TAU), args.repeats, device)
         same = max_probe_difference({n: (B, A) for n, (B, A, _) in batched.items()}, fast_pairs, args.dim, device)
-        print(f"| (a) batched over equal-shaped modules | {t_batched:.3f} | {t_batched / t_fast:.2f}x the time of (a) "
-              f"(difference {same:.0e}) |")
-    print(f"| FLOP floor of (a): its GEMM flops at float64 GEMM speed | {floor:.3f} | (a) is {t_fast / floor:.2f}x the floor |")
-    print(f"| same, Grams counted as symmetric (syrk) | {floor_symmetric:.3f} | (a) is {t_fast / floor_symmetric:.2f}x |")
-    print(f"| R x R eigensolver alone ({args.modules} x eigh {R}x{R}), inside (a), not in the floor | {t_eigh:.3f} | "
-          f"{t_eigh / t_fast:.0%} of (a) |")
+        print(
+            f"| (a) batched over equal-shaped modules | {t_batched:.3f} | {t_batched / t_fast:.2f}x the time of (a) "
+            f"(difference {same:.0e}) |"
+        )
+    print(
+        f"| FLOP floor of (a): its GEMM flops at float64 GEMM speed | {floor:.3f} | "
+        f"(a) is {t_fast / floor:.2f}x the floor |"
+    )
+    print(
+        f"| same, Grams counted as symmetric (syrk) | {floor_symmetric:.3f} | (a) is {t_fast / floor_symmetric:.2f}x |"
+    )
+    print(
+        f"| R x R eigensolver alone ({args.modules} x eigh {R}x{R}), inside (a), not in the floor | {t_eigh:.3f} | "
+        f"{t_eigh / t_fast:.0%} of (a) |"
+    )
     print()
-    print(f"targets: (a) >= 3x faster than (b): {'met' if t_official / t_fast >= 3 else 'NOT met'}; "
-          f">= 500x faster than (c): {'met' if t_dense / t_fast >= 500 else 'NOT met'}; "
-          f"within 2x of the floor: {'met' if t_fast / floor <= 2 else 'NOT met'}")
+    print(
+        f"targets: (a) >= 3x faster than (b): {'met' if t_official / t_fast >= 3 else 'NOT met'}; "
+        f">= 500x faster than (c): {'met' if t_dense / t_fast >= 500 else 'NOT met'}; "
+        f"within 2x of the floor: {'met' if t_fast / floor <= 2 else 'NOT met'}"
+    )
     print(f"(benchmark wall time {time.perf_counter() - started:.0f} s)")
 
 

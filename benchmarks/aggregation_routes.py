@@ -7,11 +7,13 @@ For one dim×dim module and rank-`rank` clients (R = K · rank), times in one pr
   gram   aggregate(route="gram")  (today's route: two R×R Grams, Cholesky, R×R eigensolver;
                                    past R = dim the stack is rank-deficient and an m×R SVD takes over)
   dense  aggregate(route="dense") (ΔW once, eigensolver of its dim×dim Gram, truncate)
-and which of the two `aggregate()` picks there (`exact_route` from m, n, R), and checks that the routes choose the same rank and agree on ΔW_global (probe vector).
+and which of the two `aggregate()` picks there (`exact_route` from m, n, R), and checks that the routes
+choose the same rank and agree on ΔW_global (probe vector).
 Then, side by side at K = --side-by-side clients: `aggregate` against the plain dense
 baseline (form ΔW = Σ p_k B_k A_k in float64, one full SVD, truncate to the same rule).
 Gram timings beyond --gram-max are skipped (that route takes minutes there).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +29,10 @@ def make_clients(count: int, dim: int, rank: int, seed: int = 0):
     """Rank-`rank` clients with decaying column scales (trained adapters have decaying spectra)."""
     g = torch.Generator().manual_seed(seed)
     scale = torch.logspace(0, -2, rank)
-    return [(torch.randn(dim, rank, generator=g) * scale / dim**0.5, torch.randn(rank, dim, generator=g) / dim**0.5)
-            for _ in range(count)]
+    return [
+        (torch.randn(dim, rank, generator=g) * scale / dim**0.5, torch.randn(rank, dim, generator=g) / dim**0.5)
+        for _ in range(count)
+    ]
 
 
 def samples(count: int) -> list[int]:
@@ -74,23 +78,33 @@ def main() -> None:
     stacks = [int(x) for x in args.stacks.split(",") if x]
     largest = max(stacks + [args.side_by_side * args.rank]) // args.rank
     clients = make_clients(largest, args.dim, args.rank)
-    print(f"one {args.dim}x{args.dim} module, rank-{args.rank} clients, tau={args.tau}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads", flush=True)
+    print(
+        f"one {args.dim}x{args.dim} module, rank-{args.rank} clients, tau={args.tau}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads",
+        flush=True,
+    )
     print()
     print("| R = K x r | K | gram (s) | dense (s) | aggregate() picks | rank | gram vs dense |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for R in stacks:
         K = R // args.rank
         factors, weights = clients[:K], samples(K)
-        t_dense, dense = timed(lambda: aggregate("florist", factors, weights, tau=args.tau, route="dense"), args.repeats)
+        t_dense, dense = timed(
+            lambda: aggregate("florist", factors, weights, tau=args.tau, route="dense"), args.repeats
+        )
         gram_cell, agree = "skipped", "-"
         if R <= args.gram_max:
-            t_gram, gram = timed(lambda: aggregate("florist", factors, weights, tau=args.tau, route="gram"), args.repeats)
+            t_gram, gram = timed(
+                lambda: aggregate("florist", factors, weights, tau=args.tau, route="gram"), args.repeats
+            )
             gram_cell = f"{t_gram:.2f}"
             diff = probe_difference((gram.B, gram.A), (dense.B, dense.A), args.dim)
             agree = f"same rank, {diff:.0e}" if gram.rank == dense.rank else f"RANKS DIFFER {gram.rank}/{dense.rank}"
-        print(f"| {R} | {K} | {gram_cell} | {t_dense:.2f} | {exact_route(args.dim, args.dim, R)} | "
-              f"{dense.rank} | {agree} |", flush=True)
+        print(
+            f"| {R} | {K} | {gram_cell} | {t_dense:.2f} | {exact_route(args.dim, args.dim, R)} | "
+            f"{dense.rank} | {agree} |",
+            flush=True,
+        )
 
     K = args.side_by_side
     factors, weights = clients[:K], samples(K)

@@ -43,13 +43,28 @@ def time_train(out: Path, mode: str, clients: int, steps: int, ranks: int) -> li
     """time_train of each round of one run (seconds)."""
     output = out / f"{mode}_{clients}c_{steps}s_{ranks}r.h5"
     settings = {
-        "run.rounds": 2, "run.output": output, "federation.num_clients": clients, "federation.clients_per_round": clients,
-        "lora.ranks": "null", "lora.rank": 8, "train.local_steps": steps, "train.client_engines": mode,
-        "eval.every": 0, "log.client_adapters": "false",
+        "run.rounds": 2,
+        "run.output": output,
+        "federation.num_clients": clients,
+        "federation.clients_per_round": clients,
+        "lora.ranks": "null",
+        "lora.rank": 8,
+        "train.local_steps": steps,
+        "train.client_engines": mode,
+        "eval.every": 0,
+        "log.client_adapters": "false",
     }
     overrides = [item for key, value in settings.items() for item in ("--set", f"{key}={value}")]
-    command = [*launcher(ranks), sys.executable, "-m", "florist_mpi.cli", "run", "configs/demo.yaml", "--overwrite",
-               *overrides]
+    command = [
+        *launcher(ranks),
+        sys.executable,
+        "-m",
+        "florist_mpi.cli",
+        "run",
+        "configs/demo.yaml",
+        "--overwrite",
+        *overrides,
+    ]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONWARNINGS="ignore")
     subprocess.run(command, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
     with h5py.File(output, "r") as handle:
@@ -72,8 +87,10 @@ def main() -> None:
             for steps in (1, 11):
                 runs[mode, steps].append(time_train(args.out, mode, k, steps, ranks=1))
     print(f"## {k} clients on 1 rank, demo model (medians of {args.repeats}; ms per client)\n")
-    print("| engines | round | 1 step: time per client | 11 steps: time per client | one local step | "
-          "fixed cost per client | fixed cost / step |")
+    print(
+        "| engines | round | 1 step: time per client | 11 steps: time per client | one local step | "
+        "fixed cost per client | fixed cost / step |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- |")
     fixed_by_mode = {}
     for mode in MODES:
@@ -84,8 +101,10 @@ def main() -> None:
             fixed = one - step
             if round_index == 1:
                 fixed_by_mode[mode] = fixed
-            print(f"| {mode} | {round_index} | {one * 1e3:.1f} | {eleven * 1e3:.1f} | {step * 1e3:.1f} | "
-                  f"{fixed * 1e3:.1f} | {fixed / step:.2f} |")
+            print(
+                f"| {mode} | {round_index} | {one * 1e3:.1f} | {eleven * 1e3:.1f} | {step * 1e3:.1f} | "
+                f"{fixed * 1e3:.1f} | {fixed / step:.2f} |"
+            )
     print(f"\nfixed cost, steady state: fresh / reuse = {fixed_by_mode['fresh'] / fixed_by_mode['reuse']:.1f}x")
 
     if args.many:

@@ -73,8 +73,12 @@ def replay(log: Path, slower: float) -> dict:
             for j, k in enumerate(clients["id"][()].tolist()):
                 if k in excluded:
                     continue
-                down = simclock.transfer_seconds(int(clients["bytes_down"][j]), profile.downlink_mbps[k] / slower, profile.latency_s[k])
-                up = simclock.transfer_seconds(int(clients["bytes_up"][j]), profile.uplink_mbps[k] / slower, profile.latency_s[k])
+                down = simclock.transfer_seconds(
+                    int(clients["bytes_down"][j]), profile.downlink_mbps[k] / slower, profile.latency_s[k]
+                )
+                up = simclock.transfer_seconds(
+                    int(clients["bytes_up"][j]), profile.uplink_mbps[k] / slower, profile.latency_s[k]
+                )
                 compute = float(clients["sim_compute_s"][j])
                 slowest = max(slowest, down + compute + up)
                 if key != "00000":  # round 0 downloads nothing
@@ -90,15 +94,19 @@ def table(logs: dict[str, Path], figures: dict[str, dict], title: str) -> None:
     runs = {label: open_run(log) for label, log in logs.items()}
     target = max(float(run.rounds["eval_loss"].min()) for run in runs.values())
     print(f"\n{title}; target eval loss {target:.4f} (the lowest every run reaches)")
-    print(f"| method | download s | compute s | upload s | round s (median) | rounds to target | "
-          f"simulated time to target s | final eval loss |")
+    print(
+        "| method | download s | compute s | upload s | round s (median) | rounds to target | "
+        "simulated time to target s | final eval loss |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for label, run in runs.items():
         f = figures[label]
         hit = next(i for i, loss in enumerate(run.rounds["eval_loss"].tolist()) if loss <= target)
         per_round = np.diff([0.0] + f["clock"])
-        print(f"| {label} | {f['down']:.4g} | {f['compute']:.4g} | {f['up']:.4g} | {np.median(per_round):.4g} | "
-              f"{hit + 1} | {f['clock'][hit]:.4g} | {run.rounds['eval_loss'].iloc[-1]:.4f} |")
+        print(
+            f"| {label} | {f['down']:.4g} | {f['compute']:.4g} | {f['up']:.4g} | {np.median(per_round):.4g} | "
+            f"{hit + 1} | {f['clock'][hit]:.4g} | {run.rounds['eval_loss'].iloc[-1]:.4f} |"
+        )
 
 
 def main() -> None:
@@ -115,10 +123,15 @@ def main() -> None:
     worst = max(abs(a - b) / b for label in logs for a, b in zip(logged[label], shipped[label]["clock"]))
     print(f"recomputed clock vs logged sim_clock_s: largest relative difference {worst:.1e}")
     table(logs, shipped, "shipped profile (configs/system/mobile_edge.yaml)")
-    table(logs, {label: replay(log, SLOWER) for label, log in logs.items()},
-          f"links {SLOWER:g}x slower (recomputed from the logged bytes and compute times)")
-    print("\ndownload s: mean per aggregated client and round from round 1 on (round 0 downloads nothing); "
-          "compute/upload s: mean per aggregated client and round; round s: median simulated round time.")
+    table(
+        logs,
+        {label: replay(log, SLOWER) for label, log in logs.items()},
+        f"links {SLOWER:g}x slower (recomputed from the logged bytes and compute times)",
+    )
+    print(
+        "\ndownload s: mean per aggregated client and round from round 1 on (round 0 downloads nothing); "
+        "compute/upload s: mean per aggregated client and round; round s: median simulated round time."
+    )
 
 
 if __name__ == "__main__":

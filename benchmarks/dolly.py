@@ -37,29 +37,55 @@ def mpiexec(ranks: int) -> list[str]:
     exe = str(exe) if exe.exists() else shutil.which("mpiexec")
     if exe is None or ranks == 1:
         return []
-    flags = ["--oversubscribe"] + (["--allow-run-as-root"] if hasattr(__import__("os"), "geteuid") and __import__("os").geteuid() == 0 else [])
+    flags = ["--oversubscribe"] + (
+        ["--allow-run-as-root"] if hasattr(__import__("os"), "geteuid") and __import__("os").geteuid() == 0 else []
+    )
     return [exe, *flags, "-n", str(ranks)]
 
 
 def overrides(args, method: str, tau: float, output: Path) -> list[str]:
     settings = {
-        "run.rounds": args.rounds, "run.seed": 0, "run.output": output,
-        "federation.num_clients": 8, "federation.method": method, "federation.tau": tau,
-        "model.tiny.hidden_size": 128, "model.tiny.intermediate_size": 256, "model.tiny.num_hidden_layers": 2,
-        "model.tiny.num_attention_heads": 4, "model.tiny.vocab_size": 2048,
-        "model.warmup_steps": args.warmup_steps, "model.warmup_lr": 0.003,
-        "lora.ranks": "[16,8,8,4,4,4,2,2]", "lora.alpha": "2r", "lora.target_modules": "[q_proj,v_proj]",
-        "data.source": "json", "data.path": str(DATA), "data.max_length": 128,
-        "train.local_steps": args.local_steps, "train.micro_batch_size": 8, "train.lr": 0.001,
-        "eval.every": args.rounds, "eval.batch_size": 40, "log.client_adapters": "false",
+        "run.rounds": args.rounds,
+        "run.seed": 0,
+        "run.output": output,
+        "federation.num_clients": 8,
+        "federation.method": method,
+        "federation.tau": tau,
+        "model.tiny.hidden_size": 128,
+        "model.tiny.intermediate_size": 256,
+        "model.tiny.num_hidden_layers": 2,
+        "model.tiny.num_attention_heads": 4,
+        "model.tiny.vocab_size": 2048,
+        "model.warmup_steps": args.warmup_steps,
+        "model.warmup_lr": 0.003,
+        "lora.ranks": "[16,8,8,4,4,4,2,2]",
+        "lora.alpha": "2r",
+        "lora.target_modules": "[q_proj,v_proj]",
+        "data.source": "json",
+        "data.path": str(DATA),
+        "data.max_length": 128,
+        "train.local_steps": args.local_steps,
+        "train.micro_batch_size": 8,
+        "train.lr": 0.001,
+        "eval.every": args.rounds,
+        "eval.batch_size": 40,
+        "log.client_adapters": "false",
     }
     return [item for key, value in settings.items() for item in ("--set", f"{key}={value}")]
 
 
 def run_one(args, label, method, tau, out_dir: Path) -> Path:
     output = out_dir / f"{label.replace(' ', '_').replace('τ=', 'tau')}.h5"
-    command = [*mpiexec(args.ranks), sys.executable, "-m", "florist_mpi.cli", "run", "configs/demo.yaml",
-               "--overwrite", *overrides(args, method, tau, output)]
+    command = [
+        *mpiexec(args.ranks),
+        sys.executable,
+        "-m",
+        "florist_mpi.cli",
+        "run",
+        "configs/demo.yaml",
+        "--overwrite",
+        *overrides(args, method, tau, output),
+    ]
     start = time.perf_counter()
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     if result.returncode != 0:
@@ -80,7 +106,9 @@ def summarise(log: Path) -> dict:
         return {
             "initial": float(handle.attrs["initial_eval_loss"]),
             "final": float(rounds[-1].attrs["eval_loss"]),
-            "down": float(np.mean(down)), "up": float(np.mean(up)), "rank": float(np.mean(ranks)),
+            "down": float(np.mean(down)),
+            "up": float(np.mean(up)),
+            "rank": float(np.mean(ranks)),
             "agg_ms": 1000 * float(np.median([r.attrs["time_aggregate"] for r in rounds])),
             "modules": len(shapes),
         }
@@ -101,23 +129,32 @@ def main() -> None:
         sys.exit(f"{DATA} not found: this benchmark needs the shared Dolly split beside the checkout")
     out_dir = REPO / args.out
     out_dir.mkdir(parents=True, exist_ok=True)
-    print(f"Dolly, 8 clients, tiny Llama (h=128, 2 layers), ranks [16,8,8,4,4,4,2,2], alpha=2r, q/v, "
-          f"{args.rounds} rounds x {args.local_steps} local steps, {args.ranks} MPI ranks", flush=True)
+    print(
+        f"Dolly, 8 clients, tiny Llama (h=128, 2 layers), ranks [16,8,8,4,4,4,2,2], alpha=2r, q/v, "
+        f"{args.rounds} rounds x {args.local_steps} local steps, {args.ranks} MPI ranks",
+        flush=True,
+    )
     started = time.perf_counter()
     results = {label: summarise(run_one(args, label, method, tau, out_dir)) for label, method, tau in RUNS}
     fedit, flora = results["fedit"], results["flora"]
     print(f"\ninitial eval loss (warmed-up base, before round 1): {results['fedit']['initial']:.4f}\n")
-    print("| method | final eval loss | vs FLoRA | mean global rank | downlink params/client/round | "
-          "uplink params/client/round | FedIT downlink / this | aggregation ms (median) |")
+    print(
+        "| method | final eval loss | vs FLoRA | mean global rank | downlink params/client/round | "
+        "uplink params/client/round | FedIT downlink / this | aggregation ms (median) |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for label, r in results.items():
-        print(f"| {label} | {r['final']:.4f} | {100 * (r['final'] / flora['final'] - 1):+.2f}% | {r['rank']:.1f} | "
-              f"{r['down']:,.0f} | {r['up']:,.0f} | {fedit['down'] / r['down']:.2f}x | {r['agg_ms']:.1f} |")
+        print(
+            f"| {label} | {r['final']:.4f} | {100 * (r['final'] / flora['final'] - 1):+.2f}% | {r['rank']:.1f} | "
+            f"{r['down']:,.0f} | {r['up']:,.0f} | {fedit['down'] / r['down']:.2f}x | {r['agg_ms']:.1f} |"
+        )
     f9 = results["florist τ=0.9"]
-    print("\nTarget (FLoRIST τ=0.9): eval loss <= FedIT's: "
-          f"{'met' if f9['final'] <= fedit['final'] else 'NOT met'}; within 1% of FLoRA's: "
-          f"{'met' if abs(f9['final'] / flora['final'] - 1) <= 0.01 else 'NOT met'}; >= 3x less downlink than FedIT: "
-          f"{'met' if fedit['down'] / f9['down'] >= 3 else 'NOT met'} ({fedit['down'] / f9['down']:.2f}x)")
+    print(
+        "\nTarget (FLoRIST τ=0.9): eval loss <= FedIT's: "
+        f"{'met' if f9['final'] <= fedit['final'] else 'NOT met'}; within 1% of FLoRA's: "
+        f"{'met' if abs(f9['final'] / flora['final'] - 1) <= 0.01 else 'NOT met'}; >= 3x less downlink than FedIT: "
+        f"{'met' if fedit['down'] / f9['down'] >= 3 else 'NOT met'} ({fedit['down'] / f9['down']:.2f}x)"
+    )
     print(f"(benchmark wall time {(time.perf_counter() - started) / 60:.1f} min, {args.ranks} MPI ranks)")
 
 

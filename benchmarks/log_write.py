@@ -37,19 +37,32 @@ CLIENT_RANK = 8
 def synthetic_round(index: int, modules: list[str], dim: int, clients: int) -> storage.RoundRecord:
     g = np.random.default_rng(index)
     global_factors = {
-        m: (g.standard_normal((dim, GLOBAL_RANK), dtype=np.float32), g.standard_normal((GLOBAL_RANK, dim), dtype=np.float32),
-            np.linspace(1, 0, GLOBAL_RANK), GLOBAL_RANK, 0.9)
+        m: (
+            g.standard_normal((dim, GLOBAL_RANK), dtype=np.float32),
+            g.standard_normal((GLOBAL_RANK, dim), dtype=np.float32),
+            np.linspace(1, 0, GLOBAL_RANK),
+            GLOBAL_RANK,
+            0.9,
+        )
         for m in modules
     }
     adapters = {
-        c: {m: (g.standard_normal((dim, CLIENT_RANK), dtype=np.float32), g.standard_normal((CLIENT_RANK, dim), dtype=np.float32))
-            for m in modules}
+        c: {
+            m: (
+                g.standard_normal((dim, CLIENT_RANK), dtype=np.float32),
+                g.standard_normal((CLIENT_RANK, dim), dtype=np.float32),
+            )
+            for m in modules
+        }
         for c in range(clients)
     }
     return storage.RoundRecord(
-        index=index, attrs={"eval_loss": 1.0, "bytes_up": 0, "bytes_down": 0},
-        clients={"id": np.arange(clients), "num_samples": np.full(clients, 10)}, excluded=[],
-        global_factors=global_factors, client_adapters=adapters,
+        index=index,
+        attrs={"eval_loss": 1.0, "bytes_up": 0, "bytes_down": 0},
+        clients={"id": np.arange(clients), "num_samples": np.full(clients, 10)},
+        excluded=[],
+        global_factors=global_factors,
+        client_adapters=adapters,
     )
 
 
@@ -82,9 +95,17 @@ def main() -> None:
 
     modules = [f"model.layers.{i // 4}.proj{i % 4}" for i in range(args.modules)]
     dim = dim_for(args.mb, args.modules, args.clients)
-    header = storage.RunHeader(config_yaml="run: {}\n", method="florist", tau=0.9, num_clients=args.clients,
-                               world_size=1, created="bench", versions={}, modules=modules,
-                               module_shapes=[(dim, dim)] * len(modules))
+    header = storage.RunHeader(
+        config_yaml="run: {}\n",
+        method="florist",
+        tau=0.9,
+        num_clients=args.clients,
+        world_size=1,
+        created="bench",
+        versions={},
+        modules=modules,
+        module_shapes=[(dim, dim)] * len(modules),
+    )
     times = {"old": [], "new": [], "floor": []}
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         paths = {layout: Path(tmp) / f"{layout}.h5" for layout in times}
@@ -105,8 +126,11 @@ def main() -> None:
         old_mb = paths["old"].stat().st_size / 1e6
         index_kb = paths["new"].stat().st_size / 1e3
 
-    print(f"{args.rounds} rounds of {round_mb:.1f} MB ({args.modules} modules {dim}x{dim}, global rank {GLOBAL_RANK}, "
-          f"{args.clients} clients of rank {CLIENT_RANK}); old log {old_mb:.0f} MB, new log file {index_kb:.0f} kB + folder")
+    print(
+        f"{args.rounds} rounds of {round_mb:.1f} MB ({args.modules} modules {dim}x{dim}, global rank {GLOBAL_RANK}, "
+        f"{args.clients} clients of rank {CLIENT_RANK}); old log {old_mb:.0f} MB, "
+        f"new log file {index_kb:.0f} kB + folder"
+    )
     print("| round | old: single file, copy per round (s) | new: round file + link (s) | floor: in place, unsafe (s) |")
     print("| ---: | ---: | ---: | ---: |")
     for r in range(args.rounds):
@@ -114,8 +138,10 @@ def main() -> None:
     k = min(4, args.rounds // 2)
     for layout in times:
         first, last = statistics.median(times[layout][:k]), statistics.median(times[layout][-k:])
-        print(f"{layout}: median of the first {k} rounds {first:.3f} s, of the last {k} {last:.3f} s, "
-              f"ratio {last / first:.2f}")
+        print(
+            f"{layout}: median of the first {k} rounds {first:.3f} s, of the last {k} {last:.3f} s, "
+            f"ratio {last / first:.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -64,11 +64,14 @@ def root_round(world, updates, shapes) -> dict[str, float]:
     start = time.perf_counter()
     global_factors = None
     if world.is_root:  # as Federation._aggregate does it
-        per_module = {name: [(torch.from_numpy(c.factors[name][0]), torch.from_numpy(c.factors[name][1])) for c in received]
-                      for name in shapes}
+        per_module = {
+            name: [(torch.from_numpy(c.factors[name][0]), torch.from_numpy(c.factors[name][1])) for c in received]
+            for name in shapes
+        }
         results = aggregate_adapter("florist", per_module, [c.num_samples for c in received], tau=TAU)
-        global_factors = {name: (r.B.float().contiguous().numpy(), r.A.float().contiguous().numpy())
-                          for name, r in results.items()}
+        global_factors = {
+            name: (r.B.float().contiguous().numpy(), r.A.float().contiguous().numpy()) for name, r in results.items()
+        }
     times["aggregate"] = time.perf_counter() - start
     world.barrier()
     start = time.perf_counter()
@@ -106,18 +109,46 @@ def worker(args) -> None:
     if world.is_root:
         peaks, bases = memory[:, 0], memory[:, 1]
         largest = int(np.argmax(peaks))
-        print(json.dumps({
-            "clients": args.clients, "mode": args.mode, "ranks": world.size, **times, "wall": wall,
-            "rank0_peak_mb": peaks[0], "rank0_round_mb": peaks[0] - bases[0],
-            "largest_rank": largest, "largest_peak_mb": peaks[largest],
-            "largest_round_mb": float(np.max(peaks - bases)),
-        }), flush=True)
+        print(
+            json.dumps(
+                {
+                    "clients": args.clients,
+                    "mode": args.mode,
+                    "ranks": world.size,
+                    **times,
+                    "wall": wall,
+                    "rank0_peak_mb": peaks[0],
+                    "rank0_round_mb": peaks[0] - bases[0],
+                    "largest_rank": largest,
+                    "largest_peak_mb": peaks[largest],
+                    "largest_round_mb": float(np.max(peaks - bases)),
+                }
+            ),
+            flush=True,
+        )
 
 
 def launch(args, clients: int, mode: str) -> dict:
-    command = [args.mpiexec, "--allow-run-as-root", "--oversubscribe", "-n", str(args.ranks), sys.executable,
-               str(Path(__file__).resolve()), "--worker", "--clients", str(clients), "--mode", mode,
-               "--modules", str(args.modules), "--dim", str(args.dim), "--rank", str(args.rank)]
+    command = [
+        args.mpiexec,
+        "--allow-run-as-root",
+        "--oversubscribe",
+        "-n",
+        str(args.ranks),
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        "--clients",
+        str(clients),
+        "--mode",
+        mode,
+        "--modules",
+        str(args.modules),
+        "--dim",
+        str(args.dim),
+        "--rank",
+        str(args.rank),
+    ]
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
@@ -141,24 +172,35 @@ def main() -> None:
         args.clients = int(args.clients)
         worker(args)
         return
-    print(f"{args.modules} modules {args.dim}x{args.dim}, rank-{args.rank} clients, florist tau={TAU}, "
-          f"{args.ranks} ranks (mpiexec -n {args.ranks}), one round's server side", flush=True)
+    print(
+        f"{args.modules} modules {args.dim}x{args.dim}, rank-{args.rank} clients, florist tau={TAU}, "
+        f"{args.ranks} ranks (mpiexec -n {args.ranks}), one round's server side",
+        flush=True,
+    )
     print()
-    print("| K | mode | exchange (s) | aggregate (s) | distribute (s) | rank 0 peak (MB) | rank 0 round (MB) "
-          "| largest rank peak (MB) | largest round (MB) |")
+    print(
+        "| K | mode | exchange (s) | aggregate (s) | distribute (s) | rank 0 peak (MB) | rank 0 round (MB) "
+        "| largest rank peak (MB) | largest round (MB) |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     rows = {}
     for clients in (int(k) for k in args.clients.split(",")):
         for mode in args.modes.split(","):
             row = rows[(clients, mode)] = launch(args, clients, mode)
-            print(f"| {clients} | {mode} | {row['exchange']:.2f} | {row['aggregate']:.2f} | {row['distribute']:.2f} | "
-                  f"{row['rank0_peak_mb']:.0f} | {row['rank0_round_mb']:.0f} | {row['largest_peak_mb']:.0f} "
-                  f"(rank {row['largest_rank']}) | {row['largest_round_mb']:.0f} |", flush=True)
+            print(
+                f"| {clients} | {mode} | {row['exchange']:.2f} | {row['aggregate']:.2f} | {row['distribute']:.2f} | "
+                f"{row['rank0_peak_mb']:.0f} | {row['rank0_round_mb']:.0f} | {row['largest_peak_mb']:.0f} "
+                f"(rank {row['largest_rank']}) | {row['largest_round_mb']:.0f} |",
+                flush=True,
+            )
         if (clients, "root") in rows and (clients, "sharded") in rows:
             root, sharded = rows[(clients, "root")], rows[(clients, "sharded")]
             ratio = sharded["rank0_peak_mb"] / root["rank0_peak_mb"]
-            print(f"|  | K={clients}: rank 0 peak sharded/root = {ratio:.2f} (round part "
-                  f"{sharded['rank0_round_mb'] / max(root['rank0_round_mb'], 1e-9):.2f}) |  |  |  |  |  |  |  |", flush=True)
+            print(
+                f"|  | K={clients}: rank 0 peak sharded/root = {ratio:.2f} (round part "
+                f"{sharded['rank0_round_mb'] / max(root['rank0_round_mb'], 1e-9):.2f}) |  |  |  |  |  |  |  |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

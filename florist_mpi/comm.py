@@ -209,7 +209,6 @@ def gather_float32(world: World, local: np.ndarray, chunk: int | None = None) ->
 
 def bcast_array(world: World, array: np.ndarray, chunk: int | None = None) -> np.ndarray:
     """Broadcast a contiguous array from rank 0 in place, in int-safe chunks."""
-    MPI = _mpi()
     chunk = chunk or chunk_elements()
     flat = array.reshape(-1)
     if not flat.flags.c_contiguous:

@@ -15,7 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-METHODS = ("florist", "fedit", "flora", "flexlora", "ffa")
+from florist_mpi import methods
+
 ALPHA_PER_RANK = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*r\s*$")
 
 
@@ -23,35 +24,82 @@ class ConfigError(ValueError):
     """A user-facing configuration problem; the message is one line."""
 
 
+CONTRACT = {"contract": True}  # json_schema_extra of the keys that are a stable public contract
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class RunConfig(_Section):
-    rounds: int = Field(5, ge=1)
-    seed: int = Field(0, ge=0)
-    output: str = "runs/run.h5"
+    rounds: int = Field(5, ge=1, json_schema_extra=CONTRACT, description="federated rounds")
+    seed: int = Field(
+        0, ge=0, json_schema_extra=CONTRACT, description="every random choice derives from (seed, round, client)"
+    )
+    output: str = Field(
+        "runs/run.h5",
+        json_schema_extra=CONTRACT,
+        description=(
+            "the HDF5 log file; its round files go to the folder `<output>.rounds/` beside it (docs/log-"
+            "format.md); never overwritten silently (`--overwrite`, `--resume`)"
+        ),
+    )
 
 
 class FederationConfig(_Section):
-    num_clients: int = Field(8, ge=1)
+    num_clients: int = Field(
+        8, ge=1, json_schema_extra=CONTRACT, description="clients, spread round-robin over the ranks"
+    )
     # An int is a count of clients per round, a float in (0, 1] a fraction of them.
-    clients_per_round: int | float | None = None
-    method: Literal["florist", "fedit", "flora", "flexlora", "ffa"] = "florist"
-    tau: float = Field(0.9, gt=0.0, le=1.0)
-    max_rank: int | None = Field(None, ge=1)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    clients_per_round: int | float | None = Field(
+        None,
+        json_schema_extra=CONTRACT,
+        description=(
+            "an integer is a count (`4`, also `4.0`), a number in (0, 1] a fraction (`0.5`; `1.0` = all); sampled"
+            " per round from (seed, round); default: all"
+        ),
+    )
+    method: str = Field(
+        "florist",
+        json_schema_extra=CONTRACT,
+        description='aggregation method: a name registered in `florist_mpi.methods` (README.md, "Aggregation methods")',
+    )
+    tau: float = Field(
+        0.9,
+        gt=0.0,
+        le=1.0,
+        json_schema_extra=CONTRACT,
+        description="FLoRIST energy threshold in (0, 1]; 1 keeps the exact weighted sum",
+    )
+    max_rank: int | None = Field(None, ge=1, description="cap on FLoRIST's global rank")
+    dropout: float = Field(
+        0.0, ge=0.0, lt=1.0, description="probability that a sampled client drops out (simulated straggler)"
+    )
     overcommit: float | None = Field(
-        None, ge=0.0,
-        description="sample this fraction more clients per round and aggregate the first clients_per_round "
-                    "to finish on the simulated clock (needs a system section); the rest are stragglers")
+        None,
+        ge=0.0,
+        description=(
+            "≥ 0: sample `ceil(clients_per_round · (1 + overcommit))` clients and aggregate the first "
+            "`clients_per_round` to finish on the simulated clock, the rest recorded as stragglers; needs a "
+            "`system` section"
+        ),
+    )
     aggregation: Literal["root", "sharded"] = Field(
         "root",
-        description="where aggregation runs: 'root' (rank 0 gathers every client's factors and aggregates "
-                    "all modules) or 'sharded' (each module has an owner rank that receives only that "
-                    "module's client factors and aggregates it; same results, memory and work spread "
-                    "over the ranks)",
+        description=(
+            "where aggregation runs: `root` (rank 0 gathers every client's factors and aggregates every module) "
+            "or `sharded` (each module has an owner rank, balanced by estimated cost, that receives only that "
+            "module's client factors and aggregates it; every rank then receives every global module). Same "
+            "results and log either way; `sharded` spreads the memory and work over the ranks (README, "
+            '"Many clients")'
+        ),
     )
+
+    @field_validator("method")
+    @classmethod
+    def _registered_method(cls, value: str) -> str:
+        methods.get(value)  # ValueError naming the registered methods
+        return value
 
     @field_validator("clients_per_round", mode="before")
     @classmethod
@@ -87,34 +135,52 @@ class FederationConfig(_Section):
 
 
 class TinyModelConfig(_Section):
-    vocab_size: int = Field(512, ge=64)
-    hidden_size: int = Field(64, ge=8)
-    intermediate_size: int = Field(128, ge=8)
-    num_hidden_layers: int = Field(2, ge=1)
-    num_attention_heads: int = Field(4, ge=1)
-    max_position_embeddings: int = Field(256, ge=16)
+    vocab_size: int = Field(512, ge=64, description="vocabulary size of the tiny model")
+    hidden_size: int = Field(64, ge=8, description="hidden size of the tiny model")
+    intermediate_size: int = Field(128, ge=8, description="MLP size of the tiny model")
+    num_hidden_layers: int = Field(2, ge=1, description="decoder layers of the tiny model")
+    num_attention_heads: int = Field(4, ge=1, description="attention heads of the tiny model")
+    max_position_embeddings: int = Field(256, ge=16, description="longest sequence of the tiny model")
 
 
 class ModelConfig(_Section):
     # "tiny" builds a small Llama-style model locally; anything else is a
     # Hugging Face id or a local directory loaded with from_pretrained.
-    name: str = "tiny"
-    tiny: TinyModelConfig = TinyModelConfig()
+    name: str = Field("tiny", description="`tiny` (built locally), a Hugging Face id, or a local model directory")
+    tiny: TinyModelConfig = Field(TinyModelConfig(), description="the tiny model's shape (used when `name` is `tiny`)")
     # Centralised full fine-tuning steps on the pooled training data before
     # federation starts (tiny model only); the result is cached.
-    warmup_steps: int = Field(0, ge=0)
-    warmup_lr: float = Field(3e-3, gt=0.0)
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    trust_remote_code: bool = False
+    warmup_steps: int = Field(
+        0,
+        ge=0,
+        description=(
+            "optional centralised full fine-tuning steps of the tiny model on the pooled training data before "
+            "federation starts (cached)"
+        ),
+    )
+    warmup_lr: float = Field(3e-3, gt=0.0, description="learning rate of those warm-up steps")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description=(
+            "weights on GPU (`bfloat16`, `float16`); CPU always uses float32. Must match `train.precision` when "
+            "that is `bf16`/`fp16`. Adapted weights stored in 16 bits keep an fp32 copy that global updates are "
+            "merged into (4 bytes per adapted weight per rank)"
+        ),
+    )
+    trust_remote_code: bool = Field(False, description="passed to `from_pretrained`")
 
 
 class LoraConfig(_Section):
-    rank: int = Field(8, ge=1)
-    ranks: list[int] | None = None
+    rank: int = Field(8, ge=1, json_schema_extra=CONTRACT, description="LoRA rank of every client")
+    ranks: list[int] | None = Field(
+        None, json_schema_extra=CONTRACT, description="one rank per client (heterogeneous); overrides `rank`"
+    )
     # A number, or "<k>r" for alpha = k * rank (the paper's alpha = 2r).
-    alpha: float | str = 16.0
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: list[str] = ["q_proj", "v_proj"]
+    alpha: float | str = Field(
+        16.0, json_schema_extra=CONTRACT, description="a number, or `<k>r` for α = k · rank (the paper's `2r`)"
+    )
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout")
+    target_modules: list[str] = Field(["q_proj", "v_proj"], description="linear layers to adapt (last name component)")
 
     @field_validator("ranks")
     @classmethod
@@ -153,28 +219,44 @@ class LoraConfig(_Section):
 
 
 class SyntheticDataConfig(_Section):
-    tasks: list[str] = ["reverse", "sort", "add", "copy", "count", "upper"]
-    examples_per_client: int = Field(256, ge=1)
-    eval_examples: int = Field(256, ge=1)
+    tasks: list[str] = Field(["reverse", "sort", "add", "copy", "count", "upper"], description="generated tasks")
+    examples_per_client: int = Field(256, ge=1, description="generated training examples per client")
+    eval_examples: int = Field(256, ge=1, description="generated held-out examples")
     # Dirichlet concentration of each client's task mix: small = strongly non-IID.
-    concentration: float = Field(0.3, gt=0.0)
+    concentration: float = Field(
+        0.3, gt=0.0, description="each client's task mix ~ Dirichlet(concentration): small = strongly non-IID"
+    )
 
 
 class DataConfig(_Section):
-    source: Literal["synthetic", "json"] = "synthetic"
-    synthetic: SyntheticDataConfig = SyntheticDataConfig()
+    source: Literal["synthetic", "json"] = Field("synthetic", description="`synthetic` (generated, offline) or `json`")
+    synthetic: SyntheticDataConfig = Field(
+        SyntheticDataConfig(), description="the generated data (used when `source` is `synthetic`)"
+    )
     # json: a directory holding one file per client (client_pattern) or one file
     # that `partition` splits over the clients.
-    path: str | None = None
-    client_pattern: str = "local_training_{client}.json"
-    eval_path: str | None = None
-    partition: Literal["files", "iid", "dirichlet"] = "files"
-    category_field: str = "category"
-    dirichlet_alpha: float = Field(0.5, gt=0.0)
-    max_length: int = Field(128, ge=8)
+    path: str | None = Field(None, description="`json`: a directory of per-client files, or one file to partition")
+    client_pattern: str = Field("local_training_{client}.json", description="per-client file names")
+    eval_path: str | None = Field(
+        None, description="held-out file (default: `global_test.json` beside the client files)"
+    )
+    partition: Literal["files", "iid", "dirichlet"] = Field(
+        "files", description="`files`, `iid`, or `dirichlet` (over `category_field`, `dirichlet_alpha`)"
+    )
+    category_field: str = Field("category", description="record field that `dirichlet` partitions by")
+    dirichlet_alpha: float = Field(
+        0.5, gt=0.0, description="Dirichlet concentration of the `dirichlet` partition: small = strongly non-IID"
+    )
+    max_length: int = Field(128, ge=8, description="tokens per example (prompt truncated first)")
     # Tokenizer for the tiny model (trained locally on the client data); ignored
     # for pretrained models, which bring their own.
-    tokenizer_vocab_size: int | None = None
+    tokenizer_vocab_size: int | None = Field(
+        None,
+        description=(
+            "vocabulary of the locally trained tokenizer (tiny model; pretrained models bring their own); "
+            "default: the tiny model's"
+        ),
+    )
 
     @model_validator(mode="after")
     def _json_needs_path(self):
@@ -184,16 +266,29 @@ class DataConfig(_Section):
 
 
 class TrainConfig(_Section):
-    local_steps: int | None = Field(10, ge=1)
-    local_epochs: float | None = Field(None, gt=0.0)
-    micro_batch_size: int = Field(8, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    lr: float = Field(3e-3, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    zero_stage: int = Field(0, ge=0, le=2)
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    gradient_clipping: float | None = Field(1.0, gt=0.0)
+    local_steps: int | None = Field(
+        10,
+        ge=1,
+        description=(
+            "local optimizer steps per client and round. Set this or `local_epochs`; to use `local_epochs`, leave"
+            " `local_steps` unset or null"
+        ),
+    )
+    local_epochs: float | None = Field(
+        None, gt=0.0, description="local passes over the client's data per round (rounded up to whole optimizer steps)"
+    )
+    micro_batch_size: int = Field(8, ge=1, description="DeepSpeed micro-batch size")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="DeepSpeed gradient accumulation steps")
+    lr: float = Field(3e-3, gt=0.0, description="learning rate")
+    weight_decay: float = Field(0.0, ge=0.0, description="weight decay")
+    optimizer: Literal["adamw", "sgd"] = Field(
+        "adamw", description="`adamw` or `sgd`; a fresh optimizer per client and round"
+    )
+    zero_stage: int = Field(0, ge=0, le=2, description="DeepSpeed ZeRO stage 0–2 (each client is its own world of one)")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="`bf16` / `fp16` on GPU (with `model.dtype` `bfloat16` / `float16`); CPU trains in fp32"
+    )
+    gradient_clipping: float | None = Field(1.0, gt=0.0, description="max gradient norm (null disables)")
     client_engines: Literal["auto", "reuse", "fresh"] = Field(
         "auto",
         description=(
@@ -208,8 +303,9 @@ class TrainConfig(_Section):
     def _one_budget(self):
         if self.local_epochs is not None:
             if self.local_steps is not None and "local_steps" in self.model_fields_set:
-                raise ValueError("train.local_steps and train.local_epochs are both set: keep one "
-                                 "(set the other to null)")
+                raise ValueError(
+                    "train.local_steps and train.local_epochs are both set: keep one (set the other to null)"
+                )
             self.__dict__["local_steps"] = None  # the default 10 steps gives way to epochs
         elif self.local_steps is None:
             raise ValueError("no local work: set train.local_steps or train.local_epochs")
@@ -218,17 +314,21 @@ class TrainConfig(_Section):
     @model_validator(mode="after")
     def _reusable_engines(self):
         if self.client_engines == "reuse" and (self.zero_stage != 0 or self.precision != "fp32"):
-            raise ValueError("train.client_engines 'reuse' needs train.zero_stage 0 and train.precision fp32 "
-                             "(DeepSpeed keeps its own copies of the weights otherwise): use 'auto' or 'fresh'")
+            raise ValueError(
+                "train.client_engines 'reuse' needs train.zero_stage 0 and train.precision fp32 "
+                "(DeepSpeed keeps its own copies of the weights otherwise): use 'auto' or 'fresh'"
+            )
         return self
 
 
 class EvalConfig(_Section):
-    every: int = Field(1, ge=0)  # 0 disables evaluation
-    kind: Literal["loss", "mmlu"] = "loss"
-    max_examples: int | None = Field(None, ge=1)
-    batch_size: int = Field(16, ge=1)
-    path: str | None = None  # mmlu JSON, or Dolly-style JSON for held-out loss
+    every: int = Field(1, ge=0, description="evaluate the global model every k rounds and after the last (0: never)")
+    kind: Literal["loss", "mmlu"] = Field(
+        "loss", description="`loss` (held-out loss on response tokens) or `mmlu` (multiple choice by log-likelihood)"
+    )
+    max_examples: int | None = Field(None, ge=1, description="evaluate on the first this many examples (default: all)")
+    batch_size: int = Field(16, ge=1, description="evaluation batch size")
+    path: str | None = Field(None, description="MMLU JSON for `mmlu`, or a Dolly-style file for `loss`")
 
     @model_validator(mode="after")
     def _mmlu_needs_path(self):
@@ -237,8 +337,10 @@ class EvalConfig(_Section):
         return self
 
 
-DISTRIBUTION_HINT = ("use a number, a list (one per client), {distribution: lognormal, median: M, sigma: S}, "
-                     "{distribution: uniform, low: L, high: H} or {csv: PATH} (column named like the key)")
+DISTRIBUTION_HINT = (
+    "use a number, a list (one per client), {distribution: lognormal, median: M, sigma: S}, "
+    "{distribution: uniform, low: L, high: H} or {csv: PATH} (column named like the key)"
+)
 
 
 class LognormalProfile(_Section):
@@ -275,6 +377,7 @@ Profile = float | list[float] | LognormalProfile | UniformProfile | CsvProfile
 
 def _profile_value(value, key: str, positive: bool):
     """A profile key's value as the type it names; bounds of literal numbers are checked here."""
+
     def check(number) -> float:
         if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
             raise ValueError(DISTRIBUTION_HINT)
@@ -314,18 +417,21 @@ class SystemConfig(_Section):
     """Simulated deployment: device speeds and links of the clients (docs/simulated-clock.md)."""
 
     compute_speed: Profile = Field(
-        1.0, description="device speed relative to the reference device (1.0 = reference_flops); > 0")
+        1.0, description="device speed relative to the reference device (1.0 = reference_flops); > 0"
+    )
     downlink_mbps: Profile = Field(100.0, description="server-to-client bandwidth in Mbit/s (10^6 bit/s); > 0")
     uplink_mbps: Profile = Field(20.0, description="client-to-server bandwidth in Mbit/s (10^6 bit/s); > 0")
     latency_s: Profile = Field(0.05, description="fixed cost of each transfer in seconds; >= 0")
     deadline_s: float | None = Field(
-        None, gt=0.0, description="a client whose download + compute + upload exceeds this many simulated "
-                                  "seconds is a straggler, left out of aggregation")
+        None,
+        gt=0.0,
+        description="a client whose download + compute + upload exceeds this many simulated "
+        "seconds is a straggler, left out of aggregation",
+    )
     reference_flops: float = Field(
-        1.0e12, gt=0.0, description="sustained training throughput (FLOP/s) of the reference device, "
-                                    "compute_speed 1.0")
-    server_flops: float = Field(
-        1.0e13, gt=0.0, description="sustained throughput (FLOP/s) of the aggregation server")
+        1.0e12, gt=0.0, description="sustained training throughput (FLOP/s) of the reference device, compute_speed 1.0"
+    )
+    server_flops: float = Field(1.0e13, gt=0.0, description="sustained throughput (FLOP/s) of the aggregation server")
 
     @field_validator("compute_speed", "downlink_mbps", "uplink_mbps", "latency_s", mode="before")
     @classmethod
@@ -340,20 +446,23 @@ PROFILE_KEYS = ("compute_speed", "downlink_mbps", "uplink_mbps", "latency_s")
 
 
 class LogConfig(_Section):
-    client_adapters: bool = False
+    client_adapters: bool = Field(
+        False, json_schema_extra=CONTRACT, description="also store every client's factors (needed by `sweep-tau`)"
+    )
 
 
 class ExperimentConfig(_Section):
-    run: RunConfig = RunConfig()
-    federation: FederationConfig = FederationConfig()
-    model: ModelConfig = ModelConfig()
-    lora: LoraConfig = LoraConfig()
-    data: DataConfig = DataConfig()
-    train: TrainConfig = TrainConfig()
-    eval: EvalConfig = EvalConfig()
-    log: LogConfig = LogConfig()
+    run: RunConfig = Field(RunConfig(), description="rounds, seed and the log file")
+    federation: FederationConfig = Field(FederationConfig(), description="clients, sampling and aggregation")
+    model: ModelConfig = Field(ModelConfig(), description="the base model")
+    lora: LoraConfig = Field(LoraConfig(), description="the clients' LoRA adapters")
+    data: DataConfig = Field(DataConfig(), description="training and held-out data, tokenisation")
+    train: TrainConfig = Field(TrainConfig(), description="each client's local training (DeepSpeed)")
+    eval: EvalConfig = Field(EvalConfig(), description="evaluation of the global model")
+    log: LogConfig = Field(LogConfig(), description="what the HDF5 log stores beyond the defaults")
     system: SystemConfig | None = Field(
-        None, description="simulated deployment clock (device speeds, bandwidths, deadline); absent: no simulation")
+        None, description="simulated deployment clock (device speeds, bandwidths, deadline); absent: no simulation"
+    )
 
     @model_validator(mode="after")
     def _cross_checks(self):
@@ -369,13 +478,17 @@ class ExperimentConfig(_Section):
                 f"federation.num_clients ({fed.num_clients})"
             )
         if fed.overcommit and self.system is None:
-            raise ValueError("federation.overcommit needs a system section: the simulated clock decides which "
-                             "clients finish first (add system:, see docs/configuration.md, or drop overcommit)")
+            raise ValueError(
+                "federation.overcommit needs a system section: the simulated clock decides which "
+                "clients finish first (add system:, see docs/configuration.md, or drop overcommit)"
+            )
         if self.system is not None:
             for key, profile in self.system.profiles().items():
                 if isinstance(profile, list) and len(profile) != fed.num_clients:
-                    raise ValueError(f"system.{key} lists {len(profile)} values but federation.num_clients is "
-                                     f"{fed.num_clients}: give one value per client")
+                    raise ValueError(
+                        f"system.{key} lists {len(profile)} values but federation.num_clients is "
+                        f"{fed.num_clients}: give one value per client"
+                    )
         return self
 
     def to_yaml(self) -> str:

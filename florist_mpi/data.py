@@ -214,12 +214,13 @@ def _parse_records_text(text: str, path: Path) -> list:
         value = json.loads(text)
     except json.JSONDecodeError as err:
         raise DataError(
-            f"data file '{path}' is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}; fix the syntax there"
+            f"data file '{path}' is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}; "
+            "fix the syntax there"
         ) from None
     if not isinstance(value, list):
         raise DataError(
             f"data file '{path}' holds a JSON {_json_type(value)} at the top level: it must be a list of "
-            "records ([{\"instruction\": ..., \"response\": ...}, ...]) or JSON Lines"
+            'records ([{"instruction": ..., "response": ...}, ...]) or JSON Lines'
         )
     return value
 
@@ -459,8 +460,15 @@ def special_ids(tokenizer) -> tuple[list[int], list[int]]:
     return bos, eos
 
 
-def encode_pair(tokenizer, prompt_ids: list[int], answer_ids: list[int], max_length: int, *, eos: bool = True,
-                answer_room: int | None = None) -> tuple[list[int], list[int]]:
+def encode_pair(
+    tokenizer,
+    prompt_ids: list[int],
+    answer_ids: list[int],
+    max_length: int,
+    *,
+    eos: bool = True,
+    answer_room: int | None = None,
+) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of bos + prompt + answer (+ eos), at most max_length tokens.
 
     labels are -100 on bos and the prompt, so only the answer (and eos) is scored.
@@ -548,11 +556,14 @@ def system_tables(system, num_clients: int) -> dict[str, np.ndarray]:
         except (OSError, UnicodeDecodeError, csv.Error) as err:
             raise DataError(f"{where} cannot be read ({err.__class__.__name__}): check the file") from None
         if rows and column not in header:
-            raise DataError(f"{where} has no column '{column}' (columns: {', '.join(header)}): "
-                            f"add it or set system.{key}.column")
+            raise DataError(
+                f"{where} has no column '{column}' (columns: {', '.join(header)}): add it or set system.{key}.column"
+            )
         if len(rows) != num_clients:
-            raise DataError(f"{where} has {len(rows)} rows but federation.num_clients is {num_clients}: "
-                            "give one row per client (after the header)")
+            raise DataError(
+                f"{where} has {len(rows)} rows but federation.num_clients is {num_clients}: "
+                "give one row per client (after the header)"
+            )
         values = np.empty(num_clients)
         for index, row in enumerate(rows):
             text = (row.get(column) or "").strip()

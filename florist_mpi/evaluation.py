@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from florist_mpi import data as data_lib
+from florist_mpi.config import ExperimentConfig
+from florist_mpi.errors import UserError
 
 CHOICE_LETTERS = ("A", "B", "C", "D")
 ANSWER_PATTERN = re.compile(r"answer is:?\s*\(?([A-D])\b")
@@ -112,3 +115,16 @@ def mean_loss(total: float, count: int) -> float:
 
 def perplexity(loss: float) -> float:
     return float(np.exp(loss)) if np.isfinite(loss) else math.nan
+
+
+def eval_set_records(cfg: ExperimentConfig) -> list[dict]:
+    """The run's evaluation examples: eval.path (MMLU or JSON), else the held-out split; eval.max_examples cut."""
+    if cfg.eval.kind == "mmlu" or cfg.eval.path:
+        records = data_lib.load_json_records(Path(cfg.eval.path))
+    else:
+        records = data_lib.eval_records(cfg.data, cfg.run.seed)
+    if cfg.eval.max_examples:
+        records = records[: cfg.eval.max_examples]
+    if not records:
+        raise UserError("the evaluation set is empty: point eval.path at a file with examples or set eval.every: 0")
+    return records

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from florist_mpi import methods
 from florist_mpi.analysis import Run, check_new_output_dir, open_run, publishing_dir
 from florist_mpi.errors import UserError
 
@@ -49,7 +50,8 @@ def cumulative_update(run: Run, round_index: int | None) -> tuple[dict[str, tupl
     from florist_mpi.aggregation import aggregate
 
     r = run.resolve_round(round_index)
-    included = [r] if run.method == "flexlora" else [t for t in run.round_indices if t <= r]
+    # a method that keeps the base logs the whole update each round; the others log increments
+    included = [r] if methods.get(run.method).keeps_base else [t for t in run.round_indices if t <= r]
     per_round = [run.global_factors(t) for t in included]
     result = {}
     for module in run.modules:

@@ -1,30 +1,44 @@
 """The federated round loop run by every rank (rank 0 also aggregates and logs)."""
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from florist_mpi import comm, exchange, sharding, simclock, storage
+from florist_mpi import comm, evaluation, exchange, methods, sharding, simclock, storage
 from florist_mpi import data as data_lib
-from florist_mpi import evaluation
 from florist_mpi.config import ExperimentConfig
-from florist_mpi.model import (adapted_modules, cores_for_rank, float32_masters, load_base, merge_update,
-                               quiet_libraries, select_device, weights_digest)
-from florist_mpi.seeding import Stream, derive_seed, rng
 from florist_mpi.exchange import ClientUpdate
 from florist_mpi.faults import diverges, kill_point
+from florist_mpi.lowrank import AggregationResult
+from florist_mpi.model import (
+    adapted_modules,
+    cores_for_rank,
+    float32_masters,
+    load_base,
+    merge_update,
+    quiet_libraries,
+    select_device,
+    weights_digest,
+)
 from florist_mpi.replay import temporarily_merged
-from florist_mpi.training import (ClientJob, ClientTrainer, ClientTrainingError, isolate_torch_distributed,
-                                  local_tokens, prepare_deepspeed)
-
+from florist_mpi.seeding import Stream, derive_seed, rng
+from florist_mpi.training import (
+    ClientJob,
+    ClientTrainer,
+    ClientTrainingError,
+    isolate_torch_distributed,
+    local_tokens,
+    prepare_deepspeed,
+)
 
 DROPOUT_REASON = "dropout (simulated, federation.dropout)"
 
@@ -54,6 +68,28 @@ def dropped_out(cfg: ExperimentConfig, round_index: int, client_id: int) -> bool
     if cfg.federation.dropout <= 0:
         return False
     return bool(rng(cfg.run.seed, round_index, client_id, Stream.DROPOUT).random() < cfg.federation.dropout)
+
+
+@contextmanager
+def timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    """timings[key] = wall seconds of the block (left unset when the block raises)."""
+    start = time.perf_counter()
+    yield
+    timings[key] = time.perf_counter() - start
+
+
+@dataclass
+class RoundOutcome:
+    """What the aggregation of one round decided: on rank 0 (root mode) or on every rank (sharded)."""
+
+    received: list[ClientUpdate]  # every client that trained this round (failed ones included)
+    kept: list[ClientUpdate]  # the clients aggregated
+    excluded: list[tuple[int, str]]  # (client id, reason), sorted
+    results: dict[str, AggregationResult] = field(default_factory=dict)  # module -> the method's result
+    global_factors: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # module -> fp32 (B, A)
+    time_aggregate: float = 0.0  # seconds of the aggregation itself (sharded: the slowest owner)
+    error: str | None = None  # why the round cannot be aggregated (no client left)
+    sharded: sharding.ShardedRound | None = None  # sharded mode: the owners' state, for the client adapters
 
 
 def frozen_A(cfg: ExperimentConfig, shapes: dict[str, tuple[int, int]]) -> dict[str, np.ndarray]:
@@ -121,8 +157,10 @@ class Federation:
         self.client_records = data_lib.client_records(cfg.data, cfg.federation.num_clients, cfg.run.seed)
         self._encoded: dict[int, list] = {}
         self.eval_set = self._load_eval_shard()
-        self.frozen_A = frozen_A(cfg, self.shapes) if cfg.federation.method == "ffa" else None
-        self.client_init: dict[str, tuple[np.ndarray, np.ndarray]] | None = None  # FlexLoRA carry-over
+        self.method = methods.get(cfg.federation.method)
+        self.frozen_A = frozen_A(cfg, self.shapes) if self.method.frozen_A else None
+        # the kept global update clients start from (methods that keep the base: FlexLoRA)
+        self.client_init: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
         self.log_started = plan.resume_from >= 0
         self.initial_eval = math.nan
         self.clock = self._start_clock() if cfg.system is not None else None
@@ -131,11 +169,9 @@ class Federation:
     # ------------------------------------------------------------------ set-up
 
     def _load_eval_shard(self):
-        from florist_mpi.runner import _eval_records
-
         if not self.cfg.eval.every:
             return None
-        records = evaluation.shard(_eval_records(self.cfg), self.world.rank, self.world.size)
+        records = evaluation.shard(evaluation.eval_set_records(self.cfg), self.world.rank, self.world.size)
         if self.cfg.eval.kind == "mmlu":
             return evaluation.multiple_choice_items(records, self.tokenizer, self.cfg.data.max_length)
         return data_lib.encode_records(records, self.tokenizer, self.cfg.data.max_length)
@@ -154,7 +190,7 @@ class Federation:
             self.initial_eval = float(handle.attrs.get("initial_eval_loss", math.nan))
             for round_index in rounds:
                 factors = storage.read_global_factors(handle, round_index)
-                if self.cfg.federation.method == "flexlora":
+                if self.method.keeps_base:
                     self.client_init = factors
                 else:
                     merge_update(self.modules, {name: factors[name] for name in self.shapes}, self.masters)
@@ -189,10 +225,9 @@ class Federation:
             training, late = self.round_clock.schedule.train, self.round_clock.schedule.stragglers
         mine = training[world.rank :: world.size]
 
-        start = time.perf_counter()
-        self._kill_point("train", round_index)
-        updates = [self._train_one(client_id, round_index) for client_id in mine]
-        timings["time_train"] = time.perf_counter() - start
+        with timed(timings, "time_train"):
+            self._kill_point("train", round_index)
+            updates = [self._train_one(client_id, round_index) for client_id in mine]
         self._kill_point("gather", round_index)
 
         if cfg.federation.aggregation == "sharded":
@@ -202,29 +237,29 @@ class Federation:
         if self.clock is not None:
             self.clock.global_ranks = {name: int(B.shape[1]) for name, (B, _) in global_factors.items()}
 
-        start = time.perf_counter()
-        if cfg.federation.method == "flexlora":
-            self.client_init = global_factors
-        else:
-            merge_update(self.modules, global_factors, self.masters)
-        timings["time_merge"] = time.perf_counter() - start
+        with timed(timings, "time_merge"):
+            if self.method.keeps_base:
+                self.client_init = global_factors
+            else:
+                merge_update(self.modules, global_factors, self.masters)
         self._check_consistency(round_index)
 
-        start = time.perf_counter()
-        evaluate = cfg.eval.every and ((round_index + 1) % cfg.eval.every == 0 or round_index + 1 == cfg.run.rounds)
-        eval_loss, eval_accuracy = self._evaluate(global_factors) if evaluate else (math.nan, math.nan)
-        timings["time_eval"] = time.perf_counter() - start
+        with timed(timings, "time_eval"):
+            evaluate = cfg.eval.every and (
+                (round_index + 1) % cfg.eval.every == 0 or round_index + 1 == cfg.run.rounds
+            )
+            eval_loss, eval_accuracy = self._evaluate(global_factors) if evaluate else (math.nan, math.nan)
 
         # aggregation happens on rank 0 only; the other phases report their slowest rank
         slowest = comm.reduce_max(world, np.array([timings[k] for k in sorted(timings)])) if world.size > 1 else None
         if slowest is not None:
             timings = dict(zip(sorted(timings), slowest.tolist()))
         if world.is_root:
-            timings["time_aggregate"] = outcome["time_aggregate"]
+            timings["time_aggregate"] = outcome.time_aggregate
             self._commit_round(round_index, outcome, timings, eval_loss, eval_accuracy, participants)
-        elif outcome is not None and outcome.get("sharded") is not None and cfg.log.client_adapters:
+        elif outcome is not None and outcome.sharded is not None and cfg.log.client_adapters:
             # rank 0 is writing the round and takes its client adapters module by module
-            sharding.send_client_adapters(world, outcome["sharded"], self.shapes)
+            sharding.send_client_adapters(world, outcome.sharded, self.shapes)
 
     def _kill_point(self, point: str, round_index: int) -> None:
         if self.world.is_root:
@@ -255,28 +290,29 @@ class Federation:
 
     # ------------------------------------------------------------ server side
 
-    def _aggregate_at_root(self, round_index: int, updates, dropped: list[int], late: list[tuple[int, str]],
-                           timings: dict):
-        """federation.aggregation: root. Rank 0 gathers every client, aggregates, broadcasts."""
+    def _aggregate_at_root(
+        self, round_index: int, updates, dropped: list[int], late: list[tuple[int, str]], timings: dict
+    ) -> tuple[RoundOutcome | None, dict[str, tuple[np.ndarray, np.ndarray]]]:
+        """federation.aggregation: root. Rank 0 gathers every client, aggregates, broadcasts.
+        The outcome is rank 0's (None elsewhere); the global factors are every rank's."""
         world = self.world
-        start = time.perf_counter()
-        received = exchange.gather_updates(world, updates, self.shapes)
-        timings["time_gather"] = time.perf_counter() - start
+        with timed(timings, "time_gather"):
+            received = exchange.gather_updates(world, updates, self.shapes)
 
-        start = time.perf_counter()
-        outcome = self._aggregate(round_index, received, dropped, late) if world.is_root else None
-        failure = comm.root_verdict(world, outcome.get("error") if world.is_root else None)
-        if failure:
-            raise RoundFailed(failure)
-        timings["time_aggregate"] = time.perf_counter() - start
+        with timed(timings, "time_aggregate"):
+            outcome = self._aggregate(round_index, received, dropped, late) if world.is_root else None
+            failure = comm.root_verdict(world, outcome.error if world.is_root else None)
+            if failure:
+                raise RoundFailed(failure)
 
-        start = time.perf_counter()
-        global_factors = exchange.broadcast_global(world, outcome["global"] if world.is_root else None, self.shapes)
-        timings["time_broadcast"] = time.perf_counter() - start
+        with timed(timings, "time_broadcast"):
+            root_factors = outcome.global_factors if world.is_root else None
+            global_factors = exchange.broadcast_global(world, root_factors, self.shapes)
         return outcome, global_factors
 
-    def _aggregate_sharded(self, round_index: int, updates, dropped: list[int], late: list[tuple[int, str]],
-                           timings: dict):
+    def _aggregate_sharded(
+        self, round_index: int, updates, dropped: list[int], late: list[tuple[int, str]], timings: dict
+    ) -> tuple[RoundOutcome, dict[str, tuple[np.ndarray, np.ndarray]]]:
         """federation.aggregation: sharded. Owners aggregate their modules; see sharding.py.
 
         Every rank returns the same outcome fields rank 0 logs (clients, exclusions, every
@@ -285,31 +321,45 @@ class Federation:
         """
         fed, world = self.cfg.federation, self.world
         state = sharding.sharded_round(
-            world, updates, self.shapes, [(c, DROPOUT_REASON) for c in dropped] + list(late), method=fed.method, tau=fed.tau,
-            max_rank=fed.max_rank, before_aggregate=lambda: self._kill_point("aggregate", round_index),
+            world,
+            updates,
+            self.shapes,
+            [(c, DROPOUT_REASON) for c in dropped] + list(late),
+            method=fed.method,
+            tau=fed.tau,
+            max_rank=fed.max_rank,
+            before_aggregate=lambda: self._kill_point("aggregate", round_index),
         )
         if not state.kept:  # every rank reached this verdict from the same metadata
             reasons = "; ".join(f"client {c}: {why}" for c, why in state.excluded)
             raise RoundFailed(f"round {round_index} has no client left to aggregate ({reasons})")
-        slowest_owner = float(comm.reduce_max(world, np.array([state.time_aggregate]))[0]) if world.size > 1 \
+        slowest_owner = (
+            float(comm.reduce_max(world, np.array([state.time_aggregate]))[0])
+            if world.size > 1
             else state.time_aggregate
+        )
         timings["time_gather"] = state.time_scatter
         timings["time_aggregate"] = state.time_aggregate
         timings["time_broadcast"] = state.time_allgather
-        outcome = {
-            "received": state.clients, "kept": state.kept, "excluded": state.excluded, "results": state.results,
-            "global": state.global_factors, "time_aggregate": slowest_owner, "sharded": state,
-        }
+        outcome = RoundOutcome(
+            received=state.clients,
+            kept=state.kept,
+            excluded=state.excluded,
+            results=state.results,
+            global_factors=state.global_factors,
+            time_aggregate=slowest_owner,
+            sharded=state,
+        )
         return outcome, state.global_factors
 
-    def _client_adapters_for_log(self, outcome: dict):
+    def _client_adapters_for_log(self, outcome: RoundOutcome):
         """The round's client adapters for its record, taken when the round is written (in
         sharded mode the other ranks send theirs then, see `_run_round`); None when not logged."""
         if not self.cfg.log.client_adapters:
             return None
-        if outcome.get("sharded") is not None:
-            return self._streamed_client_adapters(outcome["sharded"])
-        return self._client_modules(outcome["kept"])
+        if outcome.sharded is not None:
+            return self._streamed_client_adapters(outcome.sharded)
+        return self._client_modules(outcome.kept)
 
     def _streamed_client_adapters(self, state: "sharding.ShardedRound"):
         """The round's client adapters for the log, received from their owners as they are written:
@@ -317,7 +367,9 @@ class Federation:
         ranks send (so rank 0 never holds all modules' client factors at once)."""
         return sharding.stream_client_adapters(self.world, state, self.shapes)
 
-    def _aggregate(self, round_index: int, received, dropped: list[int], late: list[tuple[int, str]] = ()) -> dict:
+    def _aggregate(
+        self, round_index: int, received, dropped: list[int], late: list[tuple[int, str]] = ()
+    ) -> RoundOutcome:
         from florist_mpi.aggregation import aggregate_adapter
 
         excluded = [(c, DROPOUT_REASON) for c in dropped] + list(late)
@@ -329,22 +381,25 @@ class Federation:
                 excluded.append((client.client_id, exchange.REASON_NONFINITE))
             else:
                 kept.append(client)
-        outcome = {"received": received, "kept": kept, "excluded": sorted(excluded)}
+        outcome = RoundOutcome(received=received, kept=kept, excluded=sorted(excluded))
         self._kill_point("aggregate", round_index)
         if not kept:
             reasons = "; ".join(f"client {c}: {why}" for c, why in sorted(excluded))
-            outcome["error"] = f"round {round_index} has no client left to aggregate ({reasons})"
+            outcome.error = f"round {round_index} has no client left to aggregate ({reasons})"
             return outcome
         fed = self.cfg.federation
-        start = time.perf_counter()
-        per_module = {
-            name: [(torch.from_numpy(c.factors[name][0]), torch.from_numpy(c.factors[name][1])) for c in kept]
-            for name in self.shapes
-        }
-        results = aggregate_adapter(fed.method, per_module, [c.num_samples for c in kept], tau=fed.tau, max_rank=fed.max_rank)
-        outcome["time_aggregate"] = time.perf_counter() - start
-        outcome["results"] = results
-        outcome["global"] = {
+        timing: dict[str, float] = {}
+        with timed(timing, "aggregate"):
+            per_module = {
+                name: [(torch.from_numpy(c.factors[name][0]), torch.from_numpy(c.factors[name][1])) for c in kept]
+                for name in self.shapes
+            }
+            results = aggregate_adapter(
+                self.method, per_module, [c.num_samples for c in kept], tau=fed.tau, max_rank=fed.max_rank
+            )
+        outcome.time_aggregate = timing["aggregate"]
+        outcome.results = results
+        outcome.global_factors = {
             name: (results[name].B.float().contiguous().numpy(), results[name].A.float().contiguous().numpy())
             for name in self.shapes
         }
@@ -373,8 +428,8 @@ class Federation:
         """Held-out loss (and MMLU accuracy) of the global model, split over ranks."""
         if self.eval_set is None:
             return math.nan, math.nan
-        if self.cfg.federation.method == "flexlora" and global_factors is not None:
-            # FlexLoRA keeps the base; its global model is base + the aggregated update.
+        if self.method.keeps_base and global_factors is not None:
+            # the base is kept (FlexLoRA): the global model is base + the aggregated update
             with temporarily_merged(self.modules, global_factors, self.masters):
                 return self._evaluate_model()
         return self._evaluate_model()
@@ -383,7 +438,9 @@ class Federation:
         self.model.eval()  # local training left the shared base in train mode (dropout on)
         if self.cfg.eval.kind == "mmlu":
             correct, total = evaluation.multiple_choice_correct(self.model, self.eval_set, self.device)
-            correct, total = comm.allreduce_sum(self.world, np.array([correct, total])) if self.world.size > 1 else (correct, total)
+            correct, total = (
+                comm.allreduce_sum(self.world, np.array([correct, total])) if self.world.size > 1 else (correct, total)
+            )
             return math.nan, float(correct) / float(total) if total else math.nan
         total, count = evaluation.loss_sums(self.model, self.eval_set, self.cfg.eval.batch_size, self.device)
         if self.world.size > 1:
@@ -394,15 +451,24 @@ class Federation:
 
     def _header(self) -> storage.RunHeader:
         return storage.RunHeader(
-            config_yaml=self.cfg.to_yaml(), method=self.cfg.federation.method, tau=self.cfg.federation.tau,
-            num_clients=self.cfg.federation.num_clients, world_size=self.world.size,
-            created=datetime.now(timezone.utc).isoformat(timespec="seconds"), versions=library_versions(),
-            modules=list(self.shapes), module_shapes=list(self.shapes.values()), initial_eval_loss=self.initial_eval,
+            config_yaml=self.cfg.to_yaml(),
+            method=self.cfg.federation.method,
+            tau=self.cfg.federation.tau,
+            num_clients=self.cfg.federation.num_clients,
+            world_size=self.world.size,
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            versions=library_versions(),
+            modules=list(self.shapes),
+            module_shapes=list(self.shapes.values()),
+            initial_eval_loss=self.initial_eval,
         )
 
-    def _commit_round(self, round_index, outcome, timings, eval_loss, eval_accuracy, participants) -> None:
-        kept, received = outcome["kept"], {c.client_id: c for c in outcome["received"]}
-        results = outcome["results"]
+    def _commit_round(
+        self, round_index: int, outcome: RoundOutcome, timings: dict[str, float], eval_loss: float,
+        eval_accuracy: float, participants: list[int]
+    ) -> None:
+        kept, received = outcome.kept, {c.client_id: c for c in outcome.received}
+        results = outcome.results
         lora = self.cfg.lora
         clients = {
             "id": np.array(participants, dtype=np.int64),
@@ -412,25 +478,46 @@ class Federation:
         }
         bytes_up = 4 * sum(self._factor_floats(c.rank) for c in kept)
         attrs = {
-            "tau": float(self.cfg.federation.tau), **{k: float(v) for k, v in timings.items()},
-            "bytes_up": int(bytes_up), "bytes_down": int(self._bytes_down(outcome["global"])),
-            "eval_loss": float(eval_loss), "eval_accuracy": float(eval_accuracy), "world_size": int(self.world.size),
+            "tau": float(self.cfg.federation.tau),
+            **{k: float(v) for k, v in timings.items()},
+            "bytes_up": int(bytes_up),
+            "bytes_down": int(self._bytes_down(outcome.global_factors)),
+            "eval_loss": float(eval_loss),
+            "eval_accuracy": float(eval_accuracy),
+            "world_size": int(self.world.size),
         }
         if self.clock is not None:
             clients.update(self._clock_columns(participants))
             attrs.update(self._clock_attrs(outcome))
         record = storage.RoundRecord(
-            index=round_index, attrs=attrs, clients=clients, excluded=outcome["excluded"],
+            index=round_index,
+            attrs=attrs,
+            clients=clients,
+            excluded=outcome.excluded,
             global_factors={
-                name: (B, A, results[name].singular_values.double().numpy(), results[name].rank, float(results[name].energy))
-                for name, (B, A) in outcome["global"].items()
+                name: (
+                    B,
+                    A,
+                    results[name].singular_values.double().numpy(),
+                    results[name].rank,
+                    float(results[name].energy),
+                )
+                for name, (B, A) in outcome.global_factors.items()
             },
             client_adapters=self._client_adapters_for_log(outcome),
         )
         # test hooks: a kill with the round written but unpublished, and between its file's rename and its link
-        hooks = {"before_publish": lambda: self._kill_point("write", round_index),
-                 "before_link": lambda: self._kill_point("link", round_index)}
-        start = time.perf_counter()
+        hooks = {
+            "before_publish": lambda: self._kill_point("write", round_index),
+            "before_link": lambda: self._kill_point("link", round_index),
+        }
+        written: dict[str, float] = {}
+        with timed(written, "log"):
+            self._write_round(round_index, record, hooks)
+        self._say(self._round_line(round_index, attrs, outcome, participants) + f" log {written['log']:.2f}s")
+
+    def _write_round(self, round_index: int, record: storage.RoundRecord, hooks: dict) -> None:
+        """Create the log with its first round, or append the round (crash-safe, see storage.py)."""
         if not self.log_started:
             storage.create_log(self.output, self._header(), replace=self.plan.overwrite, first_round=record, **hooks)
             self.log_started = True
@@ -440,23 +527,15 @@ class Federation:
             resumed = round_index == self.plan.resume_from + 1 and self.plan.resume_from >= 0
             root = {"config": self.cfg.to_yaml()} if resumed else None
             storage.append_round(self.output, record, root_attrs=root, **hooks)
-        written = time.perf_counter() - start
-        self._say(self._round_line(round_index, attrs, kept, outcome, participants) + f" log {written:.2f}s")
 
     def _client_modules(self, kept):
         """The kept clients' factors for the log, one module at a time: (module, {client id: (B, A)})."""
         for name in self.shapes:
             yield name, {c.client_id: c.factors[name] for c in kept}
 
-    def _wire_floats(self, rank: int, m: int, n: int) -> int:
-        """Floats one module's factors of this rank take on the wire.
-
-        FFA-LoRA's A is frozen and derived from the shared seed: only B travels.
-        """
-        return simclock.wire_floats(self.cfg.federation.method, rank, m, n)
-
     def _factor_floats(self, rank: int) -> int:
-        return sum(self._wire_floats(rank, m, n) for m, n in self.shapes.values())
+        """Floats one client's rank-`rank` factors take on the wire (the method says which travel)."""
+        return sum(self.method.wire_floats(rank, m, n) for m, n in self.shapes.values())
 
     def _bytes_down(self, global_factors) -> int:
         """fp32 bytes the server sends, summed over every client (each gets its own prefix in FlexLoRA)."""
@@ -464,8 +543,8 @@ class Federation:
         total = 0
         for client_id in range(fed.num_clients):
             for B, A in global_factors.values():
-                r = min(B.shape[1], lora.rank_of(client_id)) if fed.method == "flexlora" else B.shape[1]
-                total += 4 * self._wire_floats(r, B.shape[0], A.shape[1])
+                r = self.method.download_rank(B.shape[1], lora.rank_of(client_id))
+                total += 4 * self.method.wire_floats(r, B.shape[0], A.shape[1])
         return total
 
     # ------------------------------------------------------- simulated clock
@@ -488,9 +567,13 @@ class Federation:
     def _client_work(self, client_id: int, round_index: int) -> simclock.ClientWork:
         method, rank = self.cfg.federation.method, self.cfg.lora.rank_of(client_id)
         tokens = local_tokens(self.cfg, self._encoded_client(client_id), round_index, client_id)
-        per_token = simclock.training_flops_per_token(self.clock.base_params, *simclock.adapter_params(method, self.shapes, rank))
+        per_token = simclock.training_flops_per_token(
+            self.clock.base_params, *simclock.adapter_params(method, self.shapes, rank)
+        )
         return simclock.ClientWork(
-            client_id=client_id, tokens=tokens, flops=tokens * per_token,
+            client_id=client_id,
+            tokens=tokens,
+            flops=tokens * per_token,
             bytes_down=simclock.download_bytes(method, self.shapes, self.clock.global_ranks, rank),
             bytes_up=simclock.upload_bytes(method, self.shapes, rank),
         )
@@ -516,11 +599,11 @@ class Federation:
             "sim_upload_s": np.array([times.get(c, nan).upload_s for c in participants], dtype=np.float64),
         }
 
-    def _clock_attrs(self, outcome) -> dict[str, float]:
+    def _clock_attrs(self, outcome: RoundOutcome) -> dict[str, float]:
         """sim_server_s, sim_time_s and the running total sim_clock_s of a completed round."""
         method, lora = self.cfg.federation.method, self.cfg.lora
-        kept = [c.client_id for c in outcome["kept"]]
-        global_ranks = {name: int(result.rank) for name, result in outcome["results"].items()}
+        kept = [c.client_id for c in outcome.kept]
+        global_ranks = {name: int(result.rank) for name, result in outcome.results.items()}
         flops = simclock.aggregation_flops(method, self.shapes, [lora.rank_of(c) for c in kept], global_ranks)
         server_s = flops / self.cfg.system.server_flops
         round_s = simclock.round_seconds(server_s, [self.round_clock.times[c] for c in kept])
@@ -539,22 +622,33 @@ class Federation:
         cfg, world = self.cfg, self.world
         what = f"resuming after round {first - 1}" if first else "starting"
         initial = f", initial eval loss {self.initial_eval:.4f}" if math.isfinite(self.initial_eval) else ""
-        return (f"florist-mpi {what}: {cfg.federation.method} (tau={cfg.federation.tau}) | {cfg.federation.num_clients} clients "
-                f"on {world.size} rank(s), device {self.device.type} | {len(self.shapes)} adapted modules | "
-                f"{cfg.run.rounds} rounds -> {self.output}{initial}")
+        return (
+            f"florist-mpi {what}: {cfg.federation.method} (tau={cfg.federation.tau}) | "
+            f"{cfg.federation.num_clients} clients "
+            f"on {world.size} rank(s), device {self.device.type} | {len(self.shapes)} adapted modules | "
+            f"{cfg.run.rounds} rounds -> {self.output}{initial}"
+        )
 
-    def _round_line(self, round_index, attrs, kept, outcome, participants) -> str:
-        ranks = [r.rank for r in outcome["results"].values()]
+    def _round_line(self, round_index: int, attrs: dict, outcome: RoundOutcome, participants: list[int]) -> str:
+        ranks = [r.rank for r in outcome.results.values()]
+        kept = outcome.kept
         losses = [c.train_loss for c in kept]
         eval_part = "eval -"
         if math.isfinite(attrs["eval_loss"]):
             eval_part = f"eval loss {attrs['eval_loss']:.4f} (ppl {evaluation.perplexity(attrs['eval_loss']):.1f})"
         if math.isfinite(attrs.get("eval_accuracy", math.nan)):
             eval_part = f"eval acc {attrs['eval_accuracy']:.3f}"
-        phases = " ".join(f"{k.removeprefix('time_')} {attrs[k]:.2f}s" for k in
-                          ("time_train", "time_gather", "time_aggregate", "time_broadcast", "time_merge", "time_eval"))
-        excluded = f" ({len(outcome['excluded'])} excluded)" if outcome["excluded"] else ""
-        simulated = f" | sim {attrs['sim_time_s']:.1f}s (clock {attrs['sim_clock_s']:.1f}s)" if "sim_time_s" in attrs else ""
-        return (f"round {round_index + 1}/{self.cfg.run.rounds} | clients {len(kept)}/{len(participants)}{excluded} | "
-                f"train loss {np.mean(losses):.4f} | {eval_part} | global rank mean {np.mean(ranks):.1f} "
-                f"| down {attrs['bytes_down'] / 1e6:.2f} MB{simulated} | {phases}")
+        phases = " ".join(
+            f"{k.removeprefix('time_')} {attrs[k]:.2f}s"
+            for k in ("time_train", "time_gather", "time_aggregate", "time_broadcast", "time_merge", "time_eval")
+        )
+        excluded = f" ({len(outcome.excluded)} excluded)" if outcome.excluded else ""
+        simulated = (
+            f" | sim {attrs['sim_time_s']:.1f}s (clock {attrs['sim_clock_s']:.1f}s)" if "sim_time_s" in attrs else ""
+        )
+        return (
+            f"round {round_index} ({round_index + 1}/{self.cfg.run.rounds}) | "
+            f"clients {len(kept)}/{len(participants)}{excluded} | "
+            f"train loss {np.mean(losses):.4f} | {eval_part} | global rank mean {np.mean(ranks):.1f} "
+            f"| down {attrs['bytes_down'] / 1e6:.2f} MB{simulated} | {phases}"
+        )

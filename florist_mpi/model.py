@@ -172,10 +172,13 @@ def _build_tiny_artifacts(cfg: ExperimentConfig, directory: Path) -> None:
     from florist_mpi import data as data_lib
     from florist_mpi.warmup import warm_up
 
-    records = [r for client in data_lib.client_records(cfg.data, cfg.federation.num_clients, cfg.run.seed) for r in client]
+    per_client = data_lib.client_records(cfg.data, cfg.federation.num_clients, cfg.run.seed)
+    records = [r for client in per_client for r in client]
     vocab = cfg.data.tokenizer_vocab_size or cfg.model.tiny.vocab_size
     tokenizer = data_lib.build_tokenizer(records, vocab)
-    model = build_tiny_model(cfg, len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    model = build_tiny_model(
+        cfg, len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id
+    )
     if cfg.model.warmup_steps:
         warm_up(model, tokenizer, records, cfg)
     tmp = directory.with_name(directory.name + f".tmp{os.getpid()}")
@@ -235,7 +238,9 @@ def _load_pretrained(name: str, cfg: ExperimentConfig, device: torch.device, loc
 
     dtype = DTYPES[cfg.model.dtype] if device.type == "cuda" else torch.float32
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_only, trust_remote_code=cfg.model.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            name, local_files_only=local_only, trust_remote_code=cfg.model.trust_remote_code
+        )
         model = AutoModelForCausalLM.from_pretrained(
             name, dtype=dtype, local_files_only=local_only, trust_remote_code=cfg.model.trust_remote_code
         )
@@ -275,13 +280,19 @@ def float32_masters(modules: dict[str, torch.nn.Linear]) -> dict[str, torch.Tens
     much of it rounds away, and the loss compounds over rounds. Merges go into these
     copies instead, and the model's weight is their rounding.
     """
-    return {name: module.weight.detach().float().clone() for name, module in modules.items()
-            if module.weight.dtype != torch.float32}
+    return {
+        name: module.weight.detach().float().clone()
+        for name, module in modules.items()
+        if module.weight.dtype != torch.float32
+    }
 
 
 @torch.no_grad()
-def merge_update(modules: dict[str, torch.nn.Linear], factors: dict[str, tuple[np.ndarray, np.ndarray]],
-                 masters: dict[str, torch.Tensor] | None = None) -> None:
+def merge_update(
+    modules: dict[str, torch.nn.Linear],
+    factors: dict[str, tuple[np.ndarray, np.ndarray]],
+    masters: dict[str, torch.Tensor] | None = None,
+) -> None:
     """W += B @ A for every module (the global update with LoRA scaling folded in)."""
     for name, (B, A) in factors.items():
         weight = modules[name].weight
@@ -298,7 +309,9 @@ def merge_update(modules: dict[str, torch.nn.Linear], factors: dict[str, tuple[n
 
 def update_matrix(B: np.ndarray, A: np.ndarray, device: torch.device) -> torch.Tensor:
     """ΔW = B @ A in float32 on `device` (copies: logged and broadcast buffers are read-only)."""
-    return torch.from_numpy(np.array(B, dtype=np.float32)).to(device) @ torch.from_numpy(np.array(A, dtype=np.float32)).to(device)
+    return torch.from_numpy(np.array(B, dtype=np.float32)).to(device) @ torch.from_numpy(
+        np.array(A, dtype=np.float32)
+    ).to(device)
 
 
 @torch.no_grad()

@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from pathlib import Path
 
-import numpy as np
 import torch
 
-from florist_mpi import storage
+from florist_mpi import methods, storage
 from florist_mpi.config import ExperimentConfig, parse_config_text
 
 
@@ -31,7 +29,7 @@ def load_initial_base(cfg: ExperimentConfig, device: torch.device | None = None)
 
 
 def merge_rounds_before(model_modules, log_path, cfg: ExperimentConfig, round_index: int) -> dict:
-    """Apply the logged global updates of rounds < round_index (nothing for FlexLoRA).
+    """Apply the logged global updates of rounds < round_index (nothing for methods that keep the base).
 
     Returns the fp32 masters of weights stored in 16 bits (see model.float32_masters),
     which later temporary merges must go through, as the run's own merges did.
@@ -39,7 +37,7 @@ def merge_rounds_before(model_modules, log_path, cfg: ExperimentConfig, round_in
     from florist_mpi.model import float32_masters, merge_update
 
     masters = float32_masters(model_modules)
-    if cfg.federation.method == "flexlora":
+    if methods.get(cfg.federation.method).keeps_base:
         return masters
     with storage.open_log(log_path) as handle:
         for r in storage.completed_rounds(handle):
@@ -79,10 +77,9 @@ class Evaluator:
     def __init__(self, cfg: ExperimentConfig, model, tokenizer, device: torch.device | None = None):
         from florist_mpi import data as data_lib
         from florist_mpi import evaluation
-        from florist_mpi.runner import _eval_records
 
         self.cfg, self.model, self.device = cfg, model, device or torch.device("cpu")
-        records = _eval_records(cfg)
+        records = evaluation.eval_set_records(cfg)
         if cfg.eval.kind == "mmlu":
             self.items = evaluation.multiple_choice_items(records, tokenizer, cfg.data.max_length)
         else:

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from florist_mpi import methods
 from florist_mpi.analysis import PHASES, Run, open_run
 from florist_mpi.errors import UserError
 
@@ -39,13 +40,20 @@ def add_arguments(parser) -> None:
     parser.add_argument("logs", nargs="+", metavar="RUN.h5", help="run logs (run.output of each run)")
     machine = parser.add_mutually_exclusive_group()
     machine.add_argument("--csv", action="store_true", help="print one CSV row per run and round instead of text")
-    machine.add_argument("--json", action="store_true",
-                         help="print a JSON document per run (config, summary, totals, rounds, global ranks) instead of text")
+    machine.add_argument(
+        "--json",
+        action="store_true",
+        help="print a JSON document per run (config, summary, totals, rounds, global ranks) instead of text",
+    )
     parser.add_argument("--plots", metavar="DIR", help="also write PNG figures into DIR (created if missing)")
     parser.add_argument("--verbose", action="store_true", help="show the per-module global rank table for every run")
-    parser.add_argument("--target-loss", type=float, metavar="LOSS",
-                        help="eval loss of the simulated time-to-target table (runs with a system section; "
-                             "default: the lowest loss every such run reaches)")
+    parser.add_argument(
+        "--target-loss",
+        type=float,
+        metavar="LOSS",
+        help="eval loss of the simulated time-to-target table (runs with a system section; "
+        "default: the lowest loss every such run reaches)",
+    )
 
 
 def main(args) -> int:
@@ -107,7 +115,9 @@ def _plot_dir(text: str) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise UserError(f"cannot create --plots directory '{path}' ({err.strerror}): choose a writable location") from None
+        raise UserError(
+            f"cannot create --plots directory '{path}' ({err.strerror}): choose a writable location"
+        ) from None
     return path
 
 
@@ -208,25 +218,47 @@ def time_to_target(runs: list[Run], labels: list[str], target_loss: float | None
     for run, label in clocked:
         frame = run.rounds
         hit = frame[frame["eval_loss"] <= target]
-        row = {"label": label, "run": str(run.path), "method": run.method, "tau": run.tau, "round": None,
-               "sim_clock_s": math.nan, "rounds": None, "bytes_down": None}
+        row = {
+            "label": label,
+            "run": str(run.path),
+            "method": run.method,
+            "tau": run.tau,
+            "round": None,
+            "sim_clock_s": math.nan,
+            "rounds": None,
+            "bytes_down": None,
+        }
         if not hit.empty:
             r = int(hit.index[0])
-            row.update(round=r, sim_clock_s=float(frame.loc[r, "sim_clock_s"]), rounds=int((frame.index <= r).sum()),
-                       bytes_down=int(frame.loc[:r, "bytes_down"].sum()))
+            row.update(
+                round=r,
+                sim_clock_s=float(frame.loc[r, "sim_clock_s"]),
+                rounds=int((frame.index <= r).sum()),
+                bytes_down=int(frame.loc[:r, "bytes_down"].sum()),
+            )
         rows.append(row)
-    return {"target_loss": target, "chosen": "--target-loss" if target_loss is not None else
-            "the lowest eval loss every run reaches", "runs": rows}
+    return {
+        "target_loss": target,
+        "chosen": "--target-loss" if target_loss is not None else "the lowest eval loss every run reaches",
+        "runs": rows,
+    }
 
 
 def time_to_target_text(reached: dict) -> str:
-    rows = [[row["label"], row["method"], f"{row['tau']:g}", "-" if row["round"] is None else str(row["round"]),
-             "-" if row["rounds"] is None else str(row["rounds"]),
-             "not reached" if row["round"] is None else f"{row['sim_clock_s']:.2f}",
-             "-" if row["bytes_down"] is None else _sig(row["bytes_down"] / 1e6)]
-            for row in reached["runs"]]
+    rows = [
+        [
+            row["label"],
+            row["method"],
+            f"{row['tau']:g}",
+            "-" if row["round"] is None else str(row["round"]),
+            "-" if row["rounds"] is None else str(row["rounds"]),
+            "not reached" if row["round"] is None else f"{row['sim_clock_s']:.2f}",
+            "-" if row["bytes_down"] is None else _sig(row["bytes_down"] / 1e6),
+        ]
+        for row in reached["runs"]
+    ]
     table = format_table(["run", "method", "tau", "round", "rounds", "sim time s", "down MB"], rows, left=2)
-    return (f"Time to reach eval loss {reached['target_loss']:.4f} ({reached['chosen']}; simulated clock)\n" + table)
+    return f"Time to reach eval loss {reached['target_loss']:.4f} ({reached['chosen']}; simulated clock)\n" + table
 
 
 def run_text(run: Run, verbose: bool = False) -> str:
@@ -234,13 +266,17 @@ def run_text(run: Run, verbose: bool = False) -> str:
     fed = cfg.federation
     frame = run.rounds
     lines = [f"== {run.path} =="]
-    tau = f"tau {run.tau:g}" if run.method == "florist" else f"tau {run.tau:g} (unused by {run.method})"
+    tau = f"tau {run.tau:g}" if methods.get(run.method).uses_tau else f"tau {run.tau:g} (unused by {run.method})"
     max_rank = f", max rank {fed.max_rank}" if fed.max_rank else ""
-    lines.append(f"method {run.method}, {tau}{max_rank} | {run.num_clients} clients, "
-                 f"{fed.participants_per_round()} per round | {len(frame)}/{cfg.run.rounds} rounds completed | "
-                 f"{_world_sizes_text(run)} MPI rank(s)")
-    lines.append(f"model {cfg.model.name} | LoRA ranks {_lora_ranks(run)}, alpha {cfg.lora.alpha} | "
-                 f"{len(run.modules)} adapted modules ({', '.join(cfg.lora.target_modules)})")
+    lines.append(
+        f"method {run.method}, {tau}{max_rank} | {run.num_clients} clients, "
+        f"{fed.participants_per_round()} per round | {len(frame)}/{cfg.run.rounds} rounds completed | "
+        f"{_world_sizes_text(run)} MPI rank(s)"
+    )
+    lines.append(
+        f"model {cfg.model.name} | LoRA ranks {_lora_ranks(run)}, alpha {cfg.lora.alpha} | "
+        f"{len(run.modules)} adapted modules ({', '.join(cfg.lora.target_modules)})"
+    )
     lines.append(f"initial eval loss {_num(run.initial_eval_loss)}")
     if frame.empty:
         lines.append("no completed round yet")
@@ -251,49 +287,84 @@ def run_text(run: Run, verbose: bool = False) -> str:
     show_accuracy = has_accuracy(run)
     show_world = frame["world_size"].nunique() > 1  # resumed on another number of ranks
     show_clock = has_clock(run)
-    headers = ["round", "eval loss"] + (["eval acc"] if show_accuracy else []) + (["MPI ranks"] if show_world else []) + [
-        "clients", "excluded", "rank min/mean/max", f"up {up_unit}", f"down {down_unit}", "time s"] + (
-        ["sim s", "sim clock s"] if show_clock else [])
+    headers = (
+        ["round", "eval loss"]
+        + (["eval acc"] if show_accuracy else [])
+        + (["MPI ranks"] if show_world else [])
+        + ["clients", "excluded", "rank min/mean/max", f"up {up_unit}", f"down {down_unit}", "time s"]
+        + (["sim s", "sim clock s"] if show_clock else [])
+    )
     rows = []
     for r, row in frame.iterrows():
-        rows.append([str(r), _num(row["eval_loss"])] + ([_num(row["eval_accuracy"], 3)] if show_accuracy else [])
-                    + ([str(int(row["world_size"]))] if show_world else []) + [
-            f"{int(row['num_clients'])}/{int(row['num_sampled'])}", str(int(row["num_excluded"])),
-            f"{int(row['min_rank'])} / {row['mean_rank']:.1f} / {int(row['max_rank'])}",
-            _sig(row["bytes_up"] / up_scale), _sig(row["bytes_down"] / down_scale), f"{row['time_total']:.2f}"]
-                    + ([f"{row['sim_time_s']:.2f}", f"{row['sim_clock_s']:.2f}"] if show_clock else []))
+        rows.append(
+            [str(r), _num(row["eval_loss"])]
+            + ([_num(row["eval_accuracy"], 3)] if show_accuracy else [])
+            + ([str(int(row["world_size"]))] if show_world else [])
+            + [
+                f"{int(row['num_clients'])}/{int(row['num_sampled'])}",
+                str(int(row["num_excluded"])),
+                f"{int(row['min_rank'])} / {row['mean_rank']:.1f} / {int(row['max_rank'])}",
+                _sig(row["bytes_up"] / up_scale),
+                _sig(row["bytes_down"] / down_scale),
+                f"{row['time_total']:.2f}",
+            ]
+            + ([f"{row['sim_time_s']:.2f}", f"{row['sim_clock_s']:.2f}"] if show_clock else [])
+        )
     blank = [""] * (1 + show_accuracy + show_world)
-    rows.append(["total", *blank, "", "", "", _sig(frame["bytes_up"].sum() / up_scale),
-                 _sig(frame["bytes_down"].sum() / down_scale), f"{frame['time_total'].sum():.2f}"]
-                + ([f"{frame['sim_time_s'].sum():.2f}", ""] if show_clock else []))
+    rows.append(
+        [
+            "total",
+            *blank,
+            "",
+            "",
+            "",
+            _sig(frame["bytes_up"].sum() / up_scale),
+            _sig(frame["bytes_down"].sum() / down_scale),
+            f"{frame['time_total'].sum():.2f}",
+        ]
+        + ([f"{frame['sim_time_s'].sum():.2f}", ""] if show_clock else [])
+    )
     lines += ["", format_table(headers, rows)]
     if show_clock:
-        lines.append(f"simulated time (system section): {frame['sim_time_s'].sum():.2f} s in total, median "
-                     f"{frame['sim_time_s'].median():.2f} s per round (server {frame['sim_server_s'].sum():.3f} s)")
+        lines.append(
+            f"simulated time (system section): {frame['sim_time_s'].sum():.2f} s in total, median "
+            f"{frame['sim_time_s'].median():.2f} s per round (server {frame['sim_server_s'].sum():.3f} s)"
+        )
 
     summary = run_summary(run)
     if math.isfinite(summary["final_eval_loss"]):
-        lines.append(f"final eval loss {_num(summary['final_eval_loss'])} (round {summary['final_eval_loss_round']}), "
-                     f"best {_num(summary['best_eval_loss'])} (round {summary['best_eval_loss_round']})")
+        lines.append(
+            f"final eval loss {_num(summary['final_eval_loss'])} (round {summary['final_eval_loss_round']}), "
+            f"best {_num(summary['best_eval_loss'])} (round {summary['best_eval_loss_round']})"
+        )
     if math.isfinite(summary["final_eval_accuracy"]):
-        lines.append(f"final eval accuracy {_num(summary['final_eval_accuracy'])} "
-                     f"(round {summary['final_eval_accuracy_round']}), best {_num(summary['best_eval_accuracy'])} "
-                     f"(round {summary['best_eval_accuracy_round']})")
+        lines.append(
+            f"final eval accuracy {_num(summary['final_eval_accuracy'])} "
+            f"(round {summary['final_eval_accuracy_round']}), best {_num(summary['best_eval_accuracy'])} "
+            f"(round {summary['best_eval_accuracy_round']})"
+        )
 
     phase_rows = []
     total_time = float(frame["time_total"].sum())
     for phase in PHASES:
         values = frame[phase].fillna(0.0)
         share = 100.0 * float(values.sum()) / total_time if total_time > 0 else 0.0
-        phase_rows.append([phase.removeprefix("time_"), f"{values.median():.3f}", f"{values.sum():.2f}", f"{share:.1f}%"])
+        phase_rows.append(
+            [phase.removeprefix("time_"), f"{values.median():.3f}", f"{values.sum():.2f}", f"{share:.1f}%"]
+        )
     lines += ["", format_table(["phase", "median s/round", "total s", "share"], phase_rows)]
 
     if verbose or len(run.modules) <= FEW_MODULES:
         ranks = run.ranks
         names = short_module_names(run.modules)
-        module_rows = [[name, *(str(v) for v in ranks.loc[module].tolist())] for name, module in zip(names, run.modules)]
-        lines += ["", "global rank per module and round",
-                  format_table(["module", *(str(c) for c in ranks.columns)], module_rows)]
+        module_rows = [
+            [name, *(str(v) for v in ranks.loc[module].tolist())] for name, module in zip(names, run.modules)
+        ]
+        lines += [
+            "",
+            "global rank per module and round",
+            format_table(["module", *(str(c) for c in ranks.columns)], module_rows),
+        ]
     else:
         lines += ["", f"({len(run.modules)} modules: per-module global ranks with --verbose)"]
     return "\n".join(lines)
@@ -310,8 +381,12 @@ def _final_and_best(series: pd.Series, best: str) -> dict:
     if finite.empty:
         return {"final": math.nan, "final_round": None, "best": math.nan, "best_round": None}
     index = finite.idxmin() if best == "min" else finite.idxmax()
-    return {"final": float(finite.iloc[-1]), "final_round": int(finite.index[-1]),
-            "best": float(finite[index]), "best_round": int(index)}
+    return {
+        "final": float(finite.iloc[-1]),
+        "final_round": int(finite.index[-1]),
+        "best": float(finite[index]),
+        "best_round": int(index),
+    }
 
 
 def _world_sizes(run: Run) -> list[int]:
@@ -363,15 +438,33 @@ def comparison_table(runs: list[Run], labels: list[str]) -> str:
     up_scale, up_unit = byte_unit(max(s["total_bytes_up"] for s in summaries))
     rows = []
     for run, label, s in zip(runs, labels, summaries):
-        rows.append([label, s["method"], f"{s['tau']:g}", _world_sizes_text(run), str(s["num_clients"]),
-                     str(s["clients_per_round"]), str(s["rounds"]), _num(s["final_eval_loss"]), _num(s["best_eval_loss"])]
-                    + ([_num(s["final_eval_accuracy"]), _num(s["best_eval_accuracy"])] if accuracy else [])
-                    + [_sig(s["total_bytes_down"] / down_scale), _sig(s["total_bytes_up"] / up_scale),
-                       _num(s["mean_rank"], 2), f"{s['total_time_s']:.1f}"]
-                    + ([_num(s["total_sim_time_s"], 1)] if clock else []))
-    headers = (["run", "method", "tau", "MPI ranks", "clients", "per round", "rounds", "final loss", "best loss"]
-               + (["final acc", "best acc"] if accuracy else [])
-               + [f"down {down_unit}", f"up {up_unit}", "mean rank", "time s"] + (["sim time s"] if clock else []))
+        rows.append(
+            [
+                label,
+                s["method"],
+                f"{s['tau']:g}",
+                _world_sizes_text(run),
+                str(s["num_clients"]),
+                str(s["clients_per_round"]),
+                str(s["rounds"]),
+                _num(s["final_eval_loss"]),
+                _num(s["best_eval_loss"]),
+            ]
+            + ([_num(s["final_eval_accuracy"]), _num(s["best_eval_accuracy"])] if accuracy else [])
+            + [
+                _sig(s["total_bytes_down"] / down_scale),
+                _sig(s["total_bytes_up"] / up_scale),
+                _num(s["mean_rank"], 2),
+                f"{s['total_time_s']:.1f}",
+            ]
+            + ([_num(s["total_sim_time_s"], 1)] if clock else [])
+        )
+    headers = (
+        ["run", "method", "tau", "MPI ranks", "clients", "per round", "rounds", "final loss", "best loss"]
+        + (["final acc", "best acc"] if accuracy else [])
+        + [f"down {down_unit}", f"up {up_unit}", "mean rank", "time s"]
+        + (["sim time s"] if clock else [])
+    )
     return format_table(headers, rows, left=2)
 
 
@@ -398,8 +491,12 @@ def per_round_rows(runs: list[Run], labels: list[str]) -> pd.DataFrame:
 
 def run_totals(run: Run) -> dict:
     frame = run.rounds
-    totals = {"rounds": len(frame), "bytes_up": int(frame["bytes_up"].sum()),
-              "bytes_down": int(frame["bytes_down"].sum()), "time_total": float(frame["time_total"].sum())}
+    totals = {
+        "rounds": len(frame),
+        "bytes_up": int(frame["bytes_up"].sum()),
+        "bytes_down": int(frame["bytes_down"].sum()),
+        "time_total": float(frame["time_total"].sum()),
+    }
     totals.update({phase: float(frame[phase].fillna(0.0).sum()) for phase in PHASES})
     if has_clock(run):
         totals["sim_time_s"] = float(frame["sim_time_s"].sum())
@@ -415,23 +512,27 @@ def run_document(run: Run, label: str) -> dict:
         entry["global_rank"] = {m: int(ranks.at[m, r]) for m in run.modules}
         entry["global_energy"] = {m: float(energies.at[m, r]) for m in run.modules}
         rounds.append(entry)
-    return _jsonable({
-        "run": str(run.path),
-        "label": label,
-        "method": run.method,
-        "tau": run.tau,
-        "num_clients": run.num_clients,
-        "world_size": run.world_size,
-        "created": run.created,
-        "versions": run.versions,
-        "initial_eval_loss": run.initial_eval_loss,
-        "modules": [{"name": m, "out_features": run.module_shapes[m][0], "in_features": run.module_shapes[m][1]}
-                    for m in run.modules],
-        "config": run.config.model_dump(mode="json"),
-        "summary": run_summary(run),
-        "totals": run_totals(run),
-        "rounds": rounds,
-    })
+    return _jsonable(
+        {
+            "run": str(run.path),
+            "label": label,
+            "method": run.method,
+            "tau": run.tau,
+            "num_clients": run.num_clients,
+            "world_size": run.world_size,
+            "created": run.created,
+            "versions": run.versions,
+            "initial_eval_loss": run.initial_eval_loss,
+            "modules": [
+                {"name": m, "out_features": run.module_shapes[m][0], "in_features": run.module_shapes[m][1]}
+                for m in run.modules
+            ],
+            "config": run.config.model_dump(mode="json"),
+            "summary": run_summary(run),
+            "totals": run_totals(run),
+            "rounds": rounds,
+        }
+    )
 
 
 def _jsonable(value):
@@ -463,11 +564,13 @@ def write_plots(runs: list[Run], labels: list[str], out: Path) -> list[Path]:
         # Loss figures unless every run measured accuracy only (then they would be empty).
         for metric in [m for m, wanted in ((LOSS, losses or not accuracy), (ACCURACY, accuracy)) if wanted]:
             written.append(_save(plot_metric_per_round(runs, labels, metric), out / f"{metric.column}.png"))
-            written.append(_save(plot_metric_vs_downlink(runs, labels, metric),
-                                 out / f"{metric.column}_vs_downlink.png"))
+            written.append(
+                _save(plot_metric_vs_downlink(runs, labels, metric), out / f"{metric.column}_vs_downlink.png")
+            )
             if any(has_clock(run) for run in runs):
-                written.append(_save(plot_metric_vs_sim_time(runs, labels, metric),
-                                     out / f"{metric.column}_vs_sim_time.png"))
+                written.append(
+                    _save(plot_metric_vs_sim_time(runs, labels, metric), out / f"{metric.column}_vs_sim_time.png")
+                )
         for run, label in zip(runs, labels):
             stem = _file_safe(label)
             if run.round_indices:
@@ -523,7 +626,9 @@ def plot_metric_per_round(runs: list[Run], labels: list[str], metric: Metric = L
         values = run.rounds[metric.column].dropna()
         if values.empty:
             continue
-        ax.plot(values.index, values.values, marker="o", ms=3.5, color=color, label=f"{label} ({run.method}, τ={run.tau:g})")
+        ax.plot(
+            values.index, values.values, marker="o", ms=3.5, color=color, label=f"{label} ({run.method}, τ={run.tau:g})"
+        )
         if math.isfinite(_initial(run, metric)):
             ax.axhline(_initial(run, metric), color=color, ls=":", lw=1)
         drawn += 1
@@ -564,7 +669,9 @@ def plot_metric_vs_downlink(runs: list[Run], labels: list[str], metric: Metric =
         _no_data(ax, "no evaluated rounds in these logs")
     elif log_x:
         ax.set_xscale("log")
-    ax.set_title(f"{metric.name.capitalize()} vs cumulative downlink traffic" + (" (x = 0: before round 0)" if origin else ""))
+    ax.set_title(
+        f"{metric.name.capitalize()} vs cumulative downlink traffic" + (" (x = 0: before round 0)" if origin else "")
+    )
     ax.set_xlabel(f"cumulative downlink, all clients ({unit})")
     ax.set_ylabel(metric.axis)
     if series:
@@ -606,8 +713,14 @@ def plot_rank_heatmap(run: Run, label: str):
     names = short_module_names(run.modules)
     count_m, count_r = ranks.shape
     fig, ax = plt.subplots(figsize=(min(4 + 0.35 * count_r, 16), min(2.2 + 0.2 * count_m, 24)))
-    image = ax.imshow(ranks.to_numpy(), aspect="auto", cmap="viridis", interpolation="nearest",
-                      vmin=0, vmax=max(1, int(ranks.to_numpy().max())))
+    image = ax.imshow(
+        ranks.to_numpy(),
+        aspect="auto",
+        cmap="viridis",
+        interpolation="nearest",
+        vmin=0,
+        vmax=max(1, int(ranks.to_numpy().max())),
+    )
     bar = fig.colorbar(image, ax=ax)
     bar.set_label("global rank r_g")
     if count_m * count_r <= ANNOTATE_CELLS:
@@ -615,8 +728,15 @@ def plot_rank_heatmap(run: Run, label: str):
         threshold = 0.6 * max(1, values.max())
         for i in range(count_m):
             for j in range(count_r):
-                ax.text(j, i, str(values[i, j]), ha="center", va="center", fontsize=7,
-                        color="black" if values[i, j] > threshold else "white")
+                ax.text(
+                    j,
+                    i,
+                    str(values[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="black" if values[i, j] > threshold else "white",
+                )
     ax.set_yticks(range(count_m))
     ax.set_yticklabels(names, fontsize=max(5, min(9, int(500 / max(count_m, 1) / 4))))
     step = max(1, count_r // 20)
@@ -649,7 +769,7 @@ def plot_spectra(run: Run, label: str):
     ranks = run.ranks[last]
     names = dict(zip(run.modules, short_module_names(run.modules)))
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4))
-    florist = run.method == "florist"
+    florist = methods.get(run.method).uses_tau  # its rank was cut at τ: mark τ on the energy plot
     handles = []
     for module, color in zip(modules, _colors(len(modules))):
         sv = spectra[module]

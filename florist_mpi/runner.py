@@ -9,25 +9,17 @@ log. See docs/log-format.md for what is recorded.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
-import time
 import traceback
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from florist_mpi import comm
-from florist_mpi.config import ConfigError, ExperimentConfig, load_config, parse_config_text, resume_mismatch
+from florist_mpi.config import ExperimentConfig, load_config, parse_config_text, resume_mismatch
 from florist_mpi.errors import USER_ERRORS, UserError
-from florist_mpi.seeding import Stream, derive_seed, rng
-
-STATUS_OK, STATUS_FAILED = 0, 1
-META_FIELDS = 6  # client id, num_samples, rank, train_loss, status, payload floats
+from florist_mpi.preflight import check_inputs, check_run_settings
 
 
 def add_arguments(parser) -> None:
@@ -35,8 +27,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set federation.tau=0.8 (repeatable)")
     parser.add_argument("--resume", action="store_true", help="continue the run recorded in run.output")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing run.output and its round folder (the old log stays until round 0 completes)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing run.output and its round folder (the old log stays until round 0 completes)",
+    )
     parser.add_argument("--verbose", action="store_true", help="per-client lines from every rank")
 
 
@@ -109,8 +104,10 @@ def _preflight(args) -> Plan:
     if args.resume:
         plan.resume_from = _check_resumable(output, cfg)
         if plan.resume_from + 1 == cfg.run.rounds:
-            plan.done = (f"log '{output}' already holds all {cfg.run.rounds} rounds: nothing to do "
-                         "(raise run.rounds to continue it)")
+            plan.done = (
+                f"log '{output}' already holds all {cfg.run.rounds} rounds: nothing to do "
+                "(raise run.rounds to continue it)"
+            )
             return plan
     elif output.exists() and not args.overwrite:
         raise UserError(
@@ -121,7 +118,7 @@ def _preflight(args) -> Plan:
         raise UserError(f"run.output '{output}' is a directory: give a file path such as runs/demo.h5")
     _check_rounds_folder(output)
     check_run_settings(cfg)
-    _check_inputs(cfg)
+    check_inputs(cfg)
     return plan
 
 
@@ -131,16 +128,21 @@ def _check_rounds_folder(output: Path) -> None:
 
     folder = storage.rounds_folder(output)
     if folder.exists() and not folder.is_dir():
-        raise UserError(f"'{folder}' is a file, but the log keeps its round files in a folder of that name: "
-                        "move the file away or choose another run.output")
+        raise UserError(
+            f"'{folder}' is a file, but the log keeps its round files in a folder of that name: "
+            "move the file away or choose another run.output"
+        )
 
 
 def _check_resumable(output: Path, cfg: ExperimentConfig) -> int:
     from florist_mpi import storage
 
     if not output.exists():
-        moved = (f" (its round folder '{storage.rounds_folder(output)}' is there: was the log file moved or renamed?)"
-                 if storage.rounds_folder(output).is_dir() else "")
+        moved = (
+            f" (its round folder '{storage.rounds_folder(output)}' is there: was the log file moved or renamed?)"
+            if storage.rounds_folder(output).is_dir()
+            else ""
+        )
         raise UserError(f"cannot resume: log '{output}' does not exist{moved}; drop --resume to start a new run")
     with storage.open_log(output, verify=True) as handle:  # every round file opens: the replay will read them
         logged = parse_config_text(storage.decode_str(handle.attrs["config"]), source=f"log '{output}'")
@@ -154,52 +156,11 @@ def _check_resumable(output: Path, cfg: ExperimentConfig) -> int:
     if rounds != list(range(len(rounds))):
         raise UserError(f"cannot resume '{output}': its rounds {rounds} are not contiguous from 0")
     if len(rounds) > cfg.run.rounds:
-        raise UserError(f"cannot resume '{output}': it already holds {len(rounds)} rounds but run.rounds is "
-                        f"{cfg.run.rounds}; set run.rounds to at least {len(rounds)}")
-    return len(rounds) - 1
-
-
-def _check_inputs(cfg: ExperimentConfig, download: bool = True) -> bool:
-    """Data, evaluation set, model and target modules; False if the model was left unchecked."""
-    from florist_mpi import data as data_lib
-
-    clients = data_lib.client_records(cfg.data, cfg.federation.num_clients, cfg.run.seed)
-    for client_id, records in enumerate(clients):
-        if not records:
-            raise UserError(f"client {client_id} has no training examples: fix the data split or lower federation.num_clients")
-    if cfg.eval.every:
-        _eval_records(cfg)
-    if cfg.system is not None:
-        data_lib.system_tables(cfg.system, cfg.federation.num_clients)  # CSV profiles: present, one row per client
-    from florist_mpi.model import check_model_and_targets
-
-    return check_model_and_targets(cfg, download)
-
-
-def check_run_settings(cfg: ExperimentConfig) -> None:
-    """Settings a new run cannot work with, though a logged config may hold them (checked here,
-    not at config validation, so that older logs stay readable)."""
-    precision_dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(cfg.train.precision)
-    if precision_dtype and cfg.model.dtype != precision_dtype:
         raise UserError(
-            f"train.precision '{cfg.train.precision}' trains in {precision_dtype} but model.dtype is "
-            f"'{cfg.model.dtype}': set model.dtype: {precision_dtype} (DeepSpeed casts the shared base "
-            "weights to the training precision)"
+            f"cannot resume '{output}': it already holds {len(rounds)} rounds but run.rounds is "
+            f"{cfg.run.rounds}; set run.rounds to at least {len(rounds)}"
         )
-
-
-def _eval_records(cfg: ExperimentConfig) -> list[dict]:
-    from florist_mpi import data as data_lib
-
-    if cfg.eval.kind == "mmlu" or cfg.eval.path:
-        records = data_lib.load_json_records(Path(cfg.eval.path))
-    else:
-        records = data_lib.eval_records(cfg.data, cfg.run.seed)
-    if cfg.eval.max_examples:
-        records = records[: cfg.eval.max_examples]
-    if not records:
-        raise UserError("the evaluation set is empty: point eval.path at a file with examples or set eval.every: 0")
-    return records
+    return len(rounds) - 1
 
 
 def _agree_on_plan(world, args) -> Plan:
@@ -226,25 +187,6 @@ def _agree_on_plan(world, args) -> Plan:
 
 
 # ------------------------------------------------------------------------ the job
-
-
-@dataclass
-class Timer:
-    phases: dict = field(default_factory=dict)
-
-    def add(self, name: str, seconds: float) -> None:
-        self.phases[name] = self.phases.get(name, 0.0) + seconds
-
-
-class _Clock:
-    def __init__(self, timer: Timer, name: str):
-        self.timer, self.name = timer, name
-
-    def __enter__(self):
-        self.start = time.perf_counter()
-
-    def __exit__(self, *exc):
-        self.timer.add(self.name, time.perf_counter() - self.start)
 
 
 def run_job(world, args) -> int:

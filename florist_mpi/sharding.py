@@ -5,7 +5,7 @@ A round, every step a collective over all ranks:
    per client (id, samples, rank, loss, status): every rank learns every client and the
    same exclusion verdict root mode reaches (same clients, same reasons).
 2. Owners. Modules go to ranks by greedy longest-processing-time on their estimated
-   aggregation cost (`aggregation.aggregation_cost` from m, n and R): the same on every rank.
+   aggregation cost (`Method.aggregation_cost` from m, n and R): the same on every rank.
 3. Scatter. Each rank sends each kept client's factors of module M to M's owner (all-to-all
    in int-safe steps). An owner holds its modules' factors of every kept client; no rank
    holds every module's factors of every client.
@@ -26,8 +26,17 @@ import torch
 
 from florist_mpi import comm
 from florist_mpi.aggregation import AggregationResult, aggregate_adapter, aggregation_cost
-from florist_mpi.exchange import (META_WIDTH, REASON_FAILED, REASON_NONFINITE, STATUS_FAILED, STATUS_NONFINITE,
-                                  STATUS_OK, ClientUpdate, ReceivedClient, factor_floats)
+from florist_mpi.exchange import (
+    META_WIDTH,
+    REASON_FAILED,
+    REASON_NONFINITE,
+    STATUS_FAILED,
+    STATUS_NONFINITE,
+    STATUS_OK,
+    ClientUpdate,
+    ReceivedClient,
+    factor_floats,
+)
 
 Pair = tuple[np.ndarray, np.ndarray]
 
@@ -136,8 +145,10 @@ def scatter_to_owners(world, updates: list[ClientUpdate], shapes, owners: dict[s
             B, A = factors[name]
             outgoing[owners[name]].extend([np.ascontiguousarray(B, np.float32).reshape(-1),
                                            np.ascontiguousarray(A, np.float32).reshape(-1)])
-    incoming = [np.empty(sum(c.rank * (shapes[name][0] + shapes[name][1]) for c in clients for name in owned), np.float32)
-                for clients in by_host]
+    incoming = [
+        np.empty(sum(c.rank * (shapes[name][0] + shapes[name][1]) for c in clients for name in owned), np.float32)
+        for clients in by_host
+    ]
     comm.alltoallv_float32(world, outgoing, incoming)
 
     received: dict[str, dict[int, Pair]] = {name: {} for name in owned}
@@ -164,8 +175,12 @@ def allgather_results(world, shapes, owners: dict[str, int], results: dict[str, 
         result = results[name]
         spectrum = result.singular_values.double().cpu().numpy().reshape(-1)
         summary.extend([float(result.rank), float(result.energy), float(spectrum.size), *spectrum.tolist()])
-        payload.extend([result.B.float().contiguous().cpu().numpy().reshape(-1),
-                        result.A.float().contiguous().cpu().numpy().reshape(-1)])
+        payload.extend(
+            [
+                result.B.float().contiguous().cpu().numpy().reshape(-1),
+                result.A.float().contiguous().cpu().numpy().reshape(-1),
+            ]
+        )
     rows, counts = comm.allgather_rows(world, np.asarray(summary, dtype=np.float64).reshape(-1, 1))
     summaries = np.split(rows.reshape(-1), np.cumsum(counts)[:-1])
     buffers = comm.allgatherv_float32(world, np.concatenate(payload) if payload else np.empty(0, np.float32))
@@ -182,17 +197,26 @@ def allgather_results(world, shapes, owners: dict[str, int], results: dict[str, 
             A = buffer[offset + m * r : offset + r * (m + n)].reshape(r, n)
             offset += r * (m + n)
             global_factors[name] = (B, A)
-            gathered[name] = AggregationResult(torch.from_numpy(B), torch.from_numpy(A), r, torch.from_numpy(spectrum),
-                                               energy, method=method)
+            gathered[name] = AggregationResult(
+                torch.from_numpy(B), torch.from_numpy(A), r, torch.from_numpy(spectrum), energy, method=method
+            )
     return {name: global_factors[name] for name in shapes}, {name: gathered[name] for name in shapes}
 
 
 # ------------------------------------------------------------------ the round
 
 
-def sharded_round(world, updates: list[ClientUpdate], shapes, dropped: list[tuple[int, str]], *, method: str,
-                  tau: float, max_rank: int | None,
-                  before_aggregate: Callable[[], None] | None = None) -> ShardedRound:
+def sharded_round(
+    world,
+    updates: list[ClientUpdate],
+    shapes,
+    dropped: list[tuple[int, str]],
+    *,
+    method: str,
+    tau: float,
+    max_rank: int | None,
+    before_aggregate: Callable[[], None] | None = None,
+) -> ShardedRound:
     """Steps 1–5 of the module docstring. With no client left, returns before any factor moves
     (`kept` empty): every rank reaches that verdict from the same metadata."""
     clients, kept, excluded, host_of = exchange_metadata(world, updates, shapes, dropped)
@@ -208,7 +232,9 @@ def sharded_round(world, updates: list[ClientUpdate], shapes, dropped: list[tupl
     state.time_scatter = time.perf_counter() - start
 
     start = time.perf_counter()
-    per_module = {name: [(torch.from_numpy(B), torch.from_numpy(A)) for B, A in pairs] for name, pairs in state.owned.items()}
+    per_module = {
+        name: [(torch.from_numpy(B), torch.from_numpy(A)) for B, A in pairs] for name, pairs in state.owned.items()
+    }
     results = aggregate_adapter(method, per_module, [c.num_samples for c in kept], tau=tau, max_rank=max_rank)
     state.time_aggregate = time.perf_counter() - start
 
@@ -242,8 +268,10 @@ def stream_client_adapters(world, state: ShardedRound, shapes) -> Iterator[tuple
         pairs, offset = {}, 0
         for client in state.kept:
             r = client.rank
-            pairs[client.client_id] = (buffer[offset : offset + m * r].reshape(m, r),
-                                       buffer[offset + m * r : offset + r * (m + n)].reshape(r, n))
+            pairs[client.client_id] = (
+                buffer[offset : offset + m * r].reshape(m, r),
+                buffer[offset + m * r : offset + r * (m + n)].reshape(r, n),
+            )
             offset += r * (m + n)
         yield name, pairs
 

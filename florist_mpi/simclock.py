@@ -34,6 +34,7 @@ from typing import Mapping
 
 import numpy as np
 
+from florist_mpi import methods
 from florist_mpi.config import PROFILE_KEYS, CsvProfile, LognormalProfile, SystemConfig, UniformProfile
 from florist_mpi.seeding import Stream, rng
 
@@ -96,7 +97,7 @@ def resolve_profile(system: SystemConfig, num_clients: int, seed: int,
 
 def wire_floats(method: str, rank: int, m: int, n: int) -> int:
     """Floats one module's rank-`rank` factors take on the wire (FFA-LoRA: B only, A is frozen and shared)."""
-    return rank * m if method == "ffa" else rank * (m + n)
+    return methods.get(method).wire_floats(rank, m, n)
 
 
 def upload_bytes(method: str, shapes: Mapping[str, tuple[int, int]], client_rank: int) -> int:
@@ -110,10 +111,9 @@ def download_bytes(method: str, shapes: Mapping[str, tuple[int, int]], global_ra
     its rank-r_k prefix. None (before the first aggregation) is nothing to receive."""
     if global_ranks is None:
         return 0
-    total = 0
+    total, method = 0, methods.get(method)
     for name, (m, n) in shapes.items():
-        rank = min(global_ranks[name], client_rank) if method == "flexlora" else global_ranks[name]
-        total += wire_floats(method, rank, m, n)
+        total += method.wire_floats(method.download_rank(global_ranks[name], client_rank), m, n)
     return BYTES_PER_FLOAT * total
 
 
@@ -130,7 +130,7 @@ def transfer_seconds(num_bytes: int, mbps: float, latency_s: float) -> float:
 def adapter_params(method: str, shapes: Mapping[str, tuple[int, int]], client_rank: int) -> tuple[int, int]:
     """(adapter weights, of which trainable) of one client's LoRA."""
     total = sum(client_rank * (m + n) for m, n in shapes.values())
-    trainable = sum(client_rank * m for m, _ in shapes.values()) if method == "ffa" else total
+    trainable = sum(methods.get(method).trainable_weights(client_rank, m, n) for m, n in shapes.values())
     return total, trainable
 
 
@@ -187,21 +187,28 @@ def schedule(times: Mapping[int, ClientTimes], target: int, deadline_s: float | 
     stragglers, on_time = [], []
     for client, t in sorted(times.items()):
         if deadline_s is not None and t.total_s > deadline_s:
-            stragglers.append((client, f"straggler: simulated {t.total_s:.1f}s exceeds system.deadline_s {deadline_s:g}s"))
+            reason = f"straggler: simulated {t.total_s:.1f}s exceeds system.deadline_s {deadline_s:g}s"
+            stragglers.append((client, reason))
         else:
             on_time.append(client)
     order = sorted(on_time, key=lambda c: (times[c].total_s, c))
     for client in order[target:]:
-        stragglers.append((client, f"straggler: finished after the first {target} "
-                                   f"(simulated {times[client].total_s:.1f}s, federation.overcommit)"))
+        stragglers.append(
+            (
+                client,
+                f"straggler: finished after the first {target} "
+                f"(simulated {times[client].total_s:.1f}s, federation.overcommit)",
+            )
+        )
     return Schedule(train=sorted(order[:target]), stragglers=sorted(stragglers))
 
 
 # ---------------------------------------------------------------------- the server
 
 
-def aggregation_flops(method: str, shapes: Mapping[str, tuple[int, int]], client_ranks: list[int],
-                      global_ranks: Mapping[str, int]) -> float:
+def aggregation_flops(
+    method: str, shapes: Mapping[str, tuple[int, int]], client_ranks: list[int], global_ranks: Mapping[str, int]
+) -> float:
     """Multiply-adds (×2 FLOPs) of aggregating the clients' factors, summed over modules.
 
     Dense linear-algebra counts (Golub & Van Loan, Matrix Computations, 4th ed.), with K
@@ -211,26 +218,12 @@ def aggregation_flops(method: str, shapes: Mapping[str, tuple[int, int]], client
       flora     R (m + n)                     scaling while stacking
       florist   2 (m + n) R² + 14 R³ + 2 (m + n) R r_g   Gram matrices of the stacks, Cholesky
                                               factors and an R × R eigenproblem, then the stacks
-                                              times R × r_g (florist_mpi.aggregation, gram route)
+                                              times R × r_g (florist_mpi.lowrank, gram route)
       flexlora  2 m n R + 6 a b² + 20 b³      forming ΔW, then its thin SVD (a = max(m, n), b = min)
     """
     K, R, r_max = len(client_ranks), sum(client_ranks), max(client_ranks, default=0)
-    total = 0.0
-    for name, (m, n) in shapes.items():
-        if method == "fedit":
-            total += 2.0 * K * r_max * (m + n)
-        elif method == "ffa":
-            total += 2.0 * K * r_max * m
-        elif method == "flora":
-            total += float(R * (m + n))
-        elif method == "florist":
-            total += 2.0 * (m + n) * R**2 + 14.0 * R**3 + 2.0 * (m + n) * R * global_ranks[name]
-        elif method == "flexlora":
-            a, b = max(m, n), min(m, n)
-            total += 2.0 * m * n * R + 6.0 * a * b**2 + 20.0 * b**3
-        else:
-            raise ValueError(f"unknown method {method!r}")
-    return total
+    method = methods.get(method)
+    return sum(method.server_flops(m, n, K, R, r_max, global_ranks.get(name, 0)) for name, (m, n) in shapes.items())
 
 
 def round_seconds(server_s: float, aggregated: list[ClientTimes]) -> float:

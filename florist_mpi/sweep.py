@@ -32,6 +32,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from florist_mpi import methods
 from florist_mpi.analysis import CLIENT_ADAPTERS_HINT, Run, check_new_output_dir, open_run, publishing_dir
 from florist_mpi.errors import UserError
 from florist_mpi.storage import LogError
@@ -45,17 +46,32 @@ CLIENT_ADAPTERS = "the logged client adapters"  # FloristBasis.source of the gen
 def add_arguments(parser) -> None:
     parser.add_argument("log", metavar="RUN.h5",
                         help="run log written with log.client_adapters: true (or a flora/ffa run, or florist at τ = 1)")
-    parser.add_argument("--round", type=int, default=None, help="round to re-aggregate (default: the last completed; -1 counts from the end)")
-    parser.add_argument("--taus", default=DEFAULT_TAUS,
-                        help=f"thresholds: START:STOP:STEP (STOP included when reached) or a comma list such as 0.8,0.9,1 (default {DEFAULT_TAUS})")
-    parser.add_argument("--out", metavar="DIR",
-                        help="write DIR/sweep.csv and DIR/sweep.png (default: <log stem>_sweep_tau/ beside the log); "
-                             "DIR must be new or empty")
+    parser.add_argument(
+        "--round",
+        type=int,
+        default=None,
+        help="round to re-aggregate (default: the last completed; -1 counts from the end)",
+    )
+    parser.add_argument(
+        "--taus",
+        default=DEFAULT_TAUS,
+        help="thresholds: START:STOP:STEP (STOP included when reached) or a comma list such as 0.8,0.9,1 "
+        f"(default {DEFAULT_TAUS})",
+    )
+    parser.add_argument(
+        "--out",
+        metavar="DIR",
+        help="write DIR/sweep.csv and DIR/sweep.png (default: <log stem>_sweep_tau/ beside the log); "
+        "DIR must be new or empty",
+    )
     parser.add_argument("--csv", action="store_true", help="print the sweep as CSV instead of a table")
     parser.add_argument("--verbose", action="store_true", help="also print the global rank of every module for every τ")
-    parser.add_argument("--eval", action="store_true",
-                        help="also evaluate each τ's global model with the run's evaluation (held-out loss or MMLU); "
-                             "writes DIR/sweep_eval.png with --out")
+    parser.add_argument(
+        "--eval",
+        action="store_true",
+        help="also evaluate each τ's global model with the run's evaluation (held-out loss or MMLU); "
+        "writes DIR/sweep_eval.png with --out",
+    )
 
 
 # ---------------------------------------------------------------------- τ lists
@@ -100,7 +116,9 @@ def _tau_number(part: str, text: str) -> float:
     try:
         value = float(part.strip())
     except ValueError:
-        raise UserError(f"--taus '{text}': '{part.strip()}' is not a number; use e.g. 0.8:1.0:0.01 or 0.8,0.9,1") from None
+        raise UserError(
+            f"--taus '{text}': '{part.strip()}' is not a number; use e.g. 0.8:1.0:0.01 or 0.8,0.9,1"
+        ) from None
     if not math.isfinite(value):
         raise UserError(f"--taus '{text}': '{part.strip()}' is not a finite number")
     return value
@@ -168,8 +186,10 @@ def florist_basis(run_path: str | Path | Run, round_index: int | None = None) ->
     else:
         source = exact_global_update(run)
         if source is None:
-            raise LogError(f"log '{run.path}' has no client adapters for round {r} and its {run.method} global update "
-                           f"is not the exact ΔW (only flora, ffa and florist at τ = 1 log that): {CLIENT_ADAPTERS_HINT}")
+            raise LogError(
+                f"log '{run.path}' has no client adapters for round {r} and its {run.method} global update "
+                f"is not the exact ΔW (only flora, ffa and florist at τ = 1 log that): {CLIENT_ADAPTERS_HINT}"
+            )
         global_factors = run.global_factors(r)
         per_module = {m: [_tensors(global_factors[m])] for m in run.modules}
         client_weights = [1.0]
@@ -187,24 +207,26 @@ def florist_basis(run_path: str | Path | Run, round_index: int | None = None) ->
         factors[module] = (B, A)
         spectra[module] = result.singular_values.double().cpu().numpy()
     return FloristBasis(
-        path=run.path, round_index=r, run_method=run.method, run_tau=run.tau,
-        max_rank=run.config.federation.max_rank, num_clients=run.num_clients, weights=weights, source=source,
-        modules=list(run.modules), shapes=dict(run.module_shapes), factors=factors, spectra=spectra,
-        logged_ranks=run.ranks[r].to_dict(), logged_bytes_down=int(run.rounds.loc[r, "bytes_down"]),
+        path=run.path,
+        round_index=r,
+        run_method=run.method,
+        run_tau=run.tau,
+        max_rank=run.config.federation.max_rank,
+        num_clients=run.num_clients,
+        weights=weights,
+        source=source,
+        modules=list(run.modules),
+        shapes=dict(run.module_shapes),
+        factors=factors,
+        spectra=spectra,
+        logged_ranks=run.ranks[r].to_dict(),
+        logged_bytes_down=int(run.rounds.loc[r, "bytes_down"]),
     )
 
 
 def exact_global_update(run) -> str | None:
     """How the run's logged global factors hold the exact ΔW = Σ p_k B_k A_k, or None if they do not."""
-    if run.method == "flora":
-        return "flora's logged global update (the client stacks, exact)"
-    if run.method == "ffa":
-        return "ffa's logged global update (averaged B times the shared A, exact)"
-    cap = run.config.federation.max_rank
-    uncapped = cap is None or int(run.ranks.to_numpy().max(initial=0)) < cap
-    if run.method == "florist" and run.tau >= 1.0 and uncapped:
-        return "the logged global update (florist at τ = 1 keeps every direction: exact)"
-    return None
+    return methods.get(run.method).exact_global_update(run)
 
 
 def _tensors(pair):
@@ -218,14 +240,18 @@ def _client_stacks(run, r: int, weights: dict[int, int]) -> dict[str, list]:
     adapters = run.client_adapters(r)
     missing = [c for c in weights if c not in adapters]
     if missing:
-        raise LogError(f"log '{run.path}' round {r} lacks client adapters of aggregated client(s) "
-                       f"{', '.join(map(str, missing))}: the log is incomplete; {CLIENT_ADAPTERS_HINT}")
+        raise LogError(
+            f"log '{run.path}' round {r} lacks client adapters of aggregated client(s) "
+            f"{', '.join(map(str, missing))}: the log is incomplete; {CLIENT_ADAPTERS_HINT}"
+        )
     per_module = {}
     for module in run.modules:
         absent = [c for c in weights if module not in adapters[c]]
         if absent:
-            raise LogError(f"log '{run.path}' round {r}: client {absent[0]} has no adapter for module '{module}': "
-                           "the log is incomplete; use an intact copy")
+            raise LogError(
+                f"log '{run.path}' round {r}: client {absent[0]} has no adapter for module '{module}': "
+                "the log is incomplete; use an intact copy"
+            )
         per_module[module] = [_tensors(adapters[c][module]) for c in weights]
     return per_module
 
@@ -240,7 +266,9 @@ def _as_taus(taus) -> list[float]:
     return values
 
 
-def sweep_global_factors(run_path: str | Path, round_index: int | None, taus) -> Iterator[tuple[float, dict[str, tuple[np.ndarray, np.ndarray]]]]:
+def sweep_global_factors(
+    run_path: str | Path, round_index: int | None, taus
+) -> Iterator[tuple[float, dict[str, tuple[np.ndarray, np.ndarray]]]]:
     """Yield (τ, module -> (B, A)) for each τ: FLoRIST's global factors for the logged round
     at that τ (float32, read-only views; B @ A is the ΔW FLoRIST would merge).
 
@@ -378,19 +406,26 @@ def simulated_round_seconds(run: Run, basis: FloristBasis, taus: list[float]) ->
     from florist_mpi.data import system_tables
 
     cfg = run.config
-    profile = simclock.resolve_profile(cfg.system, cfg.federation.num_clients, cfg.run.seed,
-                                       system_tables(cfg.system, cfg.federation.num_clients))
+    profile = simclock.resolve_profile(
+        cfg.system, cfg.federation.num_clients, cfg.run.seed, system_tables(cfg.system, cfg.federation.num_clients)
+    )
     clients = run.clients(basis.round_index).set_index("id")
     kept = list(basis.weights)
     ranks_of = {c: cfg.lora.rank_of(c) for c in kept}
     result = []
     for tau in taus:
         global_ranks = {m: basis.rank(m, tau) for m in basis.modules}
-        server = simclock.aggregation_flops("florist", basis.shapes, list(ranks_of.values()), global_ranks) / cfg.system.server_flops
+        server = (
+            simclock.aggregation_flops("florist", basis.shapes, list(ranks_of.values()), global_ranks)
+            / cfg.system.server_flops
+        )
         slowest = 0.0
         for c in kept:
-            down = simclock.transfer_seconds(simclock.download_bytes("florist", basis.shapes, global_ranks, ranks_of[c]),
-                                             profile.downlink_mbps[c], profile.latency_s[c])
+            down = simclock.transfer_seconds(
+                simclock.download_bytes("florist", basis.shapes, global_ranks, ranks_of[c]),
+                profile.downlink_mbps[c],
+                profile.latency_s[c],
+            )
             slowest = max(slowest, down + float(clients.at[c, "sim_compute_s"]) + float(clients.at[c, "sim_upload_s"]))
         result.append(server + slowest)
     return result
@@ -406,10 +441,17 @@ def sweep_info(basis: FloristBasis) -> dict:
     """What the sweep was computed from, and the downlink at the run's τ next to the logged one."""
     at_run_tau = int(sweep_table(basis, [basis.run_tau])["down_bytes_total"].iloc[0])
     return {
-        "log": str(basis.path), "round": basis.round_index, "method": basis.run_method, "run_tau": basis.run_tau,
-        "max_rank": basis.max_rank, "source": basis.source, "aggregated_clients": list(basis.weights),
-        "num_clients": basis.num_clients, "logged_total_rank": int(sum(basis.logged_ranks.values())),
-        "logged_bytes_down": basis.logged_bytes_down, "sweep_bytes_down_at_run_tau": at_run_tau,
+        "log": str(basis.path),
+        "round": basis.round_index,
+        "method": basis.run_method,
+        "run_tau": basis.run_tau,
+        "max_rank": basis.max_rank,
+        "source": basis.source,
+        "aggregated_clients": list(basis.weights),
+        "num_clients": basis.num_clients,
+        "logged_total_rank": int(sum(basis.logged_ranks.values())),
+        "logged_bytes_down": basis.logged_bytes_down,
+        "sweep_bytes_down_at_run_tau": at_run_tau,
     }
 
 
@@ -420,10 +462,14 @@ def _run_tau_line(info: dict) -> str:
     scale, unit = byte_unit(max(sweep, logged))
     if info["method"] == "florist":
         verdict = "equal" if sweep == logged else f"differ by {sweep - logged:+d} B"
-        return (f"downlink at the run's τ = {info['run_tau']:g}: sweep {sweep / scale:.3f} {unit} ({sweep} B), "
-                f"logged bytes_down of round {info['round']} {logged / scale:.3f} {unit} ({logged} B): {verdict}")
-    return (f"logged bytes_down of round {info['round']} ({info['method']}): {logged / scale:.3f} {unit} ({logged} B); "
-            f"FLoRIST at the run's τ = {info['run_tau']:g} would send {sweep / scale:.3f} {unit} ({sweep} B)")
+        return (
+            f"downlink at the run's τ = {info['run_tau']:g}: sweep {sweep / scale:.3f} {unit} ({sweep} B), "
+            f"logged bytes_down of round {info['round']} {logged / scale:.3f} {unit} ({logged} B): {verdict}"
+        )
+    return (
+        f"logged bytes_down of round {info['round']} ({info['method']}): {logged / scale:.3f} {unit} ({logged} B); "
+        f"FLoRIST at the run's τ = {info['run_tau']:g} would send {sweep / scale:.3f} {unit} ({sweep} B)"
+    )
 
 
 def _text_table(basis: FloristBasis, table, taus: list[float], with_eval: bool, verbose: bool) -> str:
@@ -435,16 +481,34 @@ def _text_table(basis: FloristBasis, table, taus: list[float], with_eval: bool, 
     rows = []
     for row in table.to_dict(orient="records"):
         mark = " *" if _is_run_tau(basis, row["tau"]) else ""
-        rows.append([f"{row['tau']:g}{mark}", str(row["total_rank"]), f"{row['mean_rank']:.2f}",
-                     f"{row['min_rank']}/{row['max_rank']}", f"{row['mean_energy']:.4f}", f"{row['min_energy']:.4f}",
-                     str(row["down_params_per_client"]), f"{row['down_bytes_per_client'] / per_client_scale:.3f}",
-                     f"{row['down_bytes_total'] / total_scale:.3f}"])
+        rows.append(
+            [
+                f"{row['tau']:g}{mark}",
+                str(row["total_rank"]),
+                f"{row['mean_rank']:.2f}",
+                f"{row['min_rank']}/{row['max_rank']}",
+                f"{row['mean_energy']:.4f}",
+                f"{row['min_energy']:.4f}",
+                str(row["down_params_per_client"]),
+                f"{row['down_bytes_per_client'] / per_client_scale:.3f}",
+                f"{row['down_bytes_total'] / total_scale:.3f}",
+            ]
+        )
         if "sim_round_s" in row:
             rows[-1].append(f"{row['sim_round_s']:.4g}")
         if with_eval:
             rows[-1].insert(1, f"{row['eval_accuracy' if accuracy else 'eval_loss']:.4f}")
-    headers = ["tau", "total rank", "mean rank", "min/max", "mean energy", "min energy", "down params/client",
-               f"down {per_client_unit}/client", f"down {total_unit} ({basis.num_clients} clients)"]
+    headers = [
+        "tau",
+        "total rank",
+        "mean rank",
+        "min/max",
+        "mean energy",
+        "min energy",
+        "down params/client",
+        f"down {per_client_unit}/client",
+        f"down {total_unit} ({basis.num_clients} clients)",
+    ]
     if "sim_round_s" in table.columns:
         headers.append("sim round s")
     if with_eval:
@@ -453,12 +517,16 @@ def _text_table(basis: FloristBasis, table, taus: list[float], with_eval: bool, 
     if any(_is_run_tau(basis, t) for t in taus):
         lines.append("* the run's own τ")
     if "sim_round_s" in table.columns:
-        lines.append("sim round s: simulated round time if this round's aggregated clients downloaded the τ's "
-                     "global factors (their logged compute and upload, FLoRIST's aggregation at that rank)")
+        lines.append(
+            "sim round s: simulated round time if this round's aggregated clients downloaded the τ's "
+            "global factors (their logged compute and upload, FLoRIST's aggregation at that rank)"
+        )
     if verbose:
         names = short_module_names(basis.modules)
-        module_rows = [[name, *(str(table[f"rank:{m}"].iloc[i]) for i in range(len(taus)))]
-                       for name, m in zip(names, basis.modules)]
+        module_rows = [
+            [name, *(str(table[f"rank:{m}"].iloc[i]) for i in range(len(taus)))]
+            for name, m in zip(names, basis.modules)
+        ]
         lines += ["", "global rank per module and τ", format_table(["module", *(f"{t:g}" for t in taus)], module_rows)]
     return "\n".join(lines)
 
@@ -469,12 +537,17 @@ def _is_run_tau(basis: FloristBasis, tau: float) -> bool:
 
 def _header(basis: FloristBasis) -> str:
     logged_total = sum(basis.logged_ranks.values())
-    own = (f"the run used FLoRIST with τ={basis.run_tau:g}" if basis.run_method == "florist"
-           else f"the run used {basis.run_method}; rows show FLoRIST on the same update")
+    own = (
+        f"the run used FLoRIST with τ={basis.run_tau:g}"
+        if basis.run_method == "florist"
+        else f"the run used {basis.run_method}; rows show FLoRIST on the same update"
+    )
     cap = f", federation.max_rank {basis.max_rank} applied" if basis.max_rank else ""
-    return (f"{basis.path} round {basis.round_index}: FLoRIST over {basis.source} "
-            f"({len(basis.weights)} aggregated clients), {len(basis.modules)} modules{cap}\n"
-            f"{own} (logged total rank {logged_total})")
+    return (
+        f"{basis.path} round {basis.round_index}: FLoRIST over {basis.source} "
+        f"({len(basis.weights)} aggregated clients), {len(basis.modules)} modules{cap}\n"
+        f"{own} (logged total rank {logged_total})"
+    )
 
 
 def _plot(basis: FloristBasis, table, info: dict, path: Path) -> None:
@@ -495,8 +568,15 @@ def _plot(basis: FloristBasis, table, info: dict, path: Path) -> None:
         ax.tick_params(axis="y", labelcolor="tab:blue")
         ax.grid(True, alpha=0.3)
         twin = ax.twinx()
-        down_line = twin.plot(tau, table["down_bytes_total"] / scale, marker="s", ms=3, ls="--", color="tab:orange",
-                              label=f"downlink per round, {basis.num_clients} clients")
+        down_line = twin.plot(
+            tau,
+            table["down_bytes_total"] / scale,
+            marker="s",
+            ms=3,
+            ls="--",
+            color="tab:orange",
+            label=f"downlink per round, {basis.num_clients} clients",
+        )
         twin.set_ylabel(f"downlink per round ({unit}, fp32)", color="tab:orange")
         twin.tick_params(axis="y", labelcolor="tab:orange")
         handles = rank_line + down_line

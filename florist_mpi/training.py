@@ -26,8 +26,7 @@ from florist_mpi.config import ExperimentConfig, TrainConfig
 from florist_mpi.exchange import ClientUpdate
 from florist_mpi.faults import FAULT_ENV, client_fault
 from florist_mpi.model import file_lock
-from florist_mpi.seeding import derive_seed, Stream
-
+from florist_mpi.seeding import Stream, derive_seed
 
 
 class ClientTrainingError(RuntimeError):
@@ -288,7 +287,9 @@ class ClientTrainer:
             optimizer = _optimizer(trainable, self.cfg)
             engine = _engine(self._peft_model, optimizer, self.cfg, self.device)
             if engine.optimizer is not optimizer:
-                raise RuntimeError("DeepSpeed wrapped the optimizer of a reused engine: set train.client_engines: fresh")
+                raise RuntimeError(
+                    "DeepSpeed wrapped the optimizer of a reused engine: set train.client_engines: fresh"
+                )
             self._slots[key] = _Slot(adapter, layers, optimizer, engine)
         return self._slots[key]
 
@@ -340,8 +341,9 @@ def _engine(model, optimizer, cfg: ExperimentConfig, device: torch.device):
     # DeepSpeed would otherwise pick GPU LOCAL_RANK, which need not exist (one visible GPU per task).
     args = SimpleNamespace(device_rank=device.index) if device.type == "cuda" else None
     with contextlib.redirect_stdout(io.StringIO()):
-        engine, *_ = deepspeed.initialize(args=args, model=model, optimizer=optimizer,
-                                          config=deepspeed_config(cfg, device))
+        engine, *_ = deepspeed.initialize(
+            args=args, model=model, optimizer=optimizer, config=deepspeed_config(cfg, device)
+        )
     return engine
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from florist_mpi.config import load_config
+from florist_mpi.preflight import check_inputs, check_run_settings
 
 
 def add_arguments(parser) -> None:
@@ -14,14 +15,10 @@ def add_arguments(parser) -> None:
 
 def main(args) -> int:
     cfg = load_config(args.config, args.overrides)
-    from florist_mpi.runner import check_run_settings
-
     check_run_settings(cfg)
     model_note = ""
     if not args.no_data:
-        from florist_mpi.runner import _check_inputs
-
-        if not _check_inputs(cfg, download=False):
+        if not check_inputs(cfg, download=False):
             model_note = " (not in the local cache: not checked, `run` will download it)"
     fed, lora = cfg.federation, cfg.lora
     ranks = lora.ranks if lora.ranks is not None else [lora.rank] * fed.num_clients

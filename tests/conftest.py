@@ -42,7 +42,9 @@ def mpi_env(tmp_path: Path | None = None) -> dict:
 
 def run_mpi(n: int, args: list[str], *, timeout: float = 600, env: dict | None = None, cwd=None):
     command = mpi_command(n, *args)
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env or mpi_env(), cwd=cwd or REPO)
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=timeout, env=env or mpi_env(), cwd=cwd or REPO
+    )
 
 
 def florist_cli() -> list[str]:

@@ -6,7 +6,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from florist_mpi.aggregation import METHODS, aggregate, aggregate_adapter, select_rank
+from florist_mpi.aggregation import aggregate, aggregate_adapter, select_rank
+from florist_mpi.methods import names
+
+METHODS = names()  # the built-in methods (the registry at collection time)
 
 
 def clients(ranks, m=40, n=32, seed=0, dtype=torch.float32, decay=False):
@@ -144,7 +147,8 @@ def test_weights_are_normalised_sample_counts(method):
     expected = dense_sum(factors, counts)  # Σ (n_k / Σ n) B_k A_k
     if method == "fedit":  # FedIT multiplies the averages: (Σ p_k B_k)(Σ p_k A_k)
         p = [c / 6 for c in counts]
-        expected = sum(pk * B.double() for pk, (B, _) in zip(p, factors)) @ sum(pk * A.double() for pk, (_, A) in zip(p, factors))
+        B_mean = sum(pk * B.double() for pk, (B, _) in zip(p, factors))
+        expected = B_mean @ sum(pk * A.double() for pk, (_, A) in zip(p, factors))
     if method == "flexlora":  # the weighted sum's SVD cut to the largest client rank, 3
         U, S, Vh = torch.linalg.svd(expected)
         expected = (U[:, :3] * S[:3]) @ Vh[:3]
@@ -262,7 +266,7 @@ def test_property_florist_matches_dense_truncation(ranks, m, n, tau, seed):
     assert result.rank <= min(sum(ranks), m, n)
     # Error equals the tail energy of the dense spectrum beyond the chosen rank.
     error = float((dense - product(result)).square().sum())
-    tail = float(sigma[result.rank:].square().sum())
+    tail = float(sigma[result.rank :].square().sum())
     assert abs(error - tail) <= 1e-8 * float(sigma.square().sum()) + 1e-12
     assert result.energy >= tau - 1e-9
 
@@ -306,7 +310,7 @@ def test_ill_conditioned_stacks_stay_exact_and_optimal(route):
     assert rel_err(product(exact), dense) < 1e-5
     truncated = aggregate("florist", factors, [3, 1, 2], tau=0.99, route=route)
     error = float((dense - product(truncated)).square().sum())
-    tail = float(sigma[truncated.rank:].square().sum())
+    tail = float(sigma[truncated.rank :].square().sum())
     assert math.isclose(error, tail, rel_tol=1e-4, abs_tol=1e-10 * float(sigma.square().sum()))
 
 
@@ -425,8 +429,10 @@ def crossover_cases():
     cases["above_wide"] = (wide, [1, 2, 3, 4, 5, 6])
     B, A = clients([6], m=48, n=32, seed=9)[0]
     deficient = [(B, A), (2 * B, A), (B[:, :4], A[:4]), *clients([6, 6, 6, 6], m=48, n=32, seed=10)]
-    deficient[3] = (deficient[0][0] @ torch.randn(6, 6, dtype=B.dtype, generator=torch.Generator().manual_seed(1)),
-                    deficient[3][1])  # same column space as client 0
+    deficient[3] = (
+        deficient[0][0] @ torch.randn(6, 6, dtype=B.dtype, generator=torch.Generator().manual_seed(1)),
+        deficient[3][1],
+    )  # same column space as client 0
     cases["rank_deficient"] = (deficient, [1, 1, 2, 1, 1, 1, 3])
     zero = clients([8] * 6, m=48, n=32, seed=11, decay=True)
     zero[1] = (zero[1][0] * 1e6, zero[1][1])  # huge but weight 0
@@ -483,7 +489,9 @@ def test_baselines_above_the_crossover_match_the_dense_reference(method):
         dense = dense_sum(factors, weights)
     else:
         p = torch.tensor(weights, dtype=torch.float64) / sum(weights)
-        dense = sum(pk * B.double() for pk, (B, _) in zip(p, factors)) @ sum(pk * A.double() for pk, (_, A) in zip(p, factors))
+        dense = sum(pk * B.double() for pk, (B, _) in zip(p, factors)) @ sum(
+            pk * A.double() for pk, (_, A) in zip(p, factors)
+        )
     S = torch.linalg.svdvals(dense)
     if method == "flexlora":
         U, S, Vh = torch.linalg.svd(dense)

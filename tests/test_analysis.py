@@ -67,32 +67,57 @@ def build_log(path, *, method="florist", tau=0.9, rounds=3, modules=MODULES, sha
             for c in kept
         }
         if method == "ffa":  # FFA-LoRA: every client's A is a prefix of one shared frozen A
-            shared = {m: g.standard_normal((max(ranks), shape[1])).astype(np.float32) for m, shape in zip(modules, shapes)}
+            shared = {
+                m: g.standard_normal((max(ranks), shape[1])).astype(np.float32) for m, shape in zip(modules, shapes)
+            }
             factors = {c: {m: (B, shared[m][: ranks[c]]) for m, (B, _) in per.items()} for c, per in factors.items()}
         global_factors = {}
         for m in modules:
-            result = aggregate(method, [(torch.from_numpy(factors[c][m][0]), torch.from_numpy(factors[c][m][1])) for c in kept],
-                               [samples[c] for c in kept], tau=tau)
-            global_factors[m] = (result.B.numpy(), result.A.numpy(), result.singular_values.numpy(), result.rank,
-                                 result.energy)
-        down = 4 * num_clients * sum(gf[3] * (shape[0] + shape[1]) for gf, shape in zip(global_factors.values(), shapes))
+            result = aggregate(
+                method,
+                [(torch.from_numpy(factors[c][m][0]), torch.from_numpy(factors[c][m][1])) for c in kept],
+                [samples[c] for c in kept],
+                tau=tau,
+            )
+            global_factors[m] = (
+                result.B.numpy(),
+                result.A.numpy(),
+                result.singular_values.numpy(),
+                result.rank,
+                result.energy,
+            )
+        down = (
+            4 * num_clients * sum(gf[3] * (shape[0] + shape[1]) for gf, shape in zip(global_factors.values(), shapes))
+        )
         up = 4 * sum(ranks[c] * (s[0] + s[1]) for c in kept for s in shapes)
         attrs = {
-            "tau": tau, "time_train": 1.0 + r, "time_gather": 0.1, "time_aggregate": 0.05 * (r + 1),
-            "time_broadcast": 0.02, "time_merge": 0.01, "time_eval": 0.3,
-            "bytes_up": int(up), "bytes_down": int(down),
-            "eval_loss": 4.0 - 0.5 * r if r % eval_every == 0 else math.nan, "eval_accuracy": math.nan,
+            "tau": tau,
+            "time_train": 1.0 + r,
+            "time_gather": 0.1,
+            "time_aggregate": 0.05 * (r + 1),
+            "time_broadcast": 0.02,
+            "time_merge": 0.01,
+            "time_eval": 0.3,
+            "bytes_up": int(up),
+            "bytes_down": int(down),
+            "eval_loss": 4.0 - 0.5 * r if r % eval_every == 0 else math.nan,
+            "eval_accuracy": math.nan,
         }
         if accuracy:
             attrs["eval_loss"], attrs["eval_accuracy"] = math.nan, [0.25, 0.5, 0.375, 0.625][r % 4]
         if world_sizes is not None:
             attrs["world_size"] = world_sizes[r]
         record = storage.RoundRecord(
-            index=r, attrs=attrs,
-            clients={"id": np.arange(num_clients, dtype=np.int64), "num_samples": np.array(samples, dtype=np.int64),
-                     "rank": np.array(ranks, dtype=np.int64),
-                     "train_loss": np.array([math.nan if c in dropped else 5.0 - 0.1 * c for c in range(num_clients)])},
-            excluded=sorted(dropped.items()), global_factors=global_factors,
+            index=r,
+            attrs=attrs,
+            clients={
+                "id": np.arange(num_clients, dtype=np.int64),
+                "num_samples": np.array(samples, dtype=np.int64),
+                "rank": np.array(ranks, dtype=np.int64),
+                "train_loss": np.array([math.nan if c in dropped else 5.0 - 0.1 * c for c in range(num_clients)]),
+            },
+            excluded=sorted(dropped.items()),
+            global_factors=global_factors,
             client_adapters=factors if adapters else None,
         )
         if r == 0 and legacy:
@@ -143,8 +168,10 @@ def dense_spectrum(factors, kept, weights, module) -> torch.Tensor:
     """Singular values of Σ p_k B_k A_k, formed densely in float64."""
     p = np.array([weights[c] for c in kept], dtype=np.float64)
     p /= p.sum()
-    delta = sum(pk * torch.from_numpy(factors[c][module][0]).double() @ torch.from_numpy(factors[c][module][1]).double()
-                for pk, c in zip(p, kept))
+    delta = sum(
+        pk * torch.from_numpy(factors[c][module][0]).double() @ torch.from_numpy(factors[c][module][1]).double()
+        for pk, c in zip(p, kept)
+    )
     return torch.linalg.svdvals(delta)
 
 
@@ -164,8 +191,19 @@ def test_open_run_header_and_round_frame(logs):
 
     frame = run.rounds
     assert frame.index.name == "round" and frame.index.tolist() == [0, 1, 2]
-    for column in ("eval_loss", "eval_accuracy", "tau", *analysis.PHASES, "bytes_up", "bytes_down", "mean_rank",
-                   "num_clients", "num_excluded", "cum_bytes_down", "cum_bytes_up"):
+    for column in (
+        "eval_loss",
+        "eval_accuracy",
+        "tau",
+        *analysis.PHASES,
+        "bytes_up",
+        "bytes_down",
+        "mean_rank",
+        "num_clients",
+        "num_excluded",
+        "cum_bytes_down",
+        "cum_bytes_up",
+    ):
         assert column in frame.columns, column
     for r, info in written["rounds"].items():
         for key, value in info["attrs"].items():
@@ -177,7 +215,10 @@ def test_open_run_header_and_round_frame(logs):
         assert frame.loc[r, "mean_rank"] == pytest.approx(np.mean(ranks))
         assert frame.loc[r, "num_clients"] == len(info["kept"])
         assert frame.loc[r, "num_excluded"] == len(EXCLUDED.get(r, []))
-    assert frame["cum_bytes_down"].tolist() == np.cumsum([w["attrs"]["bytes_down"] for w in written["rounds"].values()]).tolist()
+    assert (
+        frame["cum_bytes_down"].tolist()
+        == np.cumsum([w["attrs"]["bytes_down"] for w in written["rounds"].values()]).tolist()
+    )
     assert frame["cum_bytes_up"].iloc[-1] == sum(w["attrs"]["bytes_up"] for w in written["rounds"].values())
 
     ranks = run.ranks
@@ -244,10 +285,16 @@ def test_open_run_is_fast_for_64_modules_and_50_rounds(tmp_path):
         storage._write_header(handle, header)
         rounds = handle.create_group("rounds")
         for r in range(50):
-            storage._write_round(rounds.create_group(storage.round_key(r)), storage.RoundRecord(
-                r, {"eval_loss": 1.0, "bytes_down": 10, "bytes_up": 5, "time_train": 1.0},
-                {"id": np.arange(2), "num_samples": np.array([1, 2])}, [],
-                {m: (B, A, np.array([2.0, 1.0]), 1 + (r + i) % 2, 0.9) for i, m in enumerate(modules)}))
+            storage._write_round(
+                rounds.create_group(storage.round_key(r)),
+                storage.RoundRecord(
+                    r,
+                    {"eval_loss": 1.0, "bytes_down": 10, "bytes_up": 5, "time_train": 1.0},
+                    {"id": np.arange(2), "num_samples": np.array([1, 2])},
+                    [],
+                    {m: (B, A, np.array([2.0, 1.0]), 1 + (r + i) % 2, 0.9) for i, m in enumerate(modules)},
+                ),
+            )
     start = time.perf_counter()
     run = analysis.open_run(path)
     elapsed = time.perf_counter() - start
@@ -369,8 +416,11 @@ def test_report_csv_rows_match_the_log(logs, capsys):
             assert rows.loc[r, "bytes_down"] == info["attrs"]["bytes_down"]
             assert rows.loc[r, "time_train"] == pytest.approx(info["attrs"]["time_train"])
             expected = info["attrs"]["eval_loss"]
-            assert (math.isnan(rows.loc[r, "eval_loss"]) if math.isnan(expected)
-                    else rows.loc[r, "eval_loss"] == pytest.approx(expected))
+            assert (
+                math.isnan(rows.loc[r, "eval_loss"])
+                if math.isnan(expected)
+                else rows.loc[r, "eval_loss"] == pytest.approx(expected)
+            )
             assert rows.loc[r, "mean_rank"] == pytest.approx(np.mean([info["global"][m][3] for m in MODULES]))
 
 
@@ -388,7 +438,9 @@ def test_report_json_is_a_complete_document_per_run(logs, capsys):
         assert [m["name"] for m in document["modules"]] == MODULES
         assert [(m["out_features"], m["in_features"]) for m in document["modules"]] == SHAPES
         # the config is the logged one, as a plain dict
-        assert document["config"] == ExperimentConfig.model_validate(yaml_tree(header.config_yaml)).model_dump(mode="json")
+        assert document["config"] == ExperimentConfig.model_validate(yaml_tree(header.config_yaml)).model_dump(
+            mode="json"
+        )
         assert document["config"]["lora"]["ranks"] == CLIENT_RANKS
         rounds = document["rounds"]
         assert [row["round"] for row in rounds] == [0, 1, 2]
@@ -403,10 +455,13 @@ def test_report_json_is_a_complete_document_per_run(logs, capsys):
         assert totals["rounds"] == 3
         assert totals["bytes_down"] == sum(w["attrs"]["bytes_down"] for w in written["rounds"].values())
         assert totals["time_train"] == pytest.approx(1.0 + 2.0 + 3.0)
-        assert totals["time_total"] == pytest.approx(sum(sum(v for k, v in w["attrs"].items() if k.startswith("time_"))
-                                                         for w in written["rounds"].values()))
+        assert totals["time_total"] == pytest.approx(
+            sum(sum(v for k, v in w["attrs"].items() if k.startswith("time_")) for w in written["rounds"].values())
+        )
     fedit, mmlu = documents
-    assert fedit["rounds"][1]["eval_loss"] is None and fedit["rounds"][2]["eval_loss"] == pytest.approx(3.0)  # every 2nd round
+    assert fedit["rounds"][1]["eval_loss"] is None and fedit["rounds"][2]["eval_loss"] == pytest.approx(
+        3.0
+    )  # every 2nd round
     assert fedit["summary"]["final_eval_accuracy"] is None and fedit["summary"]["best_eval_loss_round"] == 2
     assert [row["world_size"] for row in fedit["rounds"]] == [2, 2, 2]  # no per-round attribute: the header's
     assert [row["world_size"] for row in mmlu["rounds"]] == [1, 1, 2]
@@ -462,7 +517,8 @@ def test_report_plots_are_png_files(logs, tmp_path, capsys):
     assert code == 0
     assert "wrote" in err and pd.read_csv(io.StringIO(out))["run"].nunique() == 2  # stdout stays pure CSV
     expected = {"eval_loss.png", "eval_loss_vs_downlink.png"} | {
-        f"{kind}_{name}.png" for kind in ("ranks", "spectrum", "phase_times") for name in ("florist", "fedit")}
+        f"{kind}_{name}.png" for kind in ("ranks", "spectrum", "phase_times") for name in ("florist", "fedit")
+    }
     assert {p.name for p in out_dir.iterdir()} == expected
     for png in out_dir.iterdir():
         assert png.read_bytes()[:8] == PNG_MAGIC
@@ -494,7 +550,9 @@ def test_sweep_ranks_match_select_rank_on_dense_spectra(logs, tmp_path, capsys):
     before = digest(path)
     taus = "0.3:1.0:0.05"
     out_dir = tmp_path / "sweep"
-    code, out, err = run_cli(capsys, ["sweep-tau", str(path), "--round", "1", "--taus", taus, "--csv", "--out", str(out_dir)])
+    code, out, err = run_cli(
+        capsys, ["sweep-tau", str(path), "--round", "1", "--taus", taus, "--csv", "--out", str(out_dir)]
+    )
     assert code == 0
     table = pd.read_csv(io.StringIO(out))
     assert table["tau"].iloc[-1] == 1.0 and len(table) == 15
@@ -574,8 +632,9 @@ def test_negative_rounds_count_from_the_end(logs, tmp_path, capsys):
     path, _ = logs["florist"]
     tables = []
     for round_arg in ("-1", "2", "-3", "0"):
-        code, out, _ = run_cli(capsys, ["sweep-tau", str(path), "--round", round_arg, "--csv",
-                                        "--out", str(tmp_path / f"r{round_arg}")])
+        code, out, _ = run_cli(
+            capsys, ["sweep-tau", str(path), "--round", round_arg, "--csv", "--out", str(tmp_path / f"r{round_arg}")]
+        )
         assert code == 0
         tables.append(pd.read_csv(io.StringIO(out)))
     pd.testing.assert_frame_equal(tables[0], tables[1])
@@ -587,7 +646,11 @@ def test_negative_rounds_count_from_the_end(logs, tmp_path, capsys):
 
 
 def test_a_directory_given_as_the_log(tmp_path, capsys):
-    for argv in (["report", str(tmp_path)], ["sweep-tau", str(tmp_path)], ["export", str(tmp_path), "--out", str(tmp_path / "a")]):
+    for argv in (
+        ["report", str(tmp_path)],
+        ["sweep-tau", str(tmp_path)],
+        ["export", str(tmp_path), "--out", str(tmp_path / "a")],
+    ):
         code, out, err = run_cli(capsys, argv)
         assert_one_line_error(code, err, f"'{tmp_path}' is a directory, not a run log")
         assert out == ""
@@ -619,7 +682,12 @@ def test_sweep_refuses_a_global_update_that_is_not_exact(tmp_path, capsys):
         build_log(path, method=method, tau=tau, adapters=False)
         code, out, err = run_cli(capsys, ["sweep-tau", str(path)])
         assert_one_line_error(code, err, "no client adapters", method, "log.client_adapters: true")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["flexlora.h5", "flexlora.h5.rounds", "florist.h5", "florist.h5.rounds"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "flexlora.h5",
+        "flexlora.h5.rounds",
+        "florist.h5",
+        "florist.h5.rounds",
+    ]
 
 
 @pytest.mark.parametrize("name, tau", [("florist_tau1", 1.0), ("florist", 0.9)])
@@ -628,7 +696,7 @@ def test_sweep_reproduces_the_logged_global_update(logs, name, tau):
 
     path, written = logs[name]
     for r in (0, 1):
-        (got_tau, factors), = list(sweep_global_factors(path, r, [tau]))
+        ((got_tau, factors),) = list(sweep_global_factors(path, r, [tau]))
         assert got_tau == tau and list(factors) == MODULES
         for m in MODULES:
             B, A = factors[m]

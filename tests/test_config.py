@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 
+from florist_mpi import methods
 from florist_mpi.config import ConfigError, config_from_tree, load_config, parse_config_text, resume_mismatch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -11,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_validate(path):
     cfg = load_config(path)
-    assert cfg.federation.method in ("florist", "fedit", "flora", "flexlora", "ffa")
+    assert cfg.federation.method in methods.names()
 
 
 def test_defaults_and_alpha_per_rank():
@@ -127,9 +128,33 @@ def test_resume_keys_include_what_the_logged_metric_means():
 
 def test_precision_needs_the_matching_model_dtype_for_a_new_run_but_logs_stay_readable():
     from florist_mpi.errors import UserError
-    from florist_mpi.runner import check_run_settings
+    from florist_mpi.preflight import check_run_settings
 
     mismatched = config_from_tree({"train": {"precision": "bf16"}})  # a logged config may hold this
     with pytest.raises(UserError, match="train.precision 'bf16'.*model.dtype: bfloat16"):
         check_run_settings(mismatched)
     check_run_settings(config_from_tree({"train": {"precision": "bf16"}, "model": {"dtype": "bfloat16"}}))
+
+
+def test_configuration_doc_is_generated_from_the_models():
+    from florist_mpi import configdoc
+    from florist_mpi.config import ExperimentConfig
+
+    # every key of every section has its meaning where it is defined
+    for section in ExperimentConfig.model_fields:
+        for key, _, meaning in configdoc.rows(configdoc.section_model(section)):
+            assert meaning, f"{section}.{key} has no Field(description=...)"
+    # the committed doc's tables are exactly what the models generate
+    assert configdoc.main(["--check"]) == 0, "run: python -m florist_mpi.configdoc"
+
+
+def test_configuration_doc_check_sees_a_stale_table(tmp_path):
+    from florist_mpi import configdoc
+
+    doc = tmp_path / "configuration.md"
+    doc.write_text(configdoc.DOC.read_text().replace("| federated rounds |", "| rounds to run |"))
+    assert configdoc.main(["--check", "--doc", str(doc)]) == 1
+    assert configdoc.main(["--doc", str(doc)]) == 0 and doc.read_text() == configdoc.DOC.read_text()
+    doc.write_text(configdoc.DOC.read_text().replace("<!-- config:log -->", ""))
+    with pytest.raises(ValueError, match="log"):
+        configdoc.main(["--check", "--doc", str(doc)])

@@ -22,7 +22,12 @@ def synthetic_cfg(**synthetic) -> DataConfig:
 
 def make_records(count: int, categories=("a", "b", "c")) -> list[dict]:
     return [
-        {"instruction": f"question {i}", "context": "", "response": f"answer {i}", "category": categories[i % len(categories)]}
+        {
+            "instruction": f"question {i}",
+            "context": "",
+            "response": f"answer {i}",
+            "category": categories[i % len(categories)],
+        }
         for i in range(count)
     ]
 
@@ -135,7 +140,9 @@ def test_tokenizer_save_and_load_round_trip(synthetic_tokenizer, tmp_path):
     loaded = data.load_tokenizer(tmp_path / "tok")
     assert loaded.get_vocab() == synthetic_tokenizer.get_vocab()
     assert (loaded.pad_token_id, loaded.bos_token_id, loaded.eos_token_id) == (
-        synthetic_tokenizer.pad_token_id, synthetic_tokenizer.bos_token_id, synthetic_tokenizer.eos_token_id,
+        synthetic_tokenizer.pad_token_id,
+        synthetic_tokenizer.bos_token_id,
+        synthetic_tokenizer.eos_token_id,
     )
 
 
@@ -163,7 +170,11 @@ def test_truncation_cuts_the_prompt_and_keeps_the_response(synthetic_tokenizer):
 
 def test_truncation_of_a_long_response_keeps_half_the_prompt(synthetic_tokenizer):
     tok = synthetic_tokenizer
-    record = {"instruction": "Copy the text exactly.", "context": " ".join(["cat dog"] * 40), "response": " ".join(["sun"] * 200)}
+    record = {
+        "instruction": "Copy the text exactly.",
+        "context": " ".join(["cat dog"] * 40),
+        "response": " ".join(["sun"] * 200),
+    }
     [(ids, labels)] = data.encode_records([record], tok, 64)
     assert len(ids) == 64
     assert labels[:32] == [-100] * 32 and -100 not in labels[32:]
@@ -332,7 +343,10 @@ def test_records_must_be_objects(tmp_path):
         data.load_json_records(path)
 
 
-@pytest.mark.parametrize("field, message", [("instruction", r"no 'instruction' field"), ("response", r"no 'response' field \(or its alias 'output'\)")])
+@pytest.mark.parametrize(
+    "field, message",
+    [("instruction", r"no 'instruction' field"), ("response", r"no 'response' field \(or its alias 'output'\)")],
+)
 def test_record_missing_a_required_field(tmp_path, field, message):
     records = make_records(3)
     del records[2][field]

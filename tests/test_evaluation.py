@@ -37,7 +37,9 @@ def tiny():
                                                "num_hidden_layers": 1, "num_attention_heads": 2}}})
     records = data_lib.client_records(cfg.data, 2, 0)[0]
     tokenizer = data_lib.build_tokenizer(records, 256)
-    model = build_tiny_model(cfg, len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    model = build_tiny_model(
+        cfg, len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id
+    )
     return model.eval(), tokenizer, records
 
 
@@ -47,10 +49,23 @@ def mmlu(tmp_path_factory):
     path = tmp_path_factory.mktemp("mmlu") / "mmlu_test.json"
     path.write_text(json.dumps(MMLU_RECORDS), encoding="utf-8")
     records = data_lib.load_json_records(path)
-    cfg = config_from_tree({"model": {"tiny": {"vocab_size": 512, "hidden_size": 32, "intermediate_size": 64,
-                                               "num_hidden_layers": 1, "num_attention_heads": 2}}})
+    cfg = config_from_tree(
+        {
+            "model": {
+                "tiny": {
+                    "vocab_size": 512,
+                    "hidden_size": 32,
+                    "intermediate_size": 64,
+                    "num_hidden_layers": 1,
+                    "num_attention_heads": 2,
+                }
+            }
+        }
+    )
     tokenizer = data_lib.build_tokenizer(records * 4, 512)
-    model = build_tiny_model(cfg, len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    model = build_tiny_model(
+        cfg, len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id
+    )
     return model.eval(), tokenizer, records
 
 
@@ -116,12 +131,19 @@ def test_mmlu_truncation_keeps_the_answer_cue_and_one_prompt_for_all_letters(mml
 
 def test_multiple_choice_picks_the_most_likely_answer(tiny):
     model, tokenizer, _ = tiny
-    questions = [{"instruction": "Answer.", "context": f"Qusetion: q{i}? Options: A. a, B. b, C. c, D. d",
-                  "response": f"The answer is: {letter}. x", "category": "t"} for i, letter in enumerate("ABCDA")]
+    questions = [
+        {
+            "instruction": "Answer.",
+            "context": f"Qusetion: q{i}? Options: A. a, B. b, C. c, D. d",
+            "response": f"The answer is: {letter}. x",
+            "category": "t",
+        }
+        for i, letter in enumerate("ABCDA")
+    ]
     items = evaluation.multiple_choice_items(questions, tokenizer, 96)
     correct, total = evaluation.multiple_choice_correct(model, items, torch.device("cpu"))
     expected = 0
-    for (candidates, gold) in items:  # independent: HF loss × answer tokens per candidate, unbatched
+    for candidates, gold in items:  # independent: HF loss × answer tokens per candidate, unbatched
         scores = []
         for ids, labels in candidates:
             n = sum(1 for label in labels[1:] if label != -100)

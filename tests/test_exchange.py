@@ -2,8 +2,8 @@
 import sys
 
 import pytest
+from conftest import REPO, mpi_env, run_mpi
 
-from conftest import REPO, run_mpi, mpi_env
 from florist_mpi.comm import INT_MAX, gather_step_elements
 
 pytestmark = pytest.mark.mpi
@@ -14,7 +14,9 @@ def test_gather_and_broadcast_are_exact(ranks, chunk):
     env = mpi_env()
     env["CHUNK"] = str(chunk)
     env["FLORIST_MPI_CHUNK_ELEMENTS"] = str(chunk)
-    result = run_mpi(ranks, [sys.executable, "-m", "mpi4py", str(REPO / "tests/mpi_scripts/exchange_check.py")], env=env, timeout=120)
+    result = run_mpi(
+        ranks, [sys.executable, "-m", "mpi4py", str(REPO / "tests/mpi_scripts/exchange_check.py")], env=env, timeout=120
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count(" ok") == ranks
 

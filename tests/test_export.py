@@ -10,9 +10,9 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from test_run import run_ok, write_config
 
 from florist_mpi.cli import main as cli_main
-from test_run import run_ok, write_config
 
 pytestmark = pytest.mark.mpi
 
@@ -148,7 +148,8 @@ def test_sweep_eval_at_the_runs_tau_reproduces_the_logged_eval_loss(tmp_path, ca
     import pandas as pd
 
     out = tmp_path / "sweep"
-    code = cli_main(["sweep-tau", runs["florist"], "--round", "1", "--taus", "0.5,0.95,1.0", "--eval", "--out", str(out)])
+    argv = ["sweep-tau", runs["florist"], "--round", "1", "--taus", "0.5,0.95,1.0", "--eval", "--out", str(out)]
+    code = cli_main(argv)
     assert code == 0, capsys.readouterr().err
     table = pd.read_csv(out / "sweep.csv")
     logged = logged_round_attr(runs["florist"], 1, "eval_loss")
@@ -162,7 +163,9 @@ def test_sweep_downlink_at_the_runs_tau_equals_the_logged_bytes_down(tmp_path, c
     import pandas as pd
 
     out = tmp_path / "sweep"
-    code = cli_main(["sweep-tau", runs["florist"], "--round", str(round_index), "--taus", "0.95", "--csv", "--out", str(out)])
+    code = cli_main(
+        ["sweep-tau", runs["florist"], "--round", str(round_index), "--taus", "0.95", "--csv", "--out", str(out)]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     logged = int(logged_round_attr(runs["florist"], round_index, "bytes_down"))
@@ -183,12 +186,18 @@ def test_rank_pattern_keys_resolve_in_old_and_new_peft():
 
     from florist_mpi.export import adapter_config
 
-    names = ["model.layers.1.self_attn.q_proj", "model.layers.11.self_attn.q_proj", "lm_head",
-             "model.layers.1.mlp.down_proj"]
+    names = [
+        "model.layers.1.self_attn.q_proj",
+        "model.layers.11.self_attn.q_proj",
+        "lm_head",
+        "model.layers.1.mlp.down_proj",
+    ]
     nested = "language_model.model.layers.1.mlp.down_proj"  # ends in ".model.layers.1.mlp.down_proj"
     for adapted, rules in ((names, (_peft_013_rule, get_pattern_key)), (names + [nested], (get_pattern_key,))):
-        factors = {name: (np.ones((4, rank), np.float32), np.ones((rank, 3), np.float32))
-                   for rank, name in enumerate(adapted, start=1)}
+        factors = {
+            name: (np.ones((4, rank), np.float32), np.ones((rank, 3), np.float32))
+            for rank, name in enumerate(adapted, start=1)
+        }
         config = adapter_config(factors, "base")
         for rank, name in enumerate(adapted, start=1):
             for rule in rules:

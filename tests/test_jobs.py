@@ -197,7 +197,7 @@ def test_mpirun_local_adds_root_flags_only_when_asked(tmp_path):
         result = subprocess.run([bash, str(JOBS / "mpirun_local.sh"), "--set", "run.rounds=1"], capture_output=True,
                                 text=True, env={**env, "MPI_ROOT_FLAGS": setting})
         assert result.returncode == 0, result.stderr
-        line = [l for l in result.stdout.splitlines() if l.startswith("ARGS")][0]
+        line = [ln for ln in result.stdout.splitlines() if ln.startswith("ARGS")][0]
         assert ("--allow-run-as-root --oversubscribe" in line) == expect
         assert line.endswith("-n 3 florist-mpi run configs/demo.yaml --set run.rounds=1")
 
@@ -219,7 +219,6 @@ def test_scaling_report_end_to_end(tmp_path):
     import sys
 
     import pandas as pd
-
     from test_analysis import build_log
 
     bash = shutil.which("bash")

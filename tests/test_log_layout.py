@@ -17,11 +17,11 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
+from test_analysis import MODULES, build_log
+from test_storage import header, record
 
 from florist_mpi import analysis, cli, storage
 from florist_mpi.storage import LogError
-from test_analysis import MODULES, build_log
-from test_storage import header, record
 
 
 def digests(*paths):
@@ -269,15 +269,23 @@ def test_single_file_logs_read_like_the_split_log(tmp_path, capsys, form):
         adapters = b.client_adapters(r)
         assert sorted(adapters) == kept
         for m in MODULES:
-            np.testing.assert_array_equal(b.global_factors(r)[m][0], written["rounds"][r]["global"][m][0].astype(np.float32))
+            want = written["rounds"][r]["global"][m][0].astype(np.float32)
+            np.testing.assert_array_equal(b.global_factors(r)[m][0], want)
             np.testing.assert_array_equal(adapters[kept[0]][m][1], written["rounds"][r]["factors"][kept[0]][m][1])
     outputs = []
     for path in (split, single):
-        for argv in (["report", str(path), "--json"], ["sweep-tau", str(path), "--csv", "--out", str(tmp_path / path.stem)]):
+        for argv in (
+            ["report", str(path), "--json"],
+            ["sweep-tau", str(path), "--csv", "--out", str(tmp_path / path.stem)],
+        ):
             assert cli.main(argv) == 0
             outputs.append(capsys.readouterr().out)
     report_a, sweep_a, report_b, sweep_b = outputs
-    strip = lambda doc: [{k: v for k, v in run.items() if k not in ("run", "label", "config")} for run in json.loads(doc)["runs"]]  # noqa: E731
+
+    def strip(doc):
+        skip = ("run", "label", "config")
+        return [{k: v for k, v in run.items() if k not in skip} for run in json.loads(doc)["runs"]]
+
     assert strip(report_a) == strip(report_b)
     pd.testing.assert_frame_equal(pd.read_csv(io.StringIO(sweep_a)), pd.read_csv(io.StringIO(sweep_b)))
 
@@ -315,8 +323,9 @@ def _run_args(tmp_path, log):
     return ["run", str(config), "--set", f"run.output={log}"]
 
 
-@pytest.mark.parametrize("kind", ["folder is a file", "resume: log file gone", "resume: folder gone",
-                                  "resume: round file truncated"])
+@pytest.mark.parametrize(
+    "kind", ["folder is a file", "resume: log file gone", "resume: folder gone", "resume: round file truncated"]
+)
 def test_run_refuses_a_broken_log_in_one_line_and_touches_nothing(tmp_path, capsys, kind):
     log = tmp_path / "old.h5"
     build_log(log)

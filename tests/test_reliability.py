@@ -10,11 +10,11 @@ import h5py
 import numpy as np
 import pytest
 import yaml
-
 from conftest import mpi_env
+from test_run import launch, run_ok, write_config
+
 from florist_mpi import storage
 from florist_mpi.cli import main as cli_main
-from test_run import launch, run_ok, write_config
 
 pytestmark = pytest.mark.mpi
 
@@ -109,7 +109,9 @@ def test_faulty_and_dropped_clients_are_excluded_and_recorded(tmp_path):
         for round_index, (faulty, expected_reason) in faults.items():
             group = handle["rounds"][f"{round_index:05d}"]
             excluded = group["clients/excluded"][()].tolist()
-            reasons = dict(zip(excluded, (r.decode() if isinstance(r, bytes) else r for r in group["clients/excluded_reason"][()])))
+            reasons = dict(
+                zip(excluded, (r.decode() if isinstance(r, bytes) else r for r in group["clients/excluded_reason"][()]))
+            )
             dropped = {c for c in range(4) if dropped_out(cfg, round_index, c)}
             for client in dropped:
                 assert "dropout" in reasons[client]

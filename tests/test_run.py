@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from conftest import florist_cli, run_mpi
+
 from florist_mpi.aggregation import aggregate
 from florist_mpi.storage import read_global_factors
 
@@ -45,7 +45,9 @@ def launch(ranks, config, *extra, timeout=600, env=None):
 
 def run_ok(ranks, config, *extra, **kwargs):
     result = launch(ranks, config, *extra, **kwargs)
-    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-5000:]}"
+    assert result.returncode == 0, (
+        f"exit {result.returncode}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-5000:]}"
+    )
     return result
 
 
@@ -69,7 +71,10 @@ def client_factors(handle, round_index):
     adapters = group["client_adapters"]
     modules = list(adapters[str(ids[0])].keys())
     per_module = {
-        m: [(torch.from_numpy(adapters[str(c)][m]["B"][()]), torch.from_numpy(adapters[str(c)][m]["A"][()])) for c in ids]
+        m: [
+            (torch.from_numpy(adapters[str(c)][m]["B"][()]), torch.from_numpy(adapters[str(c)][m]["A"][()]))
+            for c in ids
+        ]
         for m in modules
     }
     return per_module, [samples[c] for c in ids]
@@ -83,7 +88,9 @@ def assert_global_matches_clients(log, method, tau, atol=1e-5):
             for module, factors in per_module.items():
                 expected = aggregate(method, factors, weights, tau=tau)
                 B, A = logged[module]
-                assert B.shape[1] == expected.rank == handle["rounds"][f"{round_index:05d}/global/{module}"].attrs["rank"]
+                assert (
+                    B.shape[1] == expected.rank == handle["rounds"][f"{round_index:05d}/global/{module}"].attrs["rank"]
+                )
                 got = B.astype(np.float64) @ A.astype(np.float64)
                 want = (expected.B.double() @ expected.A.double()).numpy()
                 scale = max(1.0, np.abs(want).max())
@@ -131,8 +138,19 @@ def test_clients_are_isolated(florist_runs):
 def test_log_matches_documented_schema(florist_runs):
     log, _ = florist_runs[2]
     with h5py.File(log, "r") as handle:
-        for key in ("format_version", "config", "method", "tau", "num_clients", "world_size", "versions",
-                    "modules", "module_shapes", "created", "initial_eval_loss"):
+        for key in (
+            "format_version",
+            "config",
+            "method",
+            "tau",
+            "num_clients",
+            "world_size",
+            "versions",
+            "modules",
+            "module_shapes",
+            "created",
+            "initial_eval_loss",
+        ):
             assert key in handle.attrs, key
         assert handle.attrs["method"] == "florist" and handle.attrs["num_clients"] == 4
         assert yaml.safe_load(handle.attrs["config"])["federation"]["tau"] == 0.95
@@ -141,8 +159,17 @@ def test_log_matches_documented_schema(florist_runs):
         assert len(modules) == 3  # one layer: q_proj, v_proj, down_proj
         for round_index in ("00000", "00001"):
             group = handle["rounds"][round_index]
-            for key in ("tau", "time_train", "time_gather", "time_aggregate", "time_broadcast", "time_merge",
-                        "bytes_up", "bytes_down", "eval_loss"):
+            for key in (
+                "tau",
+                "time_train",
+                "time_gather",
+                "time_aggregate",
+                "time_broadcast",
+                "time_merge",
+                "bytes_up",
+                "bytes_down",
+                "eval_loss",
+            ):
                 assert key in group.attrs, key
             shapes = dict(zip(modules, (tuple(int(x) for x in mn) for mn in handle.attrs["module_shapes"])))
             per_rank_floats = sum(m + n for m, n in shapes.values())
@@ -163,7 +190,8 @@ def test_log_matches_documented_schema(florist_runs):
 
 def test_progress_lines_from_rank_zero_only(florist_runs):
     _, result = florist_runs[3]
-    assert result.stdout.count("round 1/2") == 1 and result.stdout.count("round 2/2") == 1
+    # rounds are numbered from 0 as in the log, report and --round; (k/N) counts them
+    assert result.stdout.count("round 0 (1/2)") == 1 and result.stdout.count("round 1 (2/2)") == 1
     assert "eval loss" in result.stdout
     lines = [line for line in result.stdout.splitlines() if line.strip()]
     # banner, one line per round, the closing line: nothing from the other ranks or the libraries
@@ -175,8 +203,11 @@ def test_partial_participation_with_epochs_and_gradient_accumulation(tmp_path):
     from florist_mpi.config import load_config
     from florist_mpi.federation import sample_participants
 
-    config, log = write_config(tmp_path, federation={"clients_per_round": 2},
-                               train={"local_steps": None, "local_epochs": 0.5, "gradient_accumulation_steps": 2})
+    config, log = write_config(
+        tmp_path,
+        federation={"clients_per_round": 2},
+        train={"local_steps": None, "local_epochs": 0.5, "gradient_accumulation_steps": 2},
+    )
     run_ok(3, config)
     cfg = load_config(config)
     with h5py.File(log, "r") as handle:
@@ -225,11 +256,13 @@ def test_model_from_a_local_directory(tmp_path):
     config, log = write_config(tmp_path, run={"rounds": 1})
     cfg = config_from_tree(yaml.safe_load(config.read_text()))
     tokenizer = data_lib.build_tokenizer(data_lib.client_records(cfg.data, 4, 0)[0], 200)
-    model = build_tiny_model(cfg, len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    model = build_tiny_model(
+        cfg, len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id
+    )
     model.save_pretrained(tmp_path / "my-model")
     tokenizer.save_pretrained(tmp_path / "my-model")
     result = run_ok(1, config, "--set", f"model.name={tmp_path / 'my-model'}")
-    assert "round 1/1" in result.stdout
+    assert "round 0 (1/1)" in result.stdout
     with h5py.File(log, "r") as handle:
         assert math.isfinite(handle["rounds/00000"].attrs["eval_loss"])
 
@@ -261,12 +294,21 @@ def test_runs_on_dolly_format_data(tmp_path, layout):
     data = {"source": "json", "path": str(dolly), "partition": "files", "max_length": 64, "tokenizer_vocab_size": 512}
     clients = 8
     if layout == "dirichlet":
-        data.update(path=str(dolly / "local_training_1.json"), partition="dirichlet", dirichlet_alpha=0.5,
-                    eval_path=str(dolly / "global_test.json"))
+        data.update(
+            path=str(dolly / "local_training_1.json"),
+            partition="dirichlet",
+            dirichlet_alpha=0.5,
+            eval_path=str(dolly / "global_test.json"),
+        )
         clients = 4
     config, log = write_config(
-        tmp_path, run={"rounds": 1}, data=data, federation={"num_clients": clients},
-        lora={"ranks": None, "rank": 2}, train={"local_steps": 2}, eval={"max_examples": 16},
+        tmp_path,
+        run={"rounds": 1},
+        data=data,
+        federation={"num_clients": clients},
+        lora={"ranks": None, "rank": 2},
+        train={"local_steps": 2},
+        eval={"max_examples": 16},
     )
     run_ok(2, config)
     with h5py.File(log, "r") as handle:

@@ -7,12 +7,11 @@ import sys
 import h5py
 import numpy as np
 import pytest
-
 from conftest import REPO, mpi_env, run_mpi
-from florist_mpi.aggregation import METHODS
-from florist_mpi.config import ConfigError, config_from_tree
-from florist_mpi.sharding import assign_owners, module_costs
 
+from florist_mpi.config import ConfigError, config_from_tree
+from florist_mpi.methods import names
+from florist_mpi.sharding import assign_owners, module_costs
 
 # ------------------------------------------------------------------ owner assignment (no MPI)
 
@@ -42,7 +41,7 @@ def test_owner_assignment_spreads_costly_modules_and_handles_more_ranks_than_mod
     shapes = {f"layers.{i}.{kind}": shape for i in range(4)
               for kind, shape in (("q_proj", (4096, 4096)), ("v_proj", (4096, 4096)), ("up_proj", (11008, 4096)))}
     costs = module_costs("florist", shapes, [16] * 256)
-    assert all(costs[f"layers.0.up_proj"] > costs[f"layers.0.q_proj"] for _ in range(1))
+    assert all(costs["layers.0.up_proj"] > costs["layers.0.q_proj"] for _ in range(1))
     owners = assign_owners(costs, 4)
     ups = [owners[f"layers.{i}.up_proj"] for i in range(4)]
     assert sorted(ups) == [0, 1, 2, 3]  # the four costliest modules land on four different ranks
@@ -133,7 +132,7 @@ FAULTS = "nan@0:1,raise@1:3"
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", names())
 def test_sharded_run_equals_root_run(tmp_path, method):
     """3 ranks, 2 rounds, dropouts and faults; sharded with a tiny chunk so every collective steps."""
     from test_run import run_ok, write_config

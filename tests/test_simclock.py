@@ -22,16 +22,24 @@ SEED = 3
 
 def stream_rng(seed, client, stream):
     """The documented per-client stream: SeedSequence([seed, round slot 0 + 1, client + 1, stream])."""
-    return np.random.default_rng(np.random.SeedSequence([seed, 1, client + 1, stream]).generate_state(1, dtype=np.uint32)[0])
+    return np.random.default_rng(
+        np.random.SeedSequence([seed, 1, client + 1, stream]).generate_state(1, dtype=np.uint32)[0]
+    )
 
 
 def test_profiles_resolve_per_client_from_seed_and_client():
-    cfg = config_from_tree({
-        "run": {"seed": SEED}, "federation": {"num_clients": 5},
-        "system": {"compute_speed": {"distribution": "lognormal", "median": 2.0, "sigma": 0.7},
-                   "downlink_mbps": {"distribution": "uniform", "low": 50, "high": 150},
-                   "uplink_mbps": [1, 2, 3, 4, 5], "latency_s": 0.25},
-    })
+    cfg = config_from_tree(
+        {
+            "run": {"seed": SEED},
+            "federation": {"num_clients": 5},
+            "system": {
+                "compute_speed": {"distribution": "lognormal", "median": 2.0, "sigma": 0.7},
+                "downlink_mbps": {"distribution": "uniform", "low": 50, "high": 150},
+                "uplink_mbps": [1, 2, 3, 4, 5],
+                "latency_s": 0.25,
+            },
+        }
+    )
     profile = simclock.resolve_profile(cfg.system, 5, SEED)
     speeds = [2.0 * math.exp(0.7 * stream_rng(SEED, c, 6).standard_normal()) for c in range(5)]
     downs = [50 + 100 * stream_rng(SEED, c, 7).random() for c in range(5)]
@@ -40,8 +48,13 @@ def test_profiles_resolve_per_client_from_seed_and_client():
     assert profile.uplink_mbps.tolist() == [1, 2, 3, 4, 5] and profile.latency_s.tolist() == [0.25] * 5
     assert len(set(profile.compute_speed.tolist())) == 5  # one draw per client
     # a client's value does not depend on how many clients there are
-    more = config_from_tree({"run": {"seed": SEED}, "federation": {"num_clients": 7},
-                             "system": {"compute_speed": {"distribution": "lognormal", "median": 2.0, "sigma": 0.7}}})
+    more = config_from_tree(
+        {
+            "run": {"seed": SEED},
+            "federation": {"num_clients": 7},
+            "system": {"compute_speed": {"distribution": "lognormal", "median": 2.0, "sigma": 0.7}},
+        }
+    )
     assert np.array_equal(simclock.resolve_profile(more.system, 7, SEED).compute_speed[:5], profile.compute_speed)
 
 
@@ -77,15 +90,21 @@ def test_schedule_deadline_and_overcommit():
 def test_csv_profiles(tmp_path):
     path = tmp_path / "links.csv"
     path.write_text("client,downlink_mbps,up\n0,100,5\n1,250.5,7\n2,80,1\n")
-    cfg = config_from_tree({"federation": {"num_clients": 3},
-                            "system": {"downlink_mbps": {"csv": str(path)}, "uplink_mbps": {"csv": str(path), "column": "up"}}})
+    cfg = config_from_tree(
+        {
+            "federation": {"num_clients": 3},
+            "system": {"downlink_mbps": {"csv": str(path)}, "uplink_mbps": {"csv": str(path), "column": "up"}},
+        }
+    )
     tables = system_tables(cfg.system, 3)
     assert tables["downlink_mbps"].tolist() == [100, 250.5, 80] and tables["uplink_mbps"].tolist() == [5, 7, 1]
     assert simclock.resolve_profile(cfg.system, 3, 0, tables).uplink_mbps.tolist() == [5, 7, 1]
-    for body, needle in [("downlink_mbps,up\n1,1\n2,2\n", "has 2 rows but federation.num_clients is 3"),
-                         ("downlink_mbps,up\n1,1\n0,2\n3,3\n", "must be positive"),
-                         ("downlink_mbps,up\n1,1\nfast,2\n3,3\n", "is not a number"),
-                         ("bandwidth,up\n1,1\n2,2\n3,3\n", "no column 'downlink_mbps'")]:
+    for body, needle in [
+        ("downlink_mbps,up\n1,1\n2,2\n", "has 2 rows but federation.num_clients is 3"),
+        ("downlink_mbps,up\n1,1\n0,2\n3,3\n", "must be positive"),
+        ("downlink_mbps,up\n1,1\nfast,2\n3,3\n", "is not a number"),
+        ("bandwidth,up\n1,1\n2,2\n3,3\n", "no column 'downlink_mbps'"),
+    ]:
         path.write_text(body)
         with pytest.raises(DataError, match=needle):
             system_tables(cfg.system, 3)
@@ -149,15 +168,19 @@ def read_rounds(log):
     out = []
     with h5py.File(log, "r") as handle:
         cfg = yaml.safe_load(handle.attrs["config"])
-        shapes = {m.decode() if isinstance(m, bytes) else m: tuple(int(x) for x in s)
-                  for m, s in zip(handle.attrs["modules"], handle.attrs["module_shapes"])}
+        shapes = {
+            m.decode() if isinstance(m, bytes) else m: tuple(int(x) for x in s)
+            for m, s in zip(handle.attrs["modules"], handle.attrs["module_shapes"])
+        }
         for key in sorted(handle["rounds"]):
             group = handle["rounds"][key]
-            out.append({
-                "attrs": dict(group.attrs),
-                "clients": {k: group["clients"][k][()] for k in group["clients"]},
-                "global_ranks": {m: int(group["global"][m].attrs["rank"]) for m in group["global"]},
-            })
+            out.append(
+                {
+                    "attrs": dict(group.attrs),
+                    "clients": {k: group["clients"][k][()] for k in group["clients"]},
+                    "global_ranks": {m: int(group["global"][m].attrs["rank"]) for m in group["global"]},
+                }
+            )
     return cfg, shapes, out
 
 
@@ -172,8 +195,12 @@ def expected_tokens(cfg_tree, client, round_index):
     tokenizer = AutoTokenizer.from_pretrained(str(ensure_tiny_artifacts(cfg)))
     records = data_lib.client_records(cfg.data, cfg.federation.num_clients, cfg.run.seed)[client]
     encoded = data_lib.encode_records(records, tokenizer, cfg.data.max_length)
-    seed = int(np.random.SeedSequence([cfg.run.seed, round_index + 1, client + 1, 2]).generate_state(1, dtype=np.uint32)[0])
-    batches = data_lib.sample_batches(encoded, cfg.train.micro_batch_size, cfg.train.local_steps, torch.Generator().manual_seed(seed))
+    seed = int(
+        np.random.SeedSequence([cfg.run.seed, round_index + 1, client + 1, 2]).generate_state(1, dtype=np.uint32)[0]
+    )
+    batches = data_lib.sample_batches(
+        encoded, cfg.train.micro_batch_size, cfg.train.local_steps, torch.Generator().manual_seed(seed)
+    )
     return sum(len(b) * max(len(encoded[i][0]) for i in b) for b in batches)
 
 
@@ -203,7 +230,11 @@ def test_every_simulated_figure_recomputed_from_the_log(clock_runs):
         for j, k in enumerate(ids):
             rank = ranks_of[k]
             up = 4 * sum(rank * (m + n) for m, n in shapes.values())
-            down = 0 if previous_ranks is None else 4 * sum(previous_ranks[mod] * (m + n) for mod, (m, n) in shapes.items())
+            down = (
+                0
+                if previous_ranks is None
+                else 4 * sum(previous_ranks[mod] * (m + n) for mod, (m, n) in shapes.items())
+            )
             assert c["bytes_up"][j] == up and c["bytes_down"][j] == down
             want_down = 0.0 if down == 0 else latency[k] + down * 8 / (down_mbps[k] * 1e6)
             want_up = latency[k] + up * 8 / (up_mbps[k] * 1e6)
@@ -221,7 +252,10 @@ def test_every_simulated_figure_recomputed_from_the_log(clock_runs):
         assert math.isnan(c["train_loss"][ids.index(order[2])])
         kept = order[:2]
         R = sum(ranks_of[k] for k in kept)
-        flops = sum(2 * (m + n) * R**2 + 14 * R**3 + 2 * (m + n) * R * rnd["global_ranks"][mod] for mod, (m, n) in shapes.items())
+        flops = sum(
+            2 * (m + n) * R**2 + 14 * R**3 + 2 * (m + n) * R * rnd["global_ranks"][mod]
+            for mod, (m, n) in shapes.items()
+        )
         assert a["sim_server_s"] == pytest.approx(flops / SYSTEM["server_flops"], rel=1e-12)
         assert a["sim_time_s"] == pytest.approx(a["sim_server_s"] + max(totals[k] for k in kept), rel=1e-12)
         clock += a["sim_time_s"]
@@ -238,7 +272,16 @@ def test_simulated_figures_do_not_depend_on_ranks_or_resume(clock_runs):
         _, _, rounds = read_rounds(other)
         assert len(rounds) == len(one) == 2
         for a, b in zip(one, rounds):
-            for key in ("id", "bytes_down", "bytes_up", "sim_tokens", "sim_download_s", "sim_compute_s", "sim_upload_s", "excluded"):
+            for key in (
+                "id",
+                "bytes_down",
+                "bytes_up",
+                "sim_tokens",
+                "sim_download_s",
+                "sim_compute_s",
+                "sim_upload_s",
+                "excluded",
+            ):
                 assert np.array_equal(a["clients"][key], b["clients"][key]), key
             for key in ("sim_server_s", "sim_time_s", "sim_clock_s"):
                 assert a["attrs"][key] == b["attrs"][key], key
@@ -306,5 +349,7 @@ def test_sweep_tau_adds_the_simulated_round_time(clock_runs, capsys):
         for k in kept:
             j = c["id"].tolist().index(k)
             down = 4 * sum(r_g[mod] * (m + n) for mod, (m, n) in shapes.items())
-            slowest = max(slowest, latency[k] + down * 8 / (down_mbps[k] * 1e6) + c["sim_compute_s"][j] + c["sim_upload_s"][j])
+            slowest = max(
+                slowest, latency[k] + down * 8 / (down_mbps[k] * 1e6) + c["sim_compute_s"][j] + c["sim_upload_s"][j]
+            )
         assert row["sim_round_s"] == pytest.approx(server / SYSTEM["server_flops"] + slowest, rel=1e-9)

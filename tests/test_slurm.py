@@ -18,8 +18,8 @@ from pathlib import Path
 import h5py
 import pandas as pd
 import pytest
-
 from conftest import REPO
+
 from florist_mpi.storage import completed_rounds
 
 pytestmark = pytest.mark.slurm
@@ -121,7 +121,8 @@ def test_single_node_job_on_cpus(slurm, tmp_path):
                  job_env(OUTPUT=str(log)))
     assert_completed(job)
     # no GPU asked for, none requested from srun; the demo ran its rounds on both tasks
-    assert f"+ srun --mpi=pmix --kill-on-bad-exit=1 florist-mpi run configs/demo.yaml --set run.output={log}" in job.output
+    srun = f"+ srun --mpi=pmix --kill-on-bad-exit=1 florist-mpi run configs/demo.yaml --set run.output={log}"
+    assert srun in job.output
     assert "gpus" not in job.output
     assert f"8 clients on {TASKS} rank(s), device cpu" in job.output
     assert f"done: {ROUNDS} rounds logged to {log}" in job.output
@@ -130,8 +131,13 @@ def test_single_node_job_on_cpus(slurm, tmp_path):
 
 def test_multi_node_job_on_one_node(slurm, tmp_path):
     log = tmp_path / "multi.h5"
-    job = submit("slurm_multi_node.sbatch", ["--nodes=1", *CPUS], ["configs/demo.yaml", *FAST], tmp_path / "multi-%j.out",
-                 job_env(OUTPUT=str(log)))
+    job = submit(
+        "slurm_multi_node.sbatch",
+        ["--nodes=1", *CPUS],
+        ["configs/demo.yaml", *FAST],
+        tmp_path / "multi-%j.out",
+        job_env(OUTPUT=str(log)),
+    )
     assert_completed(job)
     assert f"{TASKS} ranks on 1 nodes" in job.output
     assert f"done: {ROUNDS} rounds logged to {log}" in job.output
@@ -142,8 +148,13 @@ def test_scaling_study_array_and_its_report(slurm, tmp_path):
     """Two array tasks (4 clients on 1 and on 2 ranks), then jobs/scaling_report.sh over their logs."""
     scaling = tmp_path / "scaling"
     env = job_env(PAIRS="4:1 4:2", SCALING_DIR=str(scaling))
-    job = submit("scaling_study.sbatch", ["--nodes=1", "--array=0-1", *CPUS], ["configs/demo.yaml", *FAST],
-                 tmp_path / "scaling-%A_%a.out", env)
+    job = submit(
+        "scaling_study.sbatch",
+        ["--nodes=1", "--array=0-1", *CPUS],
+        ["configs/demo.yaml", *FAST],
+        tmp_path / "scaling-%A_%a.out",
+        env,
+    )
     assert_completed(job, tasks=2)
     assert "+ srun --mpi=pmix --kill-on-bad-exit=1 --ntasks=1 florist-mpi run" in job.output
     assert "+ srun --mpi=pmix --kill-on-bad-exit=1 --ntasks=2 florist-mpi run" in job.output
@@ -175,24 +186,35 @@ def test_gpus_asked_at_submission_reach_every_task(slurm, tmp_path, script):
     the job, the script passes --gpus-per-task=1 to srun, and each task gets a GPU of its own.
     A stand-in florist-mpi reports what each task was given (CUDA cannot run here anyway)."""
     if node_gpus() < TASKS:
-        pytest.skip(f"the Slurm node has fewer than {TASKS} GPUs (`SLURM_FAKE_GPUS={TASKS} .ci/slurm.sh start` "
-                    "declares counted ones on a machine without)")
+        pytest.skip(
+            f"the Slurm node has fewer than {TASKS} GPUs (`SLURM_FAKE_GPUS={TASKS} .ci/slurm.sh start` "
+            "declares counted ones on a machine without)"
+        )
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
     stand_in = venv / "bin" / "florist-mpi"
-    stand_in.write_text('#!/usr/bin/env bash\n'
-                        'echo "task $SLURM_PROCID of $SLURM_STEP_NUM_TASKS: step gpus ${SLURM_STEP_GPUS:-none}, '
-                        'cuda ${CUDA_VISIBLE_DEVICES:-none}, gpus per task ${SLURM_GPUS_PER_TASK:-none}, args $*"\n')
+    stand_in.write_text(
+        "#!/usr/bin/env bash\n"
+        'echo "task $SLURM_PROCID of $SLURM_STEP_NUM_TASKS: step gpus ${SLURM_STEP_GPUS:-none}, '
+        'cuda ${CUDA_VISIBLE_DEVICES:-none}, gpus per task ${SLURM_GPUS_PER_TASK:-none}, args $*"\n'
+    )
     stand_in.chmod(0o755)
-    env = job_env(VENV=str(venv), OUTPUT=str(tmp_path / "gpu.h5"), SBATCH_GPUS_PER_TASK="1", PAIRS="4:2",
-                  SCALING_DIR=str(tmp_path / "scaling"))
+    env = job_env(
+        VENV=str(venv),
+        OUTPUT=str(tmp_path / "gpu.h5"),
+        SBATCH_GPUS_PER_TASK="1",
+        PAIRS="4:2",
+        SCALING_DIR=str(tmp_path / "scaling"),
+    )
     flags = ["--nodes=1", *CPUS] + (["--array=0"] if script == "scaling_study.sbatch" else [])
     job = submit(script, flags, ["configs/demo.yaml"], tmp_path / "gpu-%j.out", env)
     assert_completed(job)
-    assert re.search(r"^\+ srun --mpi=pmix --kill-on-bad-exit=1 (--ntasks=2 )?--gpus-per-task=1 florist-mpi run",
-                     job.output, re.M), job.output
-    tasks = re.findall(r"^task (\d) of 2: step gpus (\d+), cuda (\d+), gpus per task 1, args run configs/demo.yaml",
-                       job.output, re.M)
+    assert re.search(
+        r"^\+ srun --mpi=pmix --kill-on-bad-exit=1 (--ntasks=2 )?--gpus-per-task=1 florist-mpi run", job.output, re.M
+    ), job.output
+    tasks = re.findall(
+        r"^task (\d) of 2: step gpus (\d+), cuda (\d+), gpus per task 1, args run configs/demo.yaml", job.output, re.M
+    )
     assert sorted(t[0] for t in tasks) == ["0", "1"], job.output
     assert sorted(t[1] for t in tasks) == ["0", "1"] and all(t[1] == t[2] for t in tasks), tasks  # one GPU each
 
@@ -204,14 +226,32 @@ def test_launch_without_a_joint_mpi_world_is_refused(slurm, tmp_path, plugin):
     florist = Path(sys.executable).parent / "florist-mpi"
     launcher = [str(florist)] if florist.exists() else [sys.executable, "-m", "florist_mpi.cli"]
     result = subprocess.run(
-        ["srun", "-n", str(TASKS), f"--mpi={plugin}", "--kill-on-bad-exit=1", "--time=00:05:00", *launcher, "run",
-         "configs/demo.yaml", "--set", f"run.output={log}"],
-        cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=300,
+        [
+            "srun",
+            "-n",
+            str(TASKS),
+            f"--mpi={plugin}",
+            "--kill-on-bad-exit=1",
+            "--time=00:05:00",
+            *launcher,
+            "run",
+            "configs/demo.yaml",
+            "--set",
+            f"run.output={log}",
+        ],
+        cwd=REPO,
+        env=job_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode != 0
     ours = [line for line in result.stderr.splitlines() if line.startswith("florist-mpi")]
     assert len(ours) == TASKS and len(set(ours)) == 1, result.stderr  # one line from each task, the same
-    assert re.fullmatch(r"florist-mpi: error: the launcher started 2 tasks \((PMI_SIZE|SLURM_STEP_NUM_TASKS)=2\) "
-                        r"but MPI sees a world of 1 process.*`srun --mpi=pmix`.*mpirun.*", ours[0]), ours[0]
+    assert re.fullmatch(
+        r"florist-mpi: error: the launcher started 2 tasks \((PMI_SIZE|SLURM_STEP_NUM_TASKS)=2\) "
+        r"but MPI sees a world of 1 process.*`srun --mpi=pmix`.*mpirun.*",
+        ours[0],
+    ), ours[0]
     assert "Traceback" not in result.stderr + result.stdout
     assert not log.exists() and not log.parent.exists()

@@ -4,8 +4,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import REPO, mpi_env
+
 from florist_mpi.config import ConfigError, config_from_tree
 from florist_mpi.training import engines_reusable
 
