@@ -84,8 +84,7 @@ def prepare_deepspeed(verbose: bool = False) -> None:
                 builder.load(verbose=False)
 
 
-def deepspeed_config(cfg: ExperimentConfig, device: torch.device) -> dict:
-    train = cfg.train
+def deepspeed_config(train: TrainConfig, device: torch.device) -> dict:
     on_gpu = device.type == "cuda"
     config = {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
@@ -120,9 +119,8 @@ class ClientJob:
     frozen_A: dict[str, np.ndarray] | None = None
 
 
-def num_local_batches(cfg: ExperimentConfig, num_examples: int) -> int:
+def num_local_batches(train: TrainConfig, num_examples: int) -> int:
     """Micro-batches of one client's local work: always whole optimizer steps."""
-    train = cfg.train
     accumulation = train.gradient_accumulation_steps
     if train.local_epochs is not None:
         micro_batches = data_lib.epochs_to_batches(num_examples, train.micro_batch_size, train.local_epochs)
@@ -201,7 +199,7 @@ def train_client(base_model, module_names, job: ClientJob, cfg: ExperimentConfig
         layers = _lora_layers(peft_model, module_names)
         _initialise_lora(layers, job, scaling)
         trainable = [p for p in peft_model.parameters() if p.requires_grad]
-        engine = _engine(peft_model, _optimizer(trainable, cfg), cfg, device)
+        engine = _engine(peft_model, _optimizer(trainable, cfg.train), cfg.train, device)
         engine.train()
         loss = _local_steps(engine, job, cfg, device, base_model)
         return _client_update(job, _extract_factors(layers, scaling), loss)
@@ -284,8 +282,8 @@ class ClientTrainer:
             self._activate_layers(adapter, frozen_A=job.frozen_A is not None)
             trainable = [p for layer in layers.values()
                          for p in (layer.lora_A[adapter].weight, layer.lora_B[adapter].weight) if p.requires_grad]
-            optimizer = _optimizer(trainable, self.cfg)
-            engine = _engine(self._peft_model, optimizer, self.cfg, self.device)
+            optimizer = _optimizer(trainable, self.cfg.train)
+            engine = _engine(self._peft_model, optimizer, self.cfg.train, self.device)
             if engine.optimizer is not optimizer:
                 raise RuntimeError(
                     "DeepSpeed wrapped the optimizer of a reused engine: set train.client_engines: fresh"
@@ -334,7 +332,7 @@ def _clear_training_state(slot: _Slot) -> None:
     engine.global_steps = engine.global_samples = engine.micro_steps = engine.skipped_steps = 0
 
 
-def _engine(model, optimizer, cfg: ExperimentConfig, device: torch.device):
+def _engine(model, optimizer, train: TrainConfig, device: torch.device):
     """A DeepSpeed engine of a private world of one (see isolate_torch_distributed)."""
     import deepspeed
 
@@ -342,7 +340,7 @@ def _engine(model, optimizer, cfg: ExperimentConfig, device: torch.device):
     args = SimpleNamespace(device_rank=device.index) if device.type == "cuda" else None
     with contextlib.redirect_stdout(io.StringIO()):
         engine, *_ = deepspeed.initialize(
-            args=args, model=model, optimizer=optimizer, config=deepspeed_config(cfg, device)
+            args=args, model=model, optimizer=optimizer, config=deepspeed_config(train, device)
         )
     return engine
 
@@ -364,8 +362,7 @@ def _client_update(job: ClientJob, factors: dict, loss: float) -> ClientUpdate:
     return ClientUpdate(job.client_id, len(job.encoded), job.rank, loss, factors)
 
 
-def _optimizer(parameters, cfg: ExperimentConfig):
-    train = cfg.train
+def _optimizer(parameters, train: TrainConfig):
     if train.optimizer == "sgd":
         return torch.optim.SGD(parameters, lr=train.lr, weight_decay=train.weight_decay)
     return torch.optim.AdamW(parameters, lr=train.lr, weight_decay=train.weight_decay)
@@ -374,7 +371,8 @@ def _optimizer(parameters, cfg: ExperimentConfig):
 def local_batches(cfg: ExperimentConfig, encoded: list, round_index: int, client_id: int) -> list[list[int]]:
     """Example indices of each micro-batch a client trains on in a round; from (seed, round, client) only."""
     generator = torch.Generator().manual_seed(derive_seed(cfg.run.seed, round_index, client_id, Stream.DATA_ORDER))
-    return data_lib.sample_batches(encoded, cfg.train.micro_batch_size, num_local_batches(cfg, len(encoded)), generator)
+    batches = num_local_batches(cfg.train, len(encoded))
+    return data_lib.sample_batches(encoded, cfg.train.micro_batch_size, batches, generator)
 
 
 def local_tokens(cfg: ExperimentConfig, encoded: list, round_index: int, client_id: int) -> int:

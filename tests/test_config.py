@@ -48,10 +48,10 @@ def test_local_work_budgets_in_microbatches_are_whole_optimizer_steps():
 
     cfg = config_from_tree({"train": {"local_epochs": 1, "micro_batch_size": 4, "gradient_accumulation_steps": 8}})
     # 395 examples: 99 micro-batches for one epoch, rounded up to 13 whole steps of 8
-    assert num_local_batches(cfg, 395) == 104
-    assert num_local_batches(cfg, 32) == 8
+    assert num_local_batches(cfg.train, 395) == 104
+    assert num_local_batches(cfg.train, 32) == 8
     steps = config_from_tree({"train": {"local_steps": 5, "gradient_accumulation_steps": 3}})
-    assert num_local_batches(steps, 1000) == 15
+    assert num_local_batches(steps.train, 1000) == 15
 
 
 @pytest.mark.parametrize(
