@@ -18,25 +18,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import subprocess
-import sys
 from pathlib import Path
 
 import h5py
+from launch import run_command
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = ("fresh", "reuse")
-
-
-def launcher(ranks: int) -> list[str]:
-    if ranks == 1:
-        return []
-    exe = Path(sys.executable).parent / "mpiexec"
-    exe = str(exe) if exe.exists() else shutil.which("mpiexec")
-    root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
-    return [exe, *root, "--oversubscribe", "-n", str(ranks)]
 
 
 def time_train(out: Path, mode: str, clients: int, steps: int, ranks: int) -> list[float]:
@@ -54,17 +44,7 @@ def time_train(out: Path, mode: str, clients: int, steps: int, ranks: int) -> li
         "eval.every": 0,
         "log.client_adapters": "false",
     }
-    overrides = [item for key, value in settings.items() for item in ("--set", f"{key}={value}")]
-    command = [
-        *launcher(ranks),
-        sys.executable,
-        "-m",
-        "florist_mpi.cli",
-        "run",
-        "configs/demo.yaml",
-        "--overwrite",
-        *overrides,
-    ]
+    command = run_command("configs/demo.yaml", settings, ranks)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONWARNINGS="ignore")
     subprocess.run(command, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
     with h5py.File(output, "r") as handle:

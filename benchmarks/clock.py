@@ -13,7 +13,6 @@ recomputing each figure from the logged bytes, compute times and profile. Usage:
 from __future__ import annotations
 
 import argparse
-import shutil
 import subprocess
 import sys
 import time
@@ -25,6 +24,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from launch import run_command  # noqa: E402
+
 from florist_mpi import simclock  # noqa: E402
 from florist_mpi.analysis import open_run  # noqa: E402
 from florist_mpi.config import load_config  # noqa: E402
@@ -34,22 +35,11 @@ RUNS = [("florist τ=0.8", "florist", 0.8), ("fedit", "fedit", 1.0), ("flora", "
 SLOWER = 100.0
 
 
-def mpiexec(ranks: int) -> list[str]:
-    exe = Path(sys.executable).parent / "mpiexec"
-    exe = str(exe) if exe.exists() else shutil.which("mpiexec")
-    if exe is None or ranks == 1:
-        return []
-    import os
-
-    return [exe, "--oversubscribe", *(["--allow-run-as-root"] if os.geteuid() == 0 else []), "-n", str(ranks)]
-
-
 def run_one(args, label: str, method: str, tau: float) -> Path:
     output = Path(args.out) / f"{label.replace(' ', '_').replace('τ=', 'tau')}.h5"
     sets = {"run.rounds": args.rounds, "run.output": output, "federation.method": method, "federation.tau": tau,
             "log.client_adapters": "false"}
-    command = [*mpiexec(args.ranks), sys.executable, "-m", "florist_mpi.cli", "run", str(CONFIG), "--overwrite",
-               *[x for k, v in sets.items() for x in ("--set", f"{k}={v}")]]
+    command = run_command(CONFIG, sets, args.ranks)
     start = time.perf_counter()
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     if result.returncode != 0:

@@ -10,7 +10,6 @@ aggregation time. Usage:
 from __future__ import annotations
 
 import argparse
-import shutil
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+from launch import run_command
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "dolly-8clients"
@@ -32,18 +32,7 @@ RUNS = [
 ]
 
 
-def mpiexec(ranks: int) -> list[str]:
-    exe = Path(sys.executable).parent / "mpiexec"
-    exe = str(exe) if exe.exists() else shutil.which("mpiexec")
-    if exe is None or ranks == 1:
-        return []
-    flags = ["--oversubscribe"] + (
-        ["--allow-run-as-root"] if hasattr(__import__("os"), "geteuid") and __import__("os").geteuid() == 0 else []
-    )
-    return [exe, *flags, "-n", str(ranks)]
-
-
-def overrides(args, method: str, tau: float, output: Path) -> list[str]:
+def settings_for(args, method: str, tau: float, output: Path) -> dict:
     settings = {
         "run.rounds": args.rounds,
         "run.seed": 0,
@@ -71,21 +60,12 @@ def overrides(args, method: str, tau: float, output: Path) -> list[str]:
         "eval.batch_size": 40,
         "log.client_adapters": "false",
     }
-    return [item for key, value in settings.items() for item in ("--set", f"{key}={value}")]
+    return settings
 
 
 def run_one(args, label, method, tau, out_dir: Path) -> Path:
     output = out_dir / f"{label.replace(' ', '_').replace('τ=', 'tau')}.h5"
-    command = [
-        *mpiexec(args.ranks),
-        sys.executable,
-        "-m",
-        "florist_mpi.cli",
-        "run",
-        "configs/demo.yaml",
-        "--overwrite",
-        *overrides(args, method, tau, output),
-    ]
+    command = run_command("configs/demo.yaml", settings_for(args, method, tau, output), args.ranks)
     start = time.perf_counter()
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     if result.returncode != 0:
