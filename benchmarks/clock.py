@@ -13,9 +13,7 @@ recomputing each figure from the logged bytes, compute times and profile. Usage:
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import h5py
@@ -24,7 +22,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from launch import run_command  # noqa: E402
+from launch import run_labelled  # noqa: E402
 
 from florist_mpi import simclock  # noqa: E402
 from florist_mpi.analysis import open_run  # noqa: E402
@@ -39,12 +37,7 @@ def run_one(args, label: str, method: str, tau: float) -> Path:
     output = Path(args.out) / f"{label.replace(' ', '_').replace('τ=', 'tau')}.h5"
     sets = {"run.rounds": args.rounds, "run.output": output, "federation.method": method, "federation.tau": tau,
             "log.client_adapters": "false"}
-    command = run_command(CONFIG, sets, args.ranks)
-    start = time.perf_counter()
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.exit(f"{label} failed:\n{result.stderr[-3000:]}")
-    print(f"  {label:<14} done in {time.perf_counter() - start:6.1f}s (wall)", flush=True)
+    run_labelled(label, CONFIG, sets, args.ranks, REPO)
     return output
 
 

@@ -10,14 +10,13 @@ aggregation time. Usage:
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import h5py
 import numpy as np
-from launch import run_command
+from launch import run_labelled
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "dolly-8clients"
@@ -65,12 +64,7 @@ def settings_for(args, method: str, tau: float, output: Path) -> dict:
 
 def run_one(args, label, method, tau, out_dir: Path) -> Path:
     output = out_dir / f"{label.replace(' ', '_').replace('τ=', 'tau')}.h5"
-    command = run_command("configs/demo.yaml", settings_for(args, method, tau, output), args.ranks)
-    start = time.perf_counter()
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.exit(f"{label} failed:\n{result.stderr[-3000:]}")
-    print(f"  {label:<14} done in {time.perf_counter() - start:6.1f}s", flush=True)
+    run_labelled(label, "configs/demo.yaml", settings_for(args, method, tau, output), args.ranks, REPO)
     return output
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 
@@ -22,3 +24,12 @@ def run_command(config, settings: dict, ranks: int) -> list[str]:
     """`florist-mpi run CONFIG --overwrite --set KEY=VALUE ...` under this interpreter on `ranks` ranks."""
     overrides = [item for key, value in settings.items() for item in ("--set", f"{key}={value}")]
     return [*mpiexec(ranks), sys.executable, "-m", "florist_mpi.cli", "run", str(config), "--overwrite", *overrides]
+
+
+def run_labelled(label: str, config, settings: dict, ranks: int, cwd: Path) -> None:
+    """Run one `florist-mpi run` to completion, printing its wall time; a failed run ends the benchmark."""
+    start = time.perf_counter()
+    result = subprocess.run(run_command(config, settings, ranks), cwd=cwd, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"{label} failed:\n{result.stderr[-3000:]}")
+    print(f"  {label:<14} done in {time.perf_counter() - start:6.1f}s (wall)", flush=True)
