@@ -87,7 +87,9 @@ class RoundOutcome:
     excluded: list[tuple[int, str]]  # (client id, reason), sorted
     results: dict[str, AggregationResult] = field(default_factory=dict)  # module -> the method's result
     global_factors: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # module -> fp32 (B, A)
-    time_aggregate: float = 0.0  # seconds of the aggregation itself (sharded: the slowest owner)
+    # seconds of the aggregation itself on rank 0 (root mode); None in sharded mode, where every owner
+    # times its own share and the round's phase timings already take the slowest rank's
+    time_aggregate: float | None = None
     error: str | None = None  # why the round cannot be aggregated (no client left)
     sharded: sharding.ShardedRound | None = None  # sharded mode: the owners' state, for the client adapters
 
@@ -255,7 +257,8 @@ class Federation:
         if slowest is not None:
             timings = dict(zip(sorted(timings), slowest.tolist()))
         if world.is_root:
-            timings["time_aggregate"] = outcome.time_aggregate
+            if outcome.time_aggregate is not None:
+                timings["time_aggregate"] = outcome.time_aggregate
             self._commit_round(round_index, outcome, timings, eval_loss, eval_accuracy, participants)
         elif outcome is not None and outcome.sharded is not None and cfg.log.client_adapters:
             # rank 0 is writing the round and takes its client adapters module by module
@@ -333,11 +336,6 @@ class Federation:
         if not state.kept:  # every rank reached this verdict from the same metadata
             reasons = "; ".join(f"client {c}: {why}" for c, why in state.excluded)
             raise RoundFailed(f"round {round_index} has no client left to aggregate ({reasons})")
-        slowest_owner = (
-            float(comm.reduce_max(world, np.array([state.time_aggregate]))[0])
-            if world.size > 1
-            else state.time_aggregate
-        )
         timings["time_gather"] = state.time_scatter
         timings["time_aggregate"] = state.time_aggregate
         timings["time_broadcast"] = state.time_allgather
@@ -347,7 +345,6 @@ class Federation:
             excluded=state.excluded,
             results=state.results,
             global_factors=state.global_factors,
-            time_aggregate=slowest_owner,
             sharded=state,
         )
         return outcome, state.global_factors
