@@ -148,17 +148,35 @@ class ModelConfig(_Section):
     # Hugging Face id or a local directory loaded with from_pretrained.
     name: str = Field("tiny", description="`tiny` (built locally), a Hugging Face id, or a local model directory")
     tiny: TinyModelConfig = Field(TinyModelConfig(), description="the tiny model's shape (used when `name` is `tiny`)")
-    # Centralised full fine-tuning steps on the pooled training data before
-    # federation starts (tiny model only); the result is cached.
+    # Centralised full fine-tuning steps before federation starts (tiny model
+    # only): a stand-in for pretraining; the result is cached.
     warmup_steps: int = Field(
         0,
         ge=0,
         description=(
-            "optional centralised full fine-tuning steps of the tiny model on the pooled training data before "
-            "federation starts (cached)"
+            "optional centralised full fine-tuning steps of the tiny model on `warmup_data` before federation "
+            "starts (cached)"
         ),
     )
     warmup_lr: float = Field(3e-3, gt=0.0, description="learning rate of those warm-up steps")
+    warmup_data: Literal["clients", "held_out"] = Field(
+        "clients",
+        description=(
+            "what the warm-up trains on: `clients` (the pooled client training data, which the clients then "
+            "fine-tune on again) or `held_out` (`warmup_fraction` of every client's records, set aside by "
+            "`seed` and removed from that client, so base and federation see disjoint data)"
+        ),
+    )
+    warmup_fraction: float = Field(
+        0.2, gt=0.0, lt=1.0, description="`held_out`: share of every client's records set aside for the warm-up"
+    )
+    seed: int | None = Field(
+        None,
+        description=(
+            "seed of the tiny model's weights, its warm-up and the `held_out` set-aside; default `run.seed`. Set "
+            "it to keep one base model (built and cached once) across runs that differ in `run.seed`"
+        ),
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32",
         description=(
@@ -168,6 +186,14 @@ class ModelConfig(_Section):
         ),
     )
     trust_remote_code: bool = Field(False, description="passed to `from_pretrained`")
+
+    def base_seed(self, run_seed: int) -> int:
+        """Seed of the tiny base model and its warm-up: `seed` when set, else the run's."""
+        return run_seed if self.seed is None else self.seed
+
+    def reserved_fraction(self) -> float:
+        """Share of every client's records the warm-up takes away from federated training."""
+        return self.warmup_fraction if self.warmup_steps and self.warmup_data == "held_out" else 0.0
 
 
 class LoraConfig(_Section):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
 from typing import Callable
@@ -41,6 +42,18 @@ class _Stream(IntEnum):
     SYNTHETIC_CLIENT = 101
     SYNTHETIC_EVAL = 102
     PARTITION = 103
+    SET_ASIDE = 104
+
+
+@dataclass(frozen=True)
+class SetAside:
+    """A share of the training data kept away from the clients (the tiny base model's warm-up data).
+
+    Chosen from its own seed, not the run's, so runs that share a base model share its data too.
+    """
+
+    fraction: float
+    seed: int
 
 
 def _rng(*entropy: int) -> np.random.Generator:
@@ -50,14 +63,58 @@ def _rng(*entropy: int) -> np.random.Generator:
 # ==================================================================== public entry points
 
 
-def client_records(cfg: DataConfig, num_clients: int, seed: int) -> list[list[dict]]:
+def client_records(
+    cfg: DataConfig, num_clients: int, seed: int, set_aside: SetAside | None = None
+) -> list[list[dict]]:
     """Training records of every client, index = client id; deterministic in the arguments only."""
+    return split_records(cfg, num_clients, seed, set_aside)[0]
+
+
+def split_records(
+    cfg: DataConfig, num_clients: int, seed: int, set_aside: SetAside | None = None
+) -> tuple[list[list[dict]], list[dict]]:
+    """(every client's training records, the records set aside from them: empty without `set_aside`).
+
+    Per-client data (files, generated) loses `fraction` of every client's records, at most all
+    but one; a single file to partition loses `fraction` of its records before the partition.
+    """
     if cfg.source == "synthetic":
-        return [synthetic_client_records(cfg.synthetic, client, seed) for client in range(num_clients)]
+        clients = [synthetic_client_records(cfg.synthetic, client, seed) for client in range(num_clients)]
+        return _set_aside_per_client(clients, set_aside)
     path = Path(cfg.path)
     if cfg.partition == "files":
-        return _client_files(path, cfg.client_pattern, num_clients, cfg.category_field)
+        clients = _client_files(path, cfg.client_pattern, num_clients, cfg.category_field)
+        return _set_aside_per_client(clients, set_aside)
     records = load_json_records(path, cfg.category_field)
+    reserved: list[dict] = []
+    if set_aside is not None:
+        keep, aside = _set_aside_indices(len(records), set_aside.fraction, _rng(set_aside.seed, _Stream.SET_ASIDE))
+        records, reserved = [records[i] for i in keep], [records[i] for i in aside]
+    return _partition(cfg, records, num_clients, seed, path), reserved
+
+
+def _set_aside_indices(count: int, fraction: float, rng: np.random.Generator) -> tuple[list[int], list[int]]:
+    """(kept, set-aside) indices in record order; at most count - 1 set aside, so something is kept."""
+    order = rng.permutation(count)
+    cut = max(0, min(count - 1, math.floor(count * fraction + 1e-9)))
+    return sorted(int(i) for i in order[cut:]), sorted(int(i) for i in order[:cut])
+
+
+def _set_aside_per_client(
+    clients: list[list[dict]], set_aside: SetAside | None
+) -> tuple[list[list[dict]], list[dict]]:
+    if set_aside is None:
+        return clients, []
+    kept_clients, reserved = [], []
+    for client, records in enumerate(clients):
+        rng = _rng(set_aside.seed, _Stream.SET_ASIDE, client + 1)
+        keep, aside = _set_aside_indices(len(records), set_aside.fraction, rng)
+        kept_clients.append([records[i] for i in keep])
+        reserved.extend(records[i] for i in aside)
+    return kept_clients, reserved
+
+
+def _partition(cfg: DataConfig, records: list[dict], num_clients: int, seed: int, path: Path) -> list[list[dict]]:
     if cfg.partition == "iid":
         groups = iid_partition(len(records), num_clients, seed)
     else:

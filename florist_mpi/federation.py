@@ -39,6 +39,7 @@ from florist_mpi.training import (
     local_tokens,
     prepare_deepspeed,
 )
+from florist_mpi.warmup import training_split
 
 DROPOUT_REASON = "dropout (simulated, federation.dropout)"
 
@@ -156,7 +157,7 @@ class Federation:
         self.shapes = {name: tuple(module.weight.shape) for name, module in self.modules.items()}
         self.masters = float32_masters(self.modules)  # merges of bf16/fp16 weights go through fp32
         self.trainer = ClientTrainer(self.model, self.shapes, cfg, self.device)
-        self.client_records = data_lib.client_records(cfg.data, cfg.federation.num_clients, cfg.run.seed)
+        self.client_records = training_split(cfg)[0]  # less the warm-up's share when it is set aside
         self._encoded: dict[int, list] = {}
         self.eval_set = self._load_eval_shard()
         self.method = methods.get(cfg.federation.method)

@@ -89,14 +89,27 @@ def cores_for_rank(local_size: int) -> int:
 def _tiny_cache_key(cfg: ExperimentConfig) -> str:
     spec = {
         "tiny": cfg.model.tiny.model_dump(),
-        "seed": cfg.run.seed,
+        "seed": cfg.model.base_seed(cfg.run.seed),
         "warmup_steps": cfg.model.warmup_steps,
         "warmup_lr": cfg.model.warmup_lr,
         "data": cfg.data.model_dump(mode="json"),
         "num_clients": cfg.federation.num_clients,
         "format": 1,
     }
+    # Added only when used, so earlier caches keep their keys.
+    if cfg.model.reserved_fraction():
+        spec["warmup_held_out"] = cfg.model.warmup_fraction
+    if cfg.model.seed is not None and _warmup_data_follows_run_seed(cfg):
+        spec["run_seed"] = cfg.run.seed
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _warmup_data_follows_run_seed(cfg: ExperimentConfig) -> bool:
+    """Whether the tokenizer's and warm-up's data change with run.seed (generated data, or a seeded
+    partition that the warm-up pools); per-client files and a set-aside chosen before the partition do not."""
+    if cfg.data.source == "synthetic":
+        return True
+    return cfg.data.partition != "files" and not cfg.model.reserved_fraction()
 
 
 def _tiny_llama_config(cfg: ExperimentConfig, vocab_size: int, pad_id: int, bos_id: int, eos_id: int):
@@ -121,7 +134,7 @@ def _tiny_llama_config(cfg: ExperimentConfig, vocab_size: int, pad_id: int, bos_
 def build_tiny_model(cfg: ExperimentConfig, vocab_size: int, pad_id: int, bos_id: int, eos_id: int):
     from transformers import LlamaForCausalLM
 
-    torch.manual_seed(cfg.run.seed)
+    torch.manual_seed(cfg.model.base_seed(cfg.run.seed))
     return LlamaForCausalLM(_tiny_llama_config(cfg, vocab_size, pad_id, bos_id, eos_id))
 
 
@@ -170,10 +183,10 @@ def _model_error(name: str, err: BaseException) -> UserError:
 def _build_tiny_artifacts(cfg: ExperimentConfig, directory: Path) -> None:
     """Train the tokenizer, build the model, optionally warm it up; save to `directory`."""
     from florist_mpi import data as data_lib
-    from florist_mpi.warmup import warm_up
+    from florist_mpi.warmup import training_split, warm_up
 
-    per_client = data_lib.client_records(cfg.data, cfg.federation.num_clients, cfg.run.seed)
-    records = [r for client in per_client for r in client]
+    # The tokenizer learns from the warm-up's data: all client data, or only the set-aside share.
+    records = training_split(cfg)[1]
     vocab = cfg.data.tokenizer_vocab_size or cfg.model.tiny.vocab_size
     tokenizer = data_lib.build_tokenizer(records, vocab)
     model = build_tiny_model(

@@ -7,11 +7,12 @@ from florist_mpi import data as data_lib
 from florist_mpi.config import ExperimentConfig
 from florist_mpi.errors import UserError
 from florist_mpi.evaluation import eval_set_records
+from florist_mpi.warmup import training_split
 
 
 def check_inputs(cfg: ExperimentConfig, download: bool = True) -> bool:
     """Data, evaluation set, model and target modules; False if the model was left unchecked."""
-    clients = data_lib.client_records(cfg.data, cfg.federation.num_clients, cfg.run.seed)
+    clients = training_split(cfg)[0]
     for client_id, records in enumerate(clients):
         if not records:
             raise UserError(

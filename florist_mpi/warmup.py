@@ -1,8 +1,11 @@
-"""A short centralised warm-up of the tiny model (full fine-tuning on pooled data).
+"""A short centralised warm-up of the tiny model (full fine-tuning), and the data it uses.
 
-A randomly initialised model is a poor stand-in for a pretrained one: a few
-hundred steps of plain language modelling give LoRA a base that already knows
-the data's surface statistics. Runs once; the result is cached by model.py.
+A randomly initialised model is a poor stand-in for a pretrained one: some plain
+language modelling gives LoRA a base that already knows the data's surface statistics.
+It trains either on the pooled client data (`model.warmup_data: clients`) or on a share
+of every client's records set aside for it (`held_out`), which the clients then never
+see, the way a real base model was pretrained on other text than the clients'.
+Runs once; the result is cached by model.py.
 """
 from __future__ import annotations
 
@@ -12,11 +15,22 @@ from florist_mpi import data as data_lib
 from florist_mpi.config import ExperimentConfig
 
 
+def training_split(cfg: ExperimentConfig) -> tuple[list[list[dict]], list[dict]]:
+    """(every client's federated training records, the warm-up's records)."""
+    fraction = cfg.model.reserved_fraction()
+    set_aside = data_lib.SetAside(fraction, cfg.model.base_seed(cfg.run.seed)) if fraction else None
+    clients, reserved = data_lib.split_records(cfg.data, cfg.federation.num_clients, cfg.run.seed, set_aside)
+    if set_aside is None:
+        reserved = [record for records in clients for record in records]
+    return clients, reserved
+
+
 def warm_up(model, tokenizer, records: list[dict], cfg: ExperimentConfig) -> None:
+    """`model.warmup_steps` AdamW steps of language modelling on `records` (whole sequences)."""
     encoded = data_lib.encode_records(records, tokenizer, cfg.data.max_length)
     # Language modelling on whole sequences: the prompt is text to learn here too.
     encoded = [(ids, list(ids)) for ids, _ in encoded]
-    generator = torch.Generator().manual_seed(cfg.run.seed)
+    generator = torch.Generator().manual_seed(cfg.model.base_seed(cfg.run.seed))
     batches = data_lib.sample_batches(encoded, cfg.train.micro_batch_size, cfg.model.warmup_steps, generator)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.model.warmup_lr)
     model.train()

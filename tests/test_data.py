@@ -253,6 +253,55 @@ def test_single_file_partitions(tmp_path, partition):
         assert sorted(map(len, clients)) == [20, 20, 21, 21, 21]
 
 
+def _key(record: dict) -> str:
+    return record["instruction"]
+
+
+def test_set_aside_per_client_is_disjoint_proportional_and_seeded(tmp_path):
+    sizes = [10, 1, 7, 40]
+    folder = tmp_path / "clients"
+    folder.mkdir()
+    for client, size in enumerate(sizes):
+        records = [dict(r, instruction=f"client {client} {r['instruction']}") for r in make_records(size)]
+        write_json(folder / f"local_training_{client}.json", records)
+    cfg = json_cfg(folder)
+    whole = data.client_records(cfg, 4, seed=0)
+    clients, aside = data.split_records(cfg, 4, seed=0, set_aside=data.SetAside(0.25, seed=3))
+    # floor(0.25 n) per client, but a one-record client keeps its record
+    assert [len(c) for c in clients] == [8, 1, 6, 30]
+    assert len(aside) == 2 + 0 + 1 + 10
+    for kept, full in zip(clients, whole):
+        assert [_key(r) for r in kept] == [_key(r) for r in full if r in kept]  # record order kept
+    kept_keys = {_key(r) for c in clients for r in c}
+    aside_keys = {_key(r) for r in aside}
+    assert not kept_keys & aside_keys
+    assert kept_keys | aside_keys == {_key(r) for c in whole for r in c}
+    # the set-aside follows its own seed, not the run's
+    assert data.split_records(cfg, 4, seed=9, set_aside=data.SetAside(0.25, seed=3)) == (clients, aside)
+    assert data.split_records(cfg, 4, seed=0, set_aside=data.SetAside(0.25, seed=4))[1] != aside
+    assert data.client_records(cfg, 4, seed=0, set_aside=data.SetAside(0.25, seed=3)) == clients
+
+
+@pytest.mark.parametrize("partition", ["iid", "dirichlet"])
+def test_set_aside_before_a_partition_does_not_follow_the_run_seed(tmp_path, partition):
+    path = write_json(tmp_path / "all.json", make_records(103))
+    cfg = json_cfg(path, partition=partition)
+    set_aside = data.SetAside(0.2, seed=1)
+    clients, aside = data.split_records(cfg, 5, seed=0, set_aside=set_aside)
+    assert len(aside) == 20 and sum(map(len, clients)) == 83
+    assert {_key(r) for c in clients for r in c}.isdisjoint({_key(r) for r in aside})
+    other_clients, other_aside = data.split_records(cfg, 5, seed=7, set_aside=set_aside)
+    assert other_aside == aside and other_clients != clients
+
+
+def test_without_set_aside_nothing_is_set_aside():
+    cfg = synthetic_cfg(examples_per_client=12)
+    clients, aside = data.split_records(cfg, 3, seed=0)
+    assert aside == [] and clients == data.client_records(cfg, 3, seed=0)
+    clients, aside = data.split_records(cfg, 3, seed=0, set_aside=data.SetAside(0.5, seed=0))
+    assert [len(c) for c in clients] == [6, 6, 6] and len(aside) == 18
+
+
 def test_dirichlet_partition_is_non_iid_and_fills_empty_clients():
     categories = ["a"] * 50 + ["b"] * 50 + ["c"] * 50
     groups = data.dirichlet_partition(categories, 10, alpha=0.05, seed=0)

@@ -33,3 +33,62 @@ def test_merges_into_bfloat16_weights_go_through_float32_masters():
 
 def test_float32_weights_need_no_masters():
     assert float32_masters({"m": torch.nn.Linear(4, 3)}) == {}
+
+
+# ------------------------------------------------------------------ the tiny base's warm-up data and cache key
+
+DEMO = "configs/demo.yaml"
+
+
+def _cfg(*overrides):
+    from pathlib import Path
+
+    from florist_mpi.config import load_config
+
+    return load_config(Path(__file__).resolve().parents[1] / DEMO, list(overrides))
+
+
+def test_held_out_warm_up_trains_on_what_the_clients_never_see():
+    from collections import Counter
+
+    from florist_mpi.warmup import training_split
+
+    pooled_clients, pooled_warmup = training_split(_cfg("model.warmup_steps=10"))
+    assert pooled_warmup == [r for c in pooled_clients for r in c]  # `clients`: the warm-up reuses their data
+    clients, warmup = training_split(_cfg("model.warmup_steps=10", "model.warmup_data=held_out",
+                                          "model.warmup_fraction=0.25"))
+    assert [len(c) for c in clients] == [len(c) - len(c) // 4 for c in pooled_clients]
+    assert len(warmup) == sum(len(c) // 4 for c in pooled_clients)
+    # generated records can repeat, so compare multisets: kept + set aside = all, record for record
+    def counts(records):
+        return Counter(tuple(sorted(r.items())) for r in records)
+
+    assert counts(r for c in clients for r in c) + counts(warmup) == counts(pooled_warmup)
+    for kept, whole in zip(clients, pooled_clients):
+        assert not counts(kept) - counts(whole)  # each client keeps a part of its own records
+    # no warm-up steps: nothing is set aside
+    assert training_split(_cfg("model.warmup_data=held_out"))[0] == pooled_clients
+
+
+def test_model_seed_keeps_one_cached_base_across_run_seeds(tmp_path):
+    from florist_mpi.model import _tiny_cache_key
+
+    json_data = ["data.source=json", f"data.path={tmp_path}"]  # key only: the files are not read
+    held_out = ["model.warmup_steps=10", "model.warmup_data=held_out"]
+
+    def key(*overrides):
+        return _tiny_cache_key(_cfg(*overrides))
+
+    # by default the base follows run.seed
+    assert key("run.seed=1") != key("run.seed=2")
+    # model.seed: one base for per-client files ...
+    assert key("model.seed=0", "run.seed=1", *json_data) == key("model.seed=0", "run.seed=2", *json_data)
+    assert key("model.seed=0", "run.seed=1", *json_data) != key("model.seed=1", "run.seed=1", *json_data)
+    # ... and for a set-aside chosen before the partition, but not where the warm-up data follows run.seed
+    partitioned = [*json_data, "data.partition=iid"]
+    assert key("model.seed=0", "run.seed=1", *partitioned, *held_out) == key(
+        "model.seed=0", "run.seed=2", *partitioned, *held_out)
+    assert key("model.seed=0", "run.seed=1", *partitioned) != key("model.seed=0", "run.seed=2", *partitioned)
+    assert key("model.seed=0", "run.seed=1") != key("model.seed=0", "run.seed=2")  # generated data
+    # the held-out warm-up is another base than the pooled one
+    assert key(*json_data, "model.warmup_steps=10") != key(*json_data, *held_out)
