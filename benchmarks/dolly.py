@@ -1,17 +1,34 @@
-"""Real-data benchmark: every aggregation method on the 8-client Dolly split.
+"""Federated quality on real data: every method on the 8-client Dolly split, over several seeds.
 
-Runs `florist-mpi run` once per method with the same seed, tiny model and data
-(../shared/data/dolly-8clients), then reads the logs and prints one table:
-eval loss after the final round, uplink/downlink parameters per round, and
-aggregation time. Usage:
+Runs `florist-mpi run` once per (LoRA-rank variant, method, seed) on the paper's 8-client
+Dolly split (../shared/data/dolly-8clients) and reads the logs:
 
-    python benchmarks/dolly.py [--ranks 2] [--rounds 5] [--local-steps 60] [--out runs/bench-dolly] [--quick]
+- the base is one proxy model for every run: a tiny Llama (`model.seed` 0) warmed up
+  centrally on a share of every client's records that the clients then never train on
+  (`model.warmup_data: held_out`), built once and cached;
+- a seed (`run.seed`) fixes the LoRA initialisation and every client's data order, so two
+  methods at the same seed differ only in how they aggregate: differences are paired;
+- every method: FLoRIST at τ ∈ {0.8, 0.9, 0.95, 1.0}, FedIT, FLoRA, FlexLoRA, FFA-LoRA;
+- two variants: heterogeneous ranks [16, 8, 8, 4, 4, 4, 2, 2] and homogeneous rank 8.
+
+Prints (and writes to OUT/table.md) one table per variant with mean ± std over seeds of the
+final eval loss, the paired differences to FLoRA and FedIT, traffic and aggregation time;
+writes OUT/results.json and the loss-vs-cumulative-downlink figure OUT/loss_vs_downlink.png.
+A finished run is reused when the script is run again with the same settings, so an
+interrupted benchmark resumes where it stopped. `--readme` puts the tables into README.md
+(between the dolly-benchmark markers) and copies the figure to docs/.
+
+    python benchmarks/dolly.py [--seeds 3] [--variants heterogeneous,homogeneous] [--ranks 2] [--readme]
+    python benchmarks/dolly.py --quick      # a smoke run: 1 seed, 2 rounds, 5 local steps
 """
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import h5py
@@ -20,116 +37,329 @@ from launch import run_labelled
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "dolly-8clients"
-RUNS = [
-    ("florist τ=0.8", "florist", 0.8),
-    ("florist τ=0.9", "florist", 0.9),
-    ("florist τ=1.0", "florist", 1.0),
-    ("fedit", "fedit", 1.0),
-    ("flora", "flora", 1.0),
-    ("flexlora", "flexlora", 1.0),
-    ("ffa", "ffa", 1.0),
+README_BEGIN, README_END = "<!-- dolly-benchmark:begin -->", "<!-- dolly-benchmark:end -->"
+FIGURE_IN_DOCS = REPO / "docs" / "dolly_loss_vs_downlink.png"
+
+# (label, federation.method, federation.tau)
+METHODS = [
+    ("FLoRIST τ=0.8", "florist", 0.8),
+    ("FLoRIST τ=0.9", "florist", 0.9),
+    ("FLoRIST τ=0.95", "florist", 0.95),
+    ("FLoRIST τ=1.0", "florist", 1.0),
+    ("FedIT", "fedit", 1.0),
+    ("FLoRA", "flora", 1.0),
+    ("FlexLoRA", "flexlora", 1.0),
+    ("FFA-LoRA", "ffa", 1.0),
 ]
+VARIANTS = {
+    "heterogeneous": {"lora.ranks": "[16,8,8,4,4,4,2,2]", "lora.alpha": "2r"},
+    "homogeneous": {"lora.rank": 8, "lora.alpha": "2r"},
+}
+TARGET = "FLoRIST τ=0.9"
 
 
-def settings_for(args, method: str, tau: float, output: Path) -> dict:
-    settings = {
+@dataclass
+class RunSummary:
+    """What one run's log says, in per-client, per-round units."""
+
+    initial: float  # eval loss of the base, before round 1
+    losses: list[float]  # eval loss after every round
+    down: list[float]  # downlink parameters per client, every round
+    up: float  # uplink parameters per client per round (mean)
+    rank: float  # mean global rank over modules and rounds
+    agg_ms: float  # median aggregation time per round
+
+    @property
+    def final(self) -> float:
+        return self.losses[-1]
+
+
+# ---------------------------------------------------------------------- running
+
+
+def base_settings(args) -> dict:
+    """Settings every run shares: the proxy base model, data, training budget."""
+    return {
         "run.rounds": args.rounds,
-        "run.seed": 0,
-        "run.output": output,
         "federation.num_clients": 8,
-        "federation.method": method,
-        "federation.tau": tau,
-        "model.tiny.hidden_size": 128,
-        "model.tiny.intermediate_size": 256,
-        "model.tiny.num_hidden_layers": 2,
+        "model.seed": 0,
+        "model.tiny.hidden_size": args.hidden,
+        "model.tiny.intermediate_size": 2 * args.hidden,
+        "model.tiny.num_hidden_layers": args.layers,
         "model.tiny.num_attention_heads": 4,
         "model.tiny.vocab_size": 2048,
         "model.warmup_steps": args.warmup_steps,
         "model.warmup_lr": 0.003,
-        "lora.ranks": "[16,8,8,4,4,4,2,2]",
-        "lora.alpha": "2r",
+        "model.warmup_data": "held_out",
+        "model.warmup_fraction": args.warmup_fraction,
         "lora.target_modules": "[q_proj,v_proj]",
         "data.source": "json",
         "data.path": str(DATA),
         "data.max_length": 128,
         "train.local_steps": args.local_steps,
         "train.micro_batch_size": 8,
-        "train.lr": 0.001,
-        "eval.every": args.rounds,
+        "train.lr": args.lr,
+        "eval.every": 1,
         "eval.batch_size": 40,
         "log.client_adapters": "false",
     }
-    return settings
 
 
-def run_one(args, label, method, tau, out_dir: Path) -> Path:
-    output = out_dir / f"{label.replace(' ', '_').replace('τ=', 'tau')}.h5"
-    run_labelled(label, "configs/demo.yaml", settings_for(args, method, tau, output), args.ranks, REPO)
-    return output
+def run_settings(args, variant: str, method: str, tau: float, seed: int, output: Path) -> dict:
+    return {
+        **base_settings(args),
+        **VARIANTS[variant],
+        "run.seed": seed,
+        "run.output": output,
+        "federation.method": method,
+        "federation.tau": tau,
+    }
 
 
-def summarise(log: Path) -> dict:
+def log_path(out_dir: Path, variant: str, label: str, seed: int) -> Path:
+    name = label.replace(" ", "_").replace("τ=", "tau").replace("-", "")
+    return out_dir / variant / f"{name}_seed{seed}.h5"
+
+
+def run_or_reuse(
+    args, variant: str, label: str, method: str, tau: float, seed: int, out_dir: Path
+) -> tuple[Path, float]:
+    """(the run's log, the run's wall seconds); runs only when no finished log with the same settings exists."""
+    output = log_path(out_dir, variant, label, seed)
+    settings = json.loads(json.dumps(run_settings(args, variant, method, tau, seed, output), default=str))
+    stamp = output.with_name(output.name + ".settings.json")
+    if output.is_file() and stamp.is_file():
+        done = json.loads(stamp.read_text())
+        if done["settings"] == settings:
+            print(f"  {variant} {label} seed {seed}: reused {output.relative_to(REPO)}", flush=True)
+            return output, done["wall_s"]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    stamp.unlink(missing_ok=True)
+    start = time.perf_counter()
+    run_labelled(f"{variant} {label} seed {seed}", "configs/demo.yaml", settings, args.ranks, REPO)
+    wall = time.perf_counter() - start
+    stamp.write_text(json.dumps({"settings": settings, "wall_s": wall}))  # last: only a finished run is reused
+    return output, wall
+
+
+def summarise(log: Path) -> RunSummary:
     with h5py.File(log, "r") as handle:
         rounds = [handle["rounds"][k] for k in sorted(handle["rounds"].keys())]
-        shapes = handle.attrs["module_shapes"]
         num_clients = int(handle.attrs["num_clients"])
+        # bytes of float32 parameters: downlink counts every client, uplink the clients kept
         down = [r.attrs["bytes_down"] / 4 / num_clients for r in rounds]
         kept = [len(r["clients/id"]) - len(r["clients/excluded"]) for r in rounds]
         up = [r.attrs["bytes_up"] / 4 / k for r, k in zip(rounds, kept)]
         ranks = [np.mean([r["global"][m].attrs["rank"] for m in r["global"]]) for r in rounds]
-        return {
-            "initial": float(handle.attrs["initial_eval_loss"]),
-            "final": float(rounds[-1].attrs["eval_loss"]),
-            "down": float(np.mean(down)),
-            "up": float(np.mean(up)),
-            "rank": float(np.mean(ranks)),
-            "agg_ms": 1000 * float(np.median([r.attrs["time_aggregate"] for r in rounds])),
-            "modules": len(shapes),
-        }
+        return RunSummary(
+            initial=float(handle.attrs["initial_eval_loss"]),
+            losses=[float(r.attrs["eval_loss"]) for r in rounds],
+            down=[float(d) for d in down],
+            up=float(np.mean(up)),
+            rank=float(np.mean(ranks)),
+            agg_ms=1000 * float(np.median([r.attrs["time_aggregate"] for r in rounds])),
+        )
+
+
+# ---------------------------------------------------------------------- statistics
+
+
+def mean_std(values) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof 1; 0 for a single value)."""
+    values = np.asarray(values, dtype=np.float64)
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
+def fmt(values, digits: int = 4, unit: str = "") -> str:
+    mean, std = mean_std(values)
+    return f"{mean:.{digits}f} ± {std:.{digits}f}{unit}"
+
+
+def paired(runs: dict[str, list[RunSummary]], label: str, reference: str) -> np.ndarray:
+    """Per-seed final-loss differences label − reference (same seed = same data order and LoRA init)."""
+    return np.array([a.final - b.final for a, b in zip(runs[label], runs[reference])])
+
+
+def relative(runs: dict[str, list[RunSummary]], label: str, reference: str) -> np.ndarray:
+    """Per-seed relative final-loss differences in percent."""
+    return np.array([100 * (a.final / b.final - 1) for a, b in zip(runs[label], runs[reference])])
+
+
+def variant_table(variant: str, runs: dict[str, list[RunSummary]]) -> list[str]:
+    seeds = len(runs["FLoRA"])
+    initial = runs["FLoRA"][0].initial
+    fedit_down = np.mean([np.mean(r.down) for r in runs["FedIT"]])
+    lines = [
+        f"**{variant}** ({seeds} seeds; initial eval loss {initial:.4f}, the same base for every run)",
+        "",
+        "| method | final eval loss | learned (nats) | vs FLoRA (paired) | vs FedIT (paired, nats) "
+        "| mean global rank | downlink params/client/round | uplink params/client/round "
+        "| FedIT downlink / this | aggregation ms |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for label, summaries in runs.items():
+        finals = [s.final for s in summaries]
+        down = np.mean([np.mean(s.down) for s in summaries])
+        vs_flora = "—" if label == "FLoRA" else fmt(relative(runs, label, "FLoRA"), 2, "%")
+        vs_fedit = "—" if label == "FedIT" else fmt(paired(runs, label, "FedIT"), 4)
+        lines.append(
+            f"| {label} | {fmt(finals)} | {fmt([s.initial - s.final for s in summaries], 3)} | {vs_flora} "
+            f"| {vs_fedit} | {np.mean([s.rank for s in summaries]):.1f} | {down:,.0f} "
+            f"| {np.mean([s.up for s in summaries]):,.0f} | {fedit_down / down:.2f}x "
+            f"| {fmt([s.agg_ms for s in summaries], 1)} |"
+        )
+    return lines
+
+
+def verdict_lines(variant: str, runs: dict[str, list[RunSummary]]) -> list[str]:
+    """The three FLoRIST τ = 0.9 targets, judged per seed and against the seed spread."""
+    seeds = len(runs[TARGET])
+    vs_fedit = paired(runs, TARGET, "FedIT")
+    vs_flora = relative(runs, TARGET, "FLoRA")
+    mean_fedit, sd_fedit = mean_std(vs_fedit)
+    saving = np.mean([np.mean(s.down) for s in runs["FedIT"]]) / np.mean([np.mean(s.down) for s in runs[TARGET]])
+    below = int((vs_fedit <= 0).sum())
+    within = int((np.abs(vs_flora) <= 1).sum())
+    # "clearly": the mean paired difference is more than two standard errors away from zero
+    clearly = seeds > 1 and abs(mean_fedit) > 2 * sd_fedit / np.sqrt(seeds)
+    return [
+        f"- {variant}: eval loss ≤ FedIT's: **{'met' if mean_fedit <= 0 else 'NOT met'}** "
+        f"(paired difference {mean_fedit:+.4f} ± {sd_fedit:.4f} nats, below FedIT at {below}/{seeds} seeds, "
+        f"{'beyond' if clearly else 'within'} 2 standard errors of zero); "
+        f"within 1% of FLoRA: **{'met' if within == seeds else 'NOT met'}** "
+        f"({fmt(vs_flora, 2, '%')}, {within}/{seeds} seeds within 1%); "
+        f"≥ 3× less downlink than FedIT: **{'met' if saving >= 3 else 'NOT met'}** ({saving:.2f}×)",
+    ]
+
+
+# ---------------------------------------------------------------------- outputs
+
+
+def plot(results: dict[str, dict[str, list[RunSummary]]], path: Path) -> None:
+    """Eval loss vs cumulative downlink per client, mean over seeds with a ± std band; one panel per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 4.6), squeeze=False)
+    for ax, (variant, runs) in zip(axes[0], results.items()):
+        for label, summaries in runs.items():
+            x = np.mean([np.concatenate([[0.0], np.cumsum(s.down)]) for s in summaries], axis=0)
+            y = np.array([[s.initial, *s.losses] for s in summaries])
+            mean, std = y.mean(axis=0), (y.std(axis=0, ddof=1) if len(y) > 1 else np.zeros(y.shape[1]))
+            style = "-" if label.startswith("FLoRIST") else "--"
+            (line,) = ax.plot(x / 1e3, mean, style, marker="o", markersize=3, label=label)
+            ax.fill_between(x / 1e3, mean - std, mean + std, color=line.get_color(), alpha=0.15, linewidth=0)
+        ax.set_title(f"Dolly, 8 clients, {variant} LoRA ranks ({len(summaries)} seeds, band: ± std)")
+        ax.set_xlabel("cumulative downlink per client (thousand parameters)")
+        ax.set_ylabel("held-out eval loss (nats)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def replace_readme_section(markdown: str) -> None:
+    readme = REPO / "README.md"
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        sys.exit(f"README.md lacks the {README_BEGIN} ... {README_END} markers: add them where the table goes")
+    head, rest = text.split(README_BEGIN, 1)
+    tail = rest.split(README_END, 1)[1]
+    readme.write_text(f"{head}{README_BEGIN}\n{markdown}\n{README_END}{tail}")
+
+
+def report(args, results, minutes: float, out_dir: Path) -> str:
+    """The markdown the benchmark prints, writes to table.md and (with --readme) puts in README.md."""
+    lines = [
+        f"Measured with `.venv/bin/python benchmarks/dolly.py --seeds {args.seeds}` "
+        f"({len(results) * len(METHODS) * args.seeds} runs, {args.ranks} MPI ranks, {minutes:.0f} minutes "
+        "on the 2-core CPU machine; a figure is mean ± sample std over seeds, a paired difference is taken "
+        "seed by seed).",
+        "",
+    ]
+    for variant, runs in results.items():
+        lines += [*variant_table(variant, runs), ""]
+    lines += ["Targets for FLoRIST at τ = 0.9:", ""]
+    for variant, runs in results.items():
+        lines += verdict_lines(variant, runs)
+    lines += ["", f"![eval loss vs cumulative downlink]({FIGURE_IN_DOCS.relative_to(REPO)})"]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- main
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=3, help="run seeds 0 .. N-1 (default 3)")
+    parser.add_argument("--variants", default="heterogeneous,homogeneous", help="comma-separated LoRA-rank variants")
+    parser.add_argument("--ranks", type=int, default=2, help="MPI ranks per run")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--local-steps", type=int, default=60)
+    parser.add_argument("--lr", type=float, default=0.005, help="clients' LoRA learning rate")
+    parser.add_argument("--hidden", type=int, default=128, help="proxy model hidden size (MLP: twice that)")
+    parser.add_argument("--layers", type=int, default=2, help="proxy model decoder layers")
+    parser.add_argument("--warmup-steps", type=int, default=300, help="central warm-up steps of the proxy model")
+    parser.add_argument("--warmup-fraction", type=float, default=0.2, help="share of client data set aside for it")
+    parser.add_argument("--out", default="runs/bench-dolly")
+    parser.add_argument("--readme", action="store_true", help="put the tables into README.md, the figure into docs/")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 1 seed, 2 rounds, 5 local steps")
+    args = parser.parse_args()
+    if args.quick:
+        args.seeds, args.rounds, args.local_steps, args.warmup_steps = 1, 2, 5, 20
+        args.out = args.out + "-quick"
+    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variant(s) {sorted(unknown)}: choose from {sorted(VARIANTS)}")
+    if args.seeds < 1:
+        parser.error("--seeds must be at least 1")
+    return args
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ranks", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--local-steps", type=int, default=60)
-    parser.add_argument("--warmup-steps", type=int, default=300)
-    parser.add_argument("--out", default="runs/bench-dolly")
-    parser.add_argument("--quick", action="store_true", help="1 round, 5 local steps: a smoke run")
-    args = parser.parse_args()
-    if args.quick:
-        args.rounds, args.local_steps, args.warmup_steps = 1, 5, 20
+    args = parse_args()
     if not DATA.is_dir():
         sys.exit(f"{DATA} not found: this benchmark needs the shared Dolly split beside the checkout")
     out_dir = REPO / args.out
     out_dir.mkdir(parents=True, exist_ok=True)
+    variants = args.variants.split(",")
     print(
-        f"Dolly, 8 clients, tiny Llama (h=128, 2 layers), ranks [16,8,8,4,4,4,2,2], alpha=2r, q/v, "
-        f"{args.rounds} rounds x {args.local_steps} local steps, {args.ranks} MPI ranks",
+        f"Dolly, 8 clients, proxy tiny Llama (h={args.hidden}, {args.layers} layers, warm-up {args.warmup_steps} "
+        f"steps on {args.warmup_fraction:.0%} of every client's records, set aside), LoRA q/v, α=2r, "
+        f"{args.rounds} rounds x {args.local_steps} local steps, lr {args.lr}, seeds 0..{args.seeds - 1}, "
+        f"variants {variants}, {args.ranks} MPI ranks",
         flush=True,
     )
-    started = time.perf_counter()
-    results = {label: summarise(run_one(args, label, method, tau, out_dir)) for label, method, tau in RUNS}
-    fedit, flora = results["fedit"], results["flora"]
-    print(f"\ninitial eval loss (warmed-up base, before round 1): {results['fedit']['initial']:.4f}\n")
-    print(
-        "| method | final eval loss | vs FLoRA | mean global rank | downlink params/client/round | "
-        "uplink params/client/round | FedIT downlink / this | aggregation ms (median) |"
-    )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for label, r in results.items():
-        print(
-            f"| {label} | {r['final']:.4f} | {100 * (r['final'] / flora['final'] - 1):+.2f}% | {r['rank']:.1f} | "
-            f"{r['down']:,.0f} | {r['up']:,.0f} | {fedit['down'] / r['down']:.2f}x | {r['agg_ms']:.1f} |"
-        )
-    f9 = results["florist τ=0.9"]
-    print(
-        "\nTarget (FLoRIST τ=0.9): eval loss <= FedIT's: "
-        f"{'met' if f9['final'] <= fedit['final'] else 'NOT met'}; within 1% of FLoRA's: "
-        f"{'met' if abs(f9['final'] / flora['final'] - 1) <= 0.01 else 'NOT met'}; >= 3x less downlink than FedIT: "
-        f"{'met' if fedit['down'] / f9['down'] >= 3 else 'NOT met'} ({fedit['down'] / f9['down']:.2f}x)"
-    )
-    print(f"(benchmark wall time {(time.perf_counter() - started) / 60:.1f} min, {args.ranks} MPI ranks)")
+    results: dict[str, dict[str, list[RunSummary]]] = {}
+    # seed-major order: an interrupted benchmark has whole seeds to show
+    done = {
+        (variant, label, seed): run_or_reuse(args, variant, label, method, tau, seed, out_dir)
+        for seed in range(args.seeds)
+        for variant in variants
+        for label, method, tau in METHODS
+    }
+    for variant in variants:
+        results[variant] = {
+            label: [summarise(done[variant, label, seed][0]) for seed in range(args.seeds)] for label, _, _ in METHODS
+        }
+    # the runs' own wall times, so that a resumed benchmark still states what all of it cost
+    minutes = sum(wall for _, wall in done.values()) / 60
+    plot(results, out_dir / "loss_vs_downlink.png")
+    markdown = report(args, results, minutes, out_dir)
+    (out_dir / "table.md").write_text(markdown + "\n")
+    (out_dir / "results.json").write_text(json.dumps(
+        {v: {label: [asdict(s) for s in runs] for label, runs in r.items()} for v, r in results.items()}, indent=1
+    ))
+    print("\n" + markdown)
+    if args.readme:
+        shutil.copyfile(out_dir / "loss_vs_downlink.png", FIGURE_IN_DOCS)
+        replace_readme_section(markdown)
+        print(f"\nREADME.md and {FIGURE_IN_DOCS.relative_to(REPO)} updated")
+    print(f"(benchmark time {minutes:.1f} min summed over its runs, {args.ranks} MPI ranks; "
+          f"outputs in {out_dir.relative_to(REPO)})")
 
 
 if __name__ == "__main__":

@@ -154,8 +154,8 @@ class ModelConfig(_Section):
         0,
         ge=0,
         description=(
-            "optional centralised full fine-tuning steps of the tiny model on `warmup_data` before federation "
-            "starts (cached)"
+            "optional centralised full fine-tuning steps (batches of `train.micro_batch_size`) of the tiny model "
+            "on `warmup_data` before federation starts (cached)"
         ),
     )
     warmup_lr: float = Field(3e-3, gt=0.0, description="learning rate of those warm-up steps")

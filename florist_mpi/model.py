@@ -97,6 +97,8 @@ def _tiny_cache_key(cfg: ExperimentConfig) -> str:
         "format": 1,
     }
     # Added only when used, so earlier caches keep their keys.
+    if cfg.model.warmup_steps:
+        spec["warmup_batch"] = cfg.train.micro_batch_size  # the warm-up's batch size
     if cfg.model.reserved_fraction():
         spec["warmup_held_out"] = cfg.model.warmup_fraction
     if cfg.model.seed is not None and _warmup_data_follows_run_seed(cfg):

@@ -90,5 +90,8 @@ def test_model_seed_keeps_one_cached_base_across_run_seeds(tmp_path):
         "model.seed=0", "run.seed=2", *partitioned, *held_out)
     assert key("model.seed=0", "run.seed=1", *partitioned) != key("model.seed=0", "run.seed=2", *partitioned)
     assert key("model.seed=0", "run.seed=1") != key("model.seed=0", "run.seed=2")  # generated data
+    # the warm-up's batch size (train.micro_batch_size) makes another base, without warm-up it does not matter
+    assert key(*held_out, "train.micro_batch_size=4") != key(*held_out, "train.micro_batch_size=8")
+    assert key("train.micro_batch_size=4") == key("train.micro_batch_size=8")
     # the held-out warm-up is another base than the pooled one
     assert key(*json_data, "model.warmup_steps=10") != key(*json_data, *held_out)
