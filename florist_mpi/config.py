@@ -167,6 +167,14 @@ class ModelConfig(_Section):
             "`seed` and removed from that client, so base and federation see disjoint data)"
         ),
     )
+    warmup_text: Literal["examples", "prompts"] = Field(
+        "examples",
+        description=(
+            "what of those records the warm-up models: `examples` (template, prompt and response) or `prompts` "
+            "(instruction and context as plain text, no template, no response: a base that has never seen an "
+            "answer, for federated instruction tuning to teach)"
+        ),
+    )
     warmup_fraction: float = Field(
         0.2, gt=0.0, lt=1.0, description="`held_out`: share of every client's records set aside for the warm-up"
     )

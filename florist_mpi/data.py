@@ -555,6 +555,21 @@ def encode_records(records: list[dict], tokenizer, max_length: int) -> list[tupl
     return [encode_pair(tokenizer, prompt, response, max_length) for prompt, response in zip(prompts, responses)]
 
 
+def plain_prompt(record: dict) -> str:
+    """A record's instruction and context as plain text: no template, no response."""
+    return "\n".join(part for part in (record["instruction"].strip(), (record.get("context") or "").strip()) if part)
+
+
+def encode_texts(texts: list[str], tokenizer, max_length: int) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) of bos + text, at most max_length tokens, every token scored (language modelling)."""
+    if not texts:
+        return []
+    bos, _ = special_ids(tokenizer)
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    sequences = [(bos + list(ids))[:max_length] for ids in encoded]
+    return [(ids, list(ids)) for ids in sequences]
+
+
 def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded tensors: input_ids, attention_mask, labels (-100 on padding)."""
     width = max(len(ids) for ids, _ in batch)

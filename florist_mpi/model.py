@@ -101,6 +101,8 @@ def _tiny_cache_key(cfg: ExperimentConfig) -> str:
         spec["warmup_batch"] = cfg.train.micro_batch_size  # the warm-up's batch size
     if cfg.model.reserved_fraction():
         spec["warmup_held_out"] = cfg.model.warmup_fraction
+    if cfg.model.warmup_steps and cfg.model.warmup_text != "examples":
+        spec["warmup_text"] = cfg.model.warmup_text
     if cfg.model.seed is not None and _warmup_data_follows_run_seed(cfg):
         spec["run_seed"] = cfg.run.seed
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]

@@ -4,7 +4,10 @@ A randomly initialised model is a poor stand-in for a pretrained one: some plain
 language modelling gives LoRA a base that already knows the data's surface statistics.
 It trains either on the pooled client data (`model.warmup_data: clients`) or on a share
 of every client's records set aside for it (`held_out`), which the clients then never
-see, the way a real base model was pretrained on other text than the clients'.
+see, the way a real base model was pretrained on other text than the clients'. With
+`model.warmup_text: prompts` it reads only the records' instructions and contexts as
+plain text: a base that knows the language but has never seen the instruction template
+or an answer, which federated instruction tuning then teaches.
 Runs once; the result is cached by model.py.
 """
 from __future__ import annotations
@@ -26,10 +29,13 @@ def training_split(cfg: ExperimentConfig) -> tuple[list[list[dict]], list[dict]]
 
 
 def warm_up(model, tokenizer, records: list[dict], cfg: ExperimentConfig) -> None:
-    """`model.warmup_steps` AdamW steps of language modelling on `records` (whole sequences)."""
-    encoded = data_lib.encode_records(records, tokenizer, cfg.data.max_length)
-    # Language modelling on whole sequences: the prompt is text to learn here too.
-    encoded = [(ids, list(ids)) for ids, _ in encoded]
+    """`model.warmup_steps` AdamW steps of language modelling on `records` (`model.warmup_text` of them)."""
+    if cfg.model.warmup_text == "prompts":
+        encoded = data_lib.encode_texts([data_lib.plain_prompt(r) for r in records], tokenizer, cfg.data.max_length)
+    else:
+        encoded = data_lib.encode_records(records, tokenizer, cfg.data.max_length)
+        # Language modelling on whole sequences: the prompt is text to learn here too.
+        encoded = [(ids, list(ids)) for ids, _ in encoded]
     generator = torch.Generator().manual_seed(cfg.model.base_seed(cfg.run.seed))
     batches = data_lib.sample_batches(encoded, cfg.train.micro_batch_size, cfg.model.warmup_steps, generator)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.model.warmup_lr)

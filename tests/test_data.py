@@ -428,3 +428,19 @@ def test_missing_eval_file(tmp_path):
     write_json(tmp_path / "local_training_0.json", make_records(3))
     with pytest.raises(DataError, match=r"no held-out data .* set data\.eval_path .*global_test\.json"):
         data.eval_records(json_cfg(tmp_path), seed=0)
+
+
+def test_plain_prompts_are_language_modelled_whole(synthetic_tokenizer):
+    with_context = {"instruction": " Reverse the words. ", "context": "red blue", "response": "blue red"}
+    bare = {"instruction": "Say hi.", "context": "", "response": "hi"}
+    assert data.plain_prompt(with_context) == "Reverse the words.\nred blue"
+    assert data.plain_prompt(bare) == "Say hi."  # no template, no response, no empty input line
+    texts = [data.plain_prompt(with_context), data.plain_prompt(bare)]
+    (ids, labels), (short_ids, _) = data.encode_texts(texts, synthetic_tokenizer, max_length=64)
+    expected = [synthetic_tokenizer.bos_token_id, *synthetic_tokenizer.encode(texts[0], add_special_tokens=False)]
+    assert ids == expected and labels == ids  # every token is scored
+    assert synthetic_tokenizer.eos_token_id not in ids
+    cut, _ = data.encode_texts(texts[:1], synthetic_tokenizer, max_length=3)[0]
+    assert cut == expected[:3]
+    assert short_ids[0] == synthetic_tokenizer.bos_token_id
+    assert data.encode_texts([], synthetic_tokenizer, 8) == []
