@@ -3,9 +3,11 @@
 Runs `florist-mpi run` once per (LoRA-rank variant, method, seed) on the paper's 8-client
 Dolly split (../shared/data/dolly-8clients) and reads the logs:
 
-- the base is one proxy model for every run: a tiny Llama (`model.seed` 0) warmed up
-  centrally on a share of every client's records that the clients then never train on
-  (`model.warmup_data: held_out`), built once and cached;
+- the base is one proxy model for every run: a tiny Llama (`model.seed` 0) pretrained
+  centrally on the plain instructions and contexts (no template, no responses:
+  `model.warmup_text: prompts`) of a share of every client's records that the clients then
+  never train on (`model.warmup_data: held_out`), built once and cached; federated LoRA
+  fine-tuning (every linear layer of the decoder blocks) then teaches it to answer;
 - a seed (`run.seed`) fixes the LoRA initialisation and every client's data order, so two
   methods at the same seed differ only in how they aggregate: differences are paired;
 - every method: FLoRIST at τ ∈ {0.8, 0.9, 0.95, 1.0}, FedIT, FLoRA, FlexLoRA, FFA-LoRA;
@@ -53,9 +55,11 @@ METHODS = [
 ]
 VARIANTS = {
     "heterogeneous": {"lora.ranks": "[16,8,8,4,4,4,2,2]", "lora.alpha": "2r"},
-    "homogeneous": {"lora.rank": 8, "lora.alpha": "2r"},
+    "homogeneous": {"lora.ranks": "null", "lora.rank": 8, "lora.alpha": "2r"},
 }
 TARGET = "FLoRIST τ=0.9"
+# every linear layer of the decoder blocks (not the embeddings or the output layer)
+TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @dataclass
@@ -92,7 +96,8 @@ def base_settings(args) -> dict:
         "model.warmup_lr": 0.003,
         "model.warmup_data": "held_out",
         "model.warmup_fraction": args.warmup_fraction,
-        "lora.target_modules": "[q_proj,v_proj]",
+        "model.warmup_text": "prompts",
+        "lora.target_modules": f"[{','.join(TARGET_MODULES)}]",
         "data.source": "json",
         "data.path": str(DATA),
         "data.max_length": 128,
@@ -190,7 +195,8 @@ def variant_table(variant: str, runs: dict[str, list[RunSummary]]) -> list[str]:
     initial = runs["FLoRA"][0].initial
     fedit_down = np.mean([np.mean(r.down) for r in runs["FedIT"]])
     lines = [
-        f"**{variant}** ({seeds} seeds; initial eval loss {initial:.4f}, the same base for every run)",
+        f"**{variant} LoRA ranks** ({seeds} seed{'s' if seeds > 1 else ''}; initial eval loss {initial:.4f}, "
+        "the same base for every run)",
         "",
         "| method | final eval loss | learned (nats) | vs FLoRA (paired) | vs FedIT (paired, nats) "
         "| mean global rank | downlink params/client/round | uplink params/client/round "
@@ -220,12 +226,16 @@ def verdict_lines(variant: str, runs: dict[str, list[RunSummary]]) -> list[str]:
     saving = np.mean([np.mean(s.down) for s in runs["FedIT"]]) / np.mean([np.mean(s.down) for s in runs[TARGET]])
     below = int((vs_fedit <= 0).sum())
     within = int((np.abs(vs_flora) <= 1).sum())
-    # "clearly": the mean paired difference is more than two standard errors away from zero
-    clearly = seeds > 1 and abs(mean_fedit) > 2 * sd_fedit / np.sqrt(seeds)
+    # against the spread: is the mean paired difference more than two standard errors from zero?
+    if seeds == 1:
+        spread = "one seed: no spread to judge against"
+    else:
+        side = "beyond" if abs(mean_fedit) > 2 * sd_fedit / np.sqrt(seeds) else "within"
+        spread = f"{side} 2 standard errors of zero"
     return [
         f"- {variant}: eval loss ≤ FedIT's: **{'met' if mean_fedit <= 0 else 'NOT met'}** "
         f"(paired difference {mean_fedit:+.4f} ± {sd_fedit:.4f} nats, below FedIT at {below}/{seeds} seeds, "
-        f"{'beyond' if clearly else 'within'} 2 standard errors of zero); "
+        f"{spread}); "
         f"within 1% of FLoRA: **{'met' if within == seeds else 'NOT met'}** "
         f"({fmt(vs_flora, 2, '%')}, {within}/{seeds} seeds within 1%); "
         f"≥ 3× less downlink than FedIT: **{'met' if saving >= 3 else 'NOT met'}** ({saving:.2f}×)",
@@ -249,9 +259,10 @@ def plot(results: dict[str, dict[str, list[RunSummary]]], path: Path) -> None:
             y = np.array([[s.initial, *s.losses] for s in summaries])
             mean, std = y.mean(axis=0), (y.std(axis=0, ddof=1) if len(y) > 1 else np.zeros(y.shape[1]))
             style = "-" if label.startswith("FLoRIST") else "--"
-            (line,) = ax.plot(x / 1e3, mean, style, marker="o", markersize=3, label=label)
+            marker = "x" if label == "FLoRA" else "o"  # FLoRA and FLoRIST τ=1.0 coincide: both stay visible
+            (line,) = ax.plot(x / 1e3, mean, style, marker=marker, markersize=4, label=label)
             ax.fill_between(x / 1e3, mean - std, mean + std, color=line.get_color(), alpha=0.15, linewidth=0)
-        ax.set_title(f"Dolly, 8 clients, {variant} LoRA ranks ({len(summaries)} seeds, band: ± std)")
+        ax.set_title(f"Dolly, 8 clients, {variant} LoRA ranks ({len(summaries)} seed(s), band: ± std)", fontsize=10)
         ax.set_xlabel("cumulative downlink per client (thousand parameters)")
         ax.set_ylabel("held-out eval loss (nats)")
         ax.grid(alpha=0.3)
@@ -275,7 +286,7 @@ def report(args, results, minutes: float, out_dir: Path) -> str:
     """The markdown the benchmark prints, writes to table.md and (with --readme) puts in README.md."""
     lines = [
         f"Measured with `.venv/bin/python benchmarks/dolly.py --seeds {args.seeds}` "
-        f"({len(results) * len(METHODS) * args.seeds} runs, {args.ranks} MPI ranks, {minutes:.0f} minutes "
+        f"({len(results) * len(METHODS) * args.seeds} runs on {args.ranks} MPI rank(s), {minutes:.0f} minutes "
         "on the 2-core CPU machine; a figure is mean ± sample std over seeds, a paired difference is taken "
         "seed by seed).",
         "",
@@ -302,7 +313,7 @@ def parse_args():
     parser.add_argument("--lr", type=float, default=0.005, help="clients' LoRA learning rate")
     parser.add_argument("--hidden", type=int, default=128, help="proxy model hidden size (MLP: twice that)")
     parser.add_argument("--layers", type=int, default=2, help="proxy model decoder layers")
-    parser.add_argument("--warmup-steps", type=int, default=300, help="central warm-up steps of the proxy model")
+    parser.add_argument("--warmup-steps", type=int, default=1000, help="central warm-up steps of the proxy model")
     parser.add_argument("--warmup-fraction", type=float, default=0.2, help="share of client data set aside for it")
     parser.add_argument("--out", default="runs/bench-dolly")
     parser.add_argument("--readme", action="store_true", help="put the tables into README.md, the figure into docs/")
@@ -328,7 +339,8 @@ def main() -> None:
     variants = args.variants.split(",")
     print(
         f"Dolly, 8 clients, proxy tiny Llama (h={args.hidden}, {args.layers} layers, warm-up {args.warmup_steps} "
-        f"steps on {args.warmup_fraction:.0%} of every client's records, set aside), LoRA q/v, α=2r, "
+        f"steps on the plain prompts of {args.warmup_fraction:.0%} of every client's records, set aside), "
+        f"LoRA on {','.join(TARGET_MODULES)}, α=2r, "
         f"{args.rounds} rounds x {args.local_steps} local steps, lr {args.lr}, seeds 0..{args.seeds - 1}, "
         f"variants {variants}, {args.ranks} MPI ranks",
         flush=True,
@@ -358,7 +370,7 @@ def main() -> None:
         shutil.copyfile(out_dir / "loss_vs_downlink.png", FIGURE_IN_DOCS)
         replace_readme_section(markdown)
         print(f"\nREADME.md and {FIGURE_IN_DOCS.relative_to(REPO)} updated")
-    print(f"(benchmark time {minutes:.1f} min summed over its runs, {args.ranks} MPI ranks; "
+    print(f"(benchmark time {minutes:.1f} min summed over its runs, {args.ranks} MPI rank(s); "
           f"outputs in {out_dir.relative_to(REPO)})")
 
 
