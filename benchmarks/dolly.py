@@ -136,7 +136,7 @@ def run_or_reuse(
     if output.is_file() and stamp.is_file():
         done = json.loads(stamp.read_text())
         if done["settings"] == settings:
-            print(f"  {variant} {label} seed {seed}: reused {output.relative_to(REPO)}", flush=True)
+            print(f"  {variant} {label} seed {seed}: reused {output}", flush=True)
             return output, done["wall_s"]
     output.parent.mkdir(parents=True, exist_ok=True)
     stamp.unlink(missing_ok=True)
@@ -370,8 +370,7 @@ def main() -> None:
         shutil.copyfile(out_dir / "loss_vs_downlink.png", FIGURE_IN_DOCS)
         replace_readme_section(markdown)
         print(f"\nREADME.md and {FIGURE_IN_DOCS.relative_to(REPO)} updated")
-    print(f"(benchmark time {minutes:.1f} min summed over its runs, {args.ranks} MPI rank(s); "
-          f"outputs in {out_dir.relative_to(REPO)})")
+    print(f"(benchmark time {minutes:.1f} min summed over its runs, {args.ranks} MPI rank(s); outputs in {out_dir})")
 
 
 if __name__ == "__main__":

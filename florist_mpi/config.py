@@ -200,8 +200,10 @@ class ModelConfig(_Section):
         return run_seed if self.seed is None else self.seed
 
     def reserved_fraction(self) -> float:
-        """Share of every client's records the warm-up takes away from federated training."""
-        return self.warmup_fraction if self.warmup_steps and self.warmup_data == "held_out" else 0.0
+        """Share of every client's records the warm-up takes away from federated training (tiny model only:
+        a pretrained model has no warm-up, so its clients keep all their data)."""
+        held_out = self.name == "tiny" and self.warmup_steps and self.warmup_data == "held_out"
+        return self.warmup_fraction if held_out else 0.0
 
 
 class LoraConfig(_Section):

@@ -66,8 +66,10 @@ def test_held_out_warm_up_trains_on_what_the_clients_never_see():
     assert counts(r for c in clients for r in c) + counts(warmup) == counts(pooled_warmup)
     for kept, whole in zip(clients, pooled_clients):
         assert not counts(kept) - counts(whole)  # each client keeps a part of its own records
-    # no warm-up steps: nothing is set aside
+    # no warm-up steps, or a pretrained model (which has no warm-up): nothing is set aside
     assert training_split(_cfg("model.warmup_data=held_out"))[0] == pooled_clients
+    assert training_split(_cfg("model.warmup_steps=10", "model.warmup_data=held_out",
+                               "model.name=some/pretrained"))[0] == pooled_clients
 
 
 def test_model_seed_keeps_one_cached_base_across_run_seeds(tmp_path):
