@@ -4,9 +4,9 @@ Runs `florist-mpi run` once per (LoRA-rank variant, method, seed) on the paper's
 Dolly split (../shared/data/dolly-8clients) and reads the logs:
 
 - the base is one proxy model for every run: a tiny Llama (`model.seed` 0) pretrained
-  centrally on the plain instructions and contexts (no template, no responses:
-  `model.warmup_text: prompts`) of a share of every client's records that the clients then
-  never train on (`model.warmup_data: held_out`), built once and cached; federated LoRA
+  centrally on the instructions, as plain text (no template, no contexts, no responses:
+  `model.warmup_text: instructions`), of a share of every client's records that the clients
+  then never train on (`model.warmup_data: held_out`), built once and cached; federated LoRA
   fine-tuning (every linear layer of the decoder blocks) then teaches it to answer;
 - a seed (`run.seed`) fixes the LoRA initialisation and every client's data order, so two
   methods at the same seed differ only in how they aggregate: differences are paired;
@@ -96,7 +96,7 @@ def base_settings(args) -> dict:
         "model.warmup_lr": 0.003,
         "model.warmup_data": "held_out",
         "model.warmup_fraction": args.warmup_fraction,
-        "model.warmup_text": "prompts",
+        "model.warmup_text": "instructions",
         "lora.target_modules": f"[{','.join(TARGET_MODULES)}]",
         "data.source": "json",
         "data.path": str(DATA),
@@ -339,7 +339,7 @@ def main() -> None:
     variants = args.variants.split(",")
     print(
         f"Dolly, 8 clients, proxy tiny Llama (h={args.hidden}, {args.layers} layers, warm-up {args.warmup_steps} "
-        f"steps on the plain prompts of {args.warmup_fraction:.0%} of every client's records, set aside), "
+        f"steps on the instructions of {args.warmup_fraction:.0%} of every client's records, set aside), "
         f"LoRA on {','.join(TARGET_MODULES)}, α=2r, "
         f"{args.rounds} rounds x {args.local_steps} local steps, lr {args.lr}, seeds 0..{args.seeds - 1}, "
         f"variants {variants}, {args.ranks} MPI ranks",

@@ -167,12 +167,13 @@ class ModelConfig(_Section):
             "`seed` and removed from that client, so base and federation see disjoint data)"
         ),
     )
-    warmup_text: Literal["examples", "prompts"] = Field(
+    warmup_text: Literal["examples", "prompts", "instructions"] = Field(
         "examples",
         description=(
-            "what of those records the warm-up models: `examples` (template, prompt and response) or `prompts` "
-            "(instruction and context as plain text, no template, no response: a base that has never seen an "
-            "answer, for federated instruction tuning to teach)"
+            "what of those records the warm-up models: `examples` (template, prompt and response), `prompts` "
+            "(instruction and context as plain text, no template, no response) or `instructions` (the "
+            "instructions alone): the last two make a base that has never seen an answer, for federated "
+            "instruction tuning to teach"
         ),
     )
     warmup_fraction: float = Field(

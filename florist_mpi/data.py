@@ -555,9 +555,10 @@ def encode_records(records: list[dict], tokenizer, max_length: int) -> list[tupl
     return [encode_pair(tokenizer, prompt, response, max_length) for prompt, response in zip(prompts, responses)]
 
 
-def plain_prompt(record: dict) -> str:
-    """A record's instruction and context as plain text: no template, no response."""
-    return "\n".join(part for part in (record["instruction"].strip(), (record.get("context") or "").strip()) if part)
+def plain_prompt(record: dict, with_context: bool = True) -> str:
+    """A record's instruction (and context) as plain text: no template, no response."""
+    context = (record.get("context") or "").strip() if with_context else ""
+    return "\n".join(part for part in (record["instruction"].strip(), context) if part)
 
 
 def encode_texts(texts: list[str], tokenizer, max_length: int) -> list[tuple[list[int], list[int]]]:

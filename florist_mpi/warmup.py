@@ -6,8 +6,8 @@ It trains either on the pooled client data (`model.warmup_data: clients`) or on 
 of every client's records set aside for it (`held_out`), which the clients then never
 see, the way a real base model was pretrained on other text than the clients'. With
 `model.warmup_text: prompts` it reads only the records' instructions and contexts as
-plain text: a base that knows the language but has never seen the instruction template
-or an answer, which federated instruction tuning then teaches.
+plain text (`instructions`: the instructions alone): a base that has never seen the
+instruction template or an answer, which federated instruction tuning then teaches.
 Runs once; the result is cached by model.py.
 """
 from __future__ import annotations
@@ -30,8 +30,10 @@ def training_split(cfg: ExperimentConfig) -> tuple[list[list[dict]], list[dict]]
 
 def warm_up(model, tokenizer, records: list[dict], cfg: ExperimentConfig) -> None:
     """`model.warmup_steps` AdamW steps of language modelling on `records` (`model.warmup_text` of them)."""
-    if cfg.model.warmup_text == "prompts":
-        encoded = data_lib.encode_texts([data_lib.plain_prompt(r) for r in records], tokenizer, cfg.data.max_length)
+    if cfg.model.warmup_text in ("prompts", "instructions"):
+        with_context = cfg.model.warmup_text == "prompts"
+        texts = [data_lib.plain_prompt(r, with_context) for r in records]
+        encoded = data_lib.encode_texts(texts, tokenizer, cfg.data.max_length)
     else:
         encoded = data_lib.encode_records(records, tokenizer, cfg.data.max_length)
         # Language modelling on whole sequences: the prompt is text to learn here too.

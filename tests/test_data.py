@@ -435,6 +435,7 @@ def test_plain_prompts_are_language_modelled_whole(synthetic_tokenizer):
     bare = {"instruction": "Say hi.", "context": "", "response": "hi"}
     assert data.plain_prompt(with_context) == "Reverse the words.\nred blue"
     assert data.plain_prompt(bare) == "Say hi."  # no template, no response, no empty input line
+    assert data.plain_prompt(with_context, with_context=False) == "Reverse the words."
     texts = [data.plain_prompt(with_context), data.plain_prompt(bare)]
     (ids, labels), (short_ids, _) = data.encode_texts(texts, synthetic_tokenizer, max_length=64)
     expected = [synthetic_tokenizer.bos_token_id, *synthetic_tokenizer.encode(texts[0], add_special_tokens=False)]
