@@ -32,6 +32,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import h5py
 import numpy as np
@@ -169,6 +170,22 @@ def summarise(log: Path) -> RunSummary:
 # ---------------------------------------------------------------------- statistics
 
 
+# Two-sided 95% quantiles of Student's t by degrees of freedom (standard tables); above 30 the
+# value at 30 is used, which slightly widens the interval.
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def confidence_interval(values) -> tuple[float, float] | None:
+    """95% t interval of the mean over seeds; None for a single seed (no spread to judge against)."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) < 2:
+        return None
+    mean, std = mean_std(values)
+    half = T_975[min(len(values) - 1, len(T_975)) - 1] * std / np.sqrt(len(values))
+    return mean - half, mean + half
+
+
 def mean_std(values) -> tuple[float, float]:
     """Mean and sample standard deviation (ddof 1; 0 for a single value)."""
     values = np.asarray(values, dtype=np.float64)
@@ -176,7 +193,10 @@ def mean_std(values) -> tuple[float, float]:
 
 
 def fmt(values, digits: int = 4, unit: str = "") -> str:
+    """`mean ± std` over seeds; a single seed has no spread, so it shows the value alone."""
     mean, std = mean_std(values)
+    if len(values) < 2:
+        return f"{mean:.{digits}f}{unit}"
     return f"{mean:.{digits}f} ± {std:.{digits}f}{unit}"
 
 
@@ -217,27 +237,37 @@ def variant_table(variant: str, runs: dict[str, list[RunSummary]]) -> list[str]:
     return lines
 
 
+def judged(values, holds: Callable[[float, float], bool], fails: Callable[[float, float], bool]) -> str:
+    """met / NOT met / inconclusive: whether the 95% interval of the mean over seeds lies where the
+    target holds, where it fails, or across the line. One seed has no interval: its value decides."""
+    interval = confidence_interval(values)
+    low, high = interval if interval is not None else (float(np.mean(values)),) * 2
+    if holds(low, high):
+        return "met"
+    if fails(low, high):
+        return "NOT met"
+    return "inconclusive"
+
+
 def verdict_lines(variant: str, runs: dict[str, list[RunSummary]]) -> list[str]:
-    """The three FLoRIST τ = 0.9 targets, judged per seed and against the seed spread."""
+    """The three FLoRIST τ = 0.9 targets, judged seed by seed and by the 95% interval over seeds."""
     seeds = len(runs[TARGET])
     vs_fedit = paired(runs, TARGET, "FedIT")
     vs_flora = relative(runs, TARGET, "FLoRA")
-    mean_fedit, sd_fedit = mean_std(vs_fedit)
     saving = np.mean([np.mean(s.down) for s in runs["FedIT"]]) / np.mean([np.mean(s.down) for s in runs[TARGET]])
-    below = int((vs_fedit <= 0).sum())
-    within = int((np.abs(vs_flora) <= 1).sum())
-    # against the spread: is the mean paired difference more than two standard errors from zero?
-    if seeds == 1:
-        spread = "one seed: no spread to judge against"
-    else:
-        side = "beyond" if abs(mean_fedit) > 2 * sd_fedit / np.sqrt(seeds) else "within"
-        spread = f"{side} 2 standard errors of zero"
+    below_fedit = judged(vs_fedit, lambda low, high: high <= 0, lambda low, high: low > 0)
+    near_flora = judged(vs_flora, lambda low, high: -1 <= low and high <= 1, lambda low, high: low > 1 or high < -1)
+
+    def interval(values, digits: int, unit: str) -> str:
+        bounds = confidence_interval(values)
+        return "one seed, no interval" if bounds is None else f"95% interval [{bounds[0]:+.{digits}f}, " \
+            f"{bounds[1]:+.{digits}f}]{unit}"
+
     return [
-        f"- {variant}: eval loss ≤ FedIT's: **{'met' if mean_fedit <= 0 else 'NOT met'}** "
-        f"(paired difference {mean_fedit:+.4f} ± {sd_fedit:.4f} nats, below FedIT at {below}/{seeds} seeds, "
-        f"{spread}); "
-        f"within 1% of FLoRA: **{'met' if within == seeds else 'NOT met'}** "
-        f"({fmt(vs_flora, 2, '%')}, {within}/{seeds} seeds within 1%); "
+        f"- {variant}: eval loss ≤ FedIT's: **{below_fedit}** (paired difference {fmt(vs_fedit)} nats, "
+        f"{interval(vs_fedit, 4, ' nats')}, at or below FedIT at {int((vs_fedit <= 0).sum())}/{seeds} seeds); "
+        f"within 1% of FLoRA: **{near_flora}** ({fmt(vs_flora, 2, '%')}, {interval(vs_flora, 2, '%')}, "
+        f"{int((np.abs(vs_flora) <= 1).sum())}/{seeds} seeds within 1%); "
         f"≥ 3× less downlink than FedIT: **{'met' if saving >= 3 else 'NOT met'}** ({saving:.2f}×)",
     ]
 
@@ -282,13 +312,24 @@ def replace_readme_section(markdown: str) -> None:
     readme.write_text(f"{head}{README_BEGIN}\n{markdown}\n{README_END}{tail}")
 
 
-def report(args, results, minutes: float, out_dir: Path) -> str:
+def command_line(args, parser: argparse.ArgumentParser) -> str:
+    """The benchmark's command with every setting that differs from its default (output folder aside)."""
+    changed = [
+        f"--{name.replace('_', '-')} {value}"
+        for name, value in sorted(vars(args).items())
+        if name not in ("out", "readme", "quick") and value != parser.get_default(name)
+    ]
+    return " ".join([".venv/bin/python benchmarks/dolly.py", *changed])
+
+
+def report(args, parser, results, minutes: float) -> str:
     """The markdown the benchmark prints, writes to table.md and (with --readme) puts in README.md."""
     lines = [
-        f"Measured with `.venv/bin/python benchmarks/dolly.py --seeds {args.seeds}` "
-        f"({len(results) * len(METHODS) * args.seeds} runs on {args.ranks} MPI rank(s), {minutes:.0f} minutes "
-        "on the 2-core CPU machine; a figure is mean ± sample std over seeds, a paired difference is taken "
-        "seed by seed).",
+        f"Measured with `{command_line(args, parser)}` ({len(results) * len(METHODS) * args.seeds} runs on "
+        f"{args.ranks} MPI rank(s), {minutes:.0f} minutes summed over the runs on the 2-core CPU machine). A figure "
+        "is the mean ± sample standard deviation over run seeds (one base model throughout); a paired difference is "
+        "taken seed by seed before its mean and spread; a target is met when the 95% t interval of the mean over "
+        "seeds lies on its side, NOT met when it lies on the other, inconclusive when it straddles the line.",
         "",
     ]
     for variant, runs in results.items():
@@ -319,6 +360,8 @@ def parse_args():
     parser.add_argument("--readme", action="store_true", help="put the tables into README.md, the figure into docs/")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 1 seed, 2 rounds, 5 local steps")
     args = parser.parse_args()
+    if args.quick and args.readme:
+        parser.error("--readme puts the figures into README.md: run it without --quick")
     if args.quick:
         args.seeds, args.rounds, args.local_steps, args.warmup_steps = 1, 2, 5, 20
         args.out = args.out + "-quick"
@@ -327,11 +370,11 @@ def parse_args():
         parser.error(f"unknown variant(s) {sorted(unknown)}: choose from {sorted(VARIANTS)}")
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
-    return args
+    return args, parser
 
 
 def main() -> None:
-    args = parse_args()
+    args, parser = parse_args()
     if not DATA.is_dir():
         sys.exit(f"{DATA} not found: this benchmark needs the shared Dolly split beside the checkout")
     out_dir = REPO / args.out
@@ -360,7 +403,7 @@ def main() -> None:
     # the runs' own wall times, so that a resumed benchmark still states what all of it cost
     minutes = sum(wall for _, wall in done.values()) / 60
     plot(results, out_dir / "loss_vs_downlink.png")
-    markdown = report(args, results, minutes, out_dir)
+    markdown = report(args, parser, results, minutes)
     (out_dir / "table.md").write_text(markdown + "\n")
     (out_dir / "results.json").write_text(json.dumps(
         {v: {label: [asdict(s) for s in runs] for label, runs in r.items()} for v, r in results.items()}, indent=1

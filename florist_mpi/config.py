@@ -163,8 +163,9 @@ class ModelConfig(_Section):
         "clients",
         description=(
             "what the warm-up trains on: `clients` (the pooled client training data, which the clients then "
-            "fine-tune on again) or `held_out` (`warmup_fraction` of every client's records, set aside by "
-            "`seed` and removed from that client, so base and federation see disjoint data)"
+            "fine-tune on again) or `held_out` (`warmup_fraction` of every client's records, or of a single file "
+            "before `data.partition` splits it, set aside by `seed` and removed from the clients, so base and "
+            "federation see disjoint data)"
         ),
     )
     warmup_text: Literal["examples", "prompts", "instructions"] = Field(
@@ -172,8 +173,8 @@ class ModelConfig(_Section):
         description=(
             "what of those records the warm-up models: `examples` (template, prompt and response), `prompts` "
             "(instruction and context as plain text, no template, no response) or `instructions` (the "
-            "instructions alone): the last two make a base that has never seen an answer, for federated "
-            "instruction tuning to teach"
+            "instructions alone): the last two make a base that has never been trained on an answer (its "
+            "tokenizer still learns from the whole records), for federated instruction tuning to teach"
         ),
     )
     warmup_fraction: float = Field(
@@ -181,9 +182,11 @@ class ModelConfig(_Section):
     )
     seed: int | None = Field(
         None,
+        ge=0,
         description=(
-            "seed of the tiny model's weights, its warm-up and the `held_out` set-aside; default `run.seed`. Set "
-            "it to keep one base model (built and cached once) across runs that differ in `run.seed`"
+            "seed of the tiny model's weights, its warm-up and the `held_out` set-aside; default `run.seed`. Set, "
+            "it keeps one base model (built and cached once) across runs that differ in `run.seed`, unless the "
+            "warm-up's data follow `run.seed` (generated data, or a `clients` warm-up on a seeded partition)"
         ),
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(

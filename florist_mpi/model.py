@@ -96,21 +96,22 @@ def _tiny_cache_key(cfg: ExperimentConfig) -> str:
         "num_clients": cfg.federation.num_clients,
         "format": 1,
     }
-    # Added only when used, so earlier caches keep their keys.
+    # Entries that only some configs have are added only for those, so configs without them
+    # (no warm-up, the default seed) keep the keys their caches were built under.
     if cfg.model.warmup_steps:
         spec["warmup_batch"] = cfg.train.micro_batch_size  # the warm-up's batch size
     if cfg.model.reserved_fraction():
         spec["warmup_held_out"] = cfg.model.warmup_fraction
     if cfg.model.warmup_steps and cfg.model.warmup_text != "examples":
         spec["warmup_text"] = cfg.model.warmup_text
-    if cfg.model.seed is not None and _warmup_data_follows_run_seed(cfg):
+    if cfg.model.seed is not None and _base_follows_run_seed(cfg):
         spec["run_seed"] = cfg.run.seed
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _warmup_data_follows_run_seed(cfg: ExperimentConfig) -> bool:
-    """Whether the tokenizer's and warm-up's data change with run.seed (generated data, or a seeded
-    partition that the warm-up pools); per-client files and a set-aside chosen before the partition do not."""
+def _base_follows_run_seed(cfg: ExperimentConfig) -> bool:
+    """Whether the base (its tokenizer's and warm-up's data) changes with run.seed: generated data, or a
+    seeded partition that the warm-up pools; per-client files and a set-aside chosen before the partition do not."""
     if cfg.data.source == "synthetic":
         return True
     return cfg.data.partition != "files" and not cfg.model.reserved_fraction()

@@ -16,6 +16,7 @@ import torch
 
 from florist_mpi import data as data_lib
 from florist_mpi.config import ExperimentConfig
+from florist_mpi.errors import UserError
 
 
 def training_split(cfg: ExperimentConfig) -> tuple[list[list[dict]], list[dict]]:
@@ -25,19 +26,32 @@ def training_split(cfg: ExperimentConfig) -> tuple[list[list[dict]], list[dict]]
     clients, reserved = data_lib.split_records(cfg.data, cfg.federation.num_clients, cfg.run.seed, set_aside)
     if set_aside is None:
         reserved = [record for records in clients for record in records]
+    elif not reserved:
+        raise UserError(
+            f"model.warmup_fraction {fraction} sets no record aside (every client holds fewer than "
+            f"{1 / fraction:.0f} records): raise model.warmup_fraction or use model.warmup_data: clients"
+        )
     return clients, reserved
+
+
+def warmup_sequences(records: list[dict], tokenizer, cfg: ExperimentConfig) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) the warm-up models, every token scored: `model.warmup_text` of the records."""
+    if cfg.model.warmup_text == "examples":
+        encoded = data_lib.encode_records(records, tokenizer, cfg.data.max_length)
+        # Language modelling on whole sequences: the prompt is text to learn here too.
+        return [(ids, list(ids)) for ids, _ in encoded]
+    with_context = cfg.model.warmup_text == "prompts"
+    texts = [data_lib.plain_prompt(r, with_context) for r in records]
+    # a text that is empty after stripping encodes to bos alone: nothing to predict
+    return [pair for pair in data_lib.encode_texts(texts, tokenizer, cfg.data.max_length) if len(pair[0]) > 1]
 
 
 def warm_up(model, tokenizer, records: list[dict], cfg: ExperimentConfig) -> None:
     """`model.warmup_steps` AdamW steps of language modelling on `records` (`model.warmup_text` of them)."""
-    if cfg.model.warmup_text in ("prompts", "instructions"):
-        with_context = cfg.model.warmup_text == "prompts"
-        texts = [data_lib.plain_prompt(r, with_context) for r in records]
-        encoded = data_lib.encode_texts(texts, tokenizer, cfg.data.max_length)
-    else:
-        encoded = data_lib.encode_records(records, tokenizer, cfg.data.max_length)
-        # Language modelling on whole sequences: the prompt is text to learn here too.
-        encoded = [(ids, list(ids)) for ids, _ in encoded]
+    encoded = warmup_sequences(records, tokenizer, cfg)
+    if not encoded:
+        raise UserError(f"the warm-up has no text to learn ({cfg.model.warmup_text} of the records are empty): "
+                        "set model.warmup_text: examples")
     generator = torch.Generator().manual_seed(cfg.model.base_seed(cfg.run.seed))
     batches = data_lib.sample_batches(encoded, cfg.train.micro_batch_size, cfg.model.warmup_steps, generator)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.model.warmup_lr)

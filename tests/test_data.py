@@ -267,7 +267,7 @@ def test_set_aside_per_client_is_disjoint_proportional_and_seeded(tmp_path):
     cfg = json_cfg(folder)
     whole = data.client_records(cfg, 4, seed=0)
     clients, aside = data.split_records(cfg, 4, seed=0, set_aside=data.SetAside(0.25, seed=3))
-    # floor(0.25 n) per client, but a one-record client keeps its record
+    # floor(0.25 n) per client
     assert [len(c) for c in clients] == [8, 1, 6, 30]
     assert len(aside) == 2 + 0 + 1 + 10
     for kept, full in zip(clients, whole):
@@ -279,7 +279,9 @@ def test_set_aside_per_client_is_disjoint_proportional_and_seeded(tmp_path):
     # the set-aside follows its own seed, not the run's
     assert data.split_records(cfg, 4, seed=9, set_aside=data.SetAside(0.25, seed=3)) == (clients, aside)
     assert data.split_records(cfg, 4, seed=0, set_aside=data.SetAside(0.25, seed=4))[1] != aside
-    assert data.client_records(cfg, 4, seed=0, set_aside=data.SetAside(0.25, seed=3)) == clients
+    # even a share of 1 leaves every client one record
+    everything = data.split_records(cfg, 4, seed=0, set_aside=data.SetAside(1.0, seed=3))
+    assert [len(c) for c in everything[0]] == [1, 1, 1, 1] and len(everything[1]) == sum(sizes) - 4
 
 
 @pytest.mark.parametrize("partition", ["iid", "dirichlet"])

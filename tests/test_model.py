@@ -1,5 +1,6 @@
 """Base-model helpers: merging updates into low-precision weights, device and thread choice."""
 import numpy as np
+import pytest
 import torch
 
 from florist_mpi.model import float32_masters, merge_update
@@ -95,5 +96,52 @@ def test_model_seed_keeps_one_cached_base_across_run_seeds(tmp_path):
     # the warm-up's batch size (train.micro_batch_size) makes another base, without warm-up it does not matter
     assert key(*held_out, "train.micro_batch_size=4") != key(*held_out, "train.micro_batch_size=8")
     assert key("train.micro_batch_size=4") == key("train.micro_batch_size=8")
+    # what the warm-up reads makes another base
+    assert len({key(*held_out, f"model.warmup_text={text}") for text in ("examples", "prompts", "instructions")}) == 3
+    assert key(*held_out, "model.warmup_fraction=0.2") != key(*held_out, "model.warmup_fraction=0.25")
     # the held-out warm-up is another base than the pooled one
     assert key(*json_data, "model.warmup_steps=10") != key(*json_data, *held_out)
+
+
+def test_warmup_sequences_model_the_chosen_text():
+    from florist_mpi import data
+    from florist_mpi.warmup import warmup_sequences
+
+    records = [
+        {"instruction": "Reverse the words.", "context": "red blue", "response": "blue red", "category": "a"},
+        {"instruction": "Say hi.", "context": "", "response": "hi", "category": "a"},
+        {"instruction": "  ", "context": "", "response": "nothing", "category": "a"},
+    ]
+    tokenizer = data.build_tokenizer(records * 20, 300)
+    bos = [tokenizer.bos_token_id]
+
+    def ids(text):
+        return bos + tokenizer.encode(text, add_special_tokens=False)
+
+    def sequences(text):
+        return warmup_sequences(records, tokenizer, _cfg(f"model.warmup_text={text}"))
+
+    # plain text, every token scored; an empty instruction leaves nothing to learn and is dropped
+    assert sequences("instructions") == [(ids("Reverse the words."),) * 2, (ids("Say hi."),) * 2]
+    assert sequences("prompts") == [(ids("Reverse the words.\nred blue"),) * 2, (ids("Say hi."),) * 2]
+    # whole formatted examples: the template and the response are scored too
+    whole = sequences("examples")
+    assert len(whole) == 3 and all(labels == input_ids for input_ids, labels in whole)
+    assert whole[0][0] == data.encode_records(records[:1], tokenizer, 128)[0][0]
+    assert tokenizer.encode("blue red", add_special_tokens=False)[0] in whole[0][0]
+
+
+def test_a_set_aside_that_takes_nothing_is_refused():
+    from florist_mpi.errors import UserError
+    from florist_mpi.warmup import training_split
+
+    cfg = _cfg("model.warmup_steps=10", "model.warmup_data=held_out", "model.warmup_fraction=0.001")
+    with pytest.raises(UserError, match="model.warmup_fraction 0.001 sets no record aside"):
+        training_split(cfg)
+
+
+def test_model_seed_must_not_be_negative():
+    from florist_mpi.config import ConfigError
+
+    with pytest.raises(ConfigError, match="seed"):
+        _cfg("model.seed=-1")
