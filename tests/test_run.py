@@ -318,3 +318,18 @@ def test_runs_on_dolly_format_data(tmp_path, layout):
         else:
             assert sum(sizes) == 685 and min(sizes) >= 1
         assert math.isfinite(handle["rounds/00000"].attrs["eval_loss"])
+
+
+def test_held_out_warm_up_leaves_the_clients_the_rest(tmp_path):
+    """model.warmup_data: held_out — every client trains on (and is weighted by) what the warm-up left it."""
+    config, log = write_config(
+        tmp_path,
+        run={"rounds": 1},
+        model={"warmup_steps": 4, "warmup_data": "held_out", "warmup_fraction": 0.25, "warmup_text": "instructions"},
+    )
+    run_ok(2, config)
+    per_client = SMALL["data"]["synthetic"]["examples_per_client"]
+    with h5py.File(log, "r") as handle:
+        sizes = handle["rounds/00000/clients/num_samples"][()].tolist()
+        assert sizes == [per_client - math.floor(0.25 * per_client)] * 4
+        assert math.isfinite(handle["rounds/00000"].attrs["eval_loss"])
