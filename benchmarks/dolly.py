@@ -29,7 +29,6 @@ import argparse
 import json
 import shutil
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -77,6 +76,11 @@ class RunSummary:
     @property
     def final(self) -> float:
         return self.losses[-1]
+
+
+def mean_downlink(summaries: list[RunSummary]) -> float:
+    """Downlink parameters per client per round, mean over rounds and seeds."""
+    return float(np.mean([np.mean(s.down) for s in summaries]))
 
 
 # ---------------------------------------------------------------------- running
@@ -141,9 +145,7 @@ def run_or_reuse(
             return output, done["wall_s"]
     output.parent.mkdir(parents=True, exist_ok=True)
     stamp.unlink(missing_ok=True)
-    start = time.perf_counter()
-    run_labelled(f"{variant} {label} seed {seed}", "configs/demo.yaml", settings, args.ranks, REPO)
-    wall = time.perf_counter() - start
+    wall = run_labelled(f"{variant} {label} seed {seed}", "configs/demo.yaml", settings, args.ranks, REPO)
     stamp.write_text(json.dumps({"settings": settings, "wall_s": wall}))  # last: only a finished run is reused
     return output, wall
 
@@ -213,7 +215,7 @@ def relative(runs: dict[str, list[RunSummary]], label: str, reference: str) -> n
 def variant_table(variant: str, runs: dict[str, list[RunSummary]]) -> list[str]:
     seeds = len(runs["FLoRA"])
     initial = runs["FLoRA"][0].initial
-    fedit_down = np.mean([np.mean(r.down) for r in runs["FedIT"]])
+    fedit_down = mean_downlink(runs["FedIT"])
     lines = [
         f"**{variant} LoRA ranks** ({seeds} seed{'s' if seeds > 1 else ''}; initial eval loss {initial:.4f}, "
         "the same base for every run)",
@@ -225,7 +227,7 @@ def variant_table(variant: str, runs: dict[str, list[RunSummary]]) -> list[str]:
     ]
     for label, summaries in runs.items():
         finals = [s.final for s in summaries]
-        down = np.mean([np.mean(s.down) for s in summaries])
+        down = mean_downlink(summaries)
         vs_flora = "—" if label == "FLoRA" else fmt(relative(runs, label, "FLoRA"), 2, "%")
         vs_fedit = "—" if label == "FedIT" else fmt(paired(runs, label, "FedIT"), 4)
         lines.append(
@@ -254,7 +256,7 @@ def verdict_lines(variant: str, runs: dict[str, list[RunSummary]]) -> list[str]:
     seeds = len(runs[TARGET])
     vs_fedit = paired(runs, TARGET, "FedIT")
     vs_flora = relative(runs, TARGET, "FLoRA")
-    saving = np.mean([np.mean(s.down) for s in runs["FedIT"]]) / np.mean([np.mean(s.down) for s in runs[TARGET]])
+    saving = mean_downlink(runs["FedIT"]) / mean_downlink(runs[TARGET])
     below_fedit = judged(vs_fedit, lambda low, high: high <= 0, lambda low, high: low > 0)
     near_flora = judged(vs_flora, lambda low, high: -1 <= low and high <= 1, lambda low, high: low > 1 or high < -1)
 

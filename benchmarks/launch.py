@@ -26,10 +26,12 @@ def run_command(config, settings: dict, ranks: int) -> list[str]:
     return [*mpiexec(ranks), sys.executable, "-m", "florist_mpi.cli", "run", str(config), "--overwrite", *overrides]
 
 
-def run_labelled(label: str, config, settings: dict, ranks: int, cwd: Path) -> None:
-    """Run one `florist-mpi run` to completion, printing its wall time; a failed run ends the benchmark."""
+def run_labelled(label: str, config, settings: dict, ranks: int, cwd: Path) -> float:
+    """Run one `florist-mpi run` to completion, print and return its wall seconds; a failed run ends the benchmark."""
     start = time.perf_counter()
     result = subprocess.run(run_command(config, settings, ranks), cwd=cwd, capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f"{label} failed:\n{result.stderr[-3000:]}")
-    print(f"  {label:<14} done in {time.perf_counter() - start:6.1f}s (wall)", flush=True)
+    wall = time.perf_counter() - start
+    print(f"  {label:<14} done in {wall:6.1f}s (wall)", flush=True)
+    return wall

@@ -63,11 +63,9 @@ def _rng(*entropy: int) -> np.random.Generator:
 # ==================================================================== public entry points
 
 
-def client_records(
-    cfg: DataConfig, num_clients: int, seed: int, set_aside: SetAside | None = None
-) -> list[list[dict]]:
+def client_records(cfg: DataConfig, num_clients: int, seed: int) -> list[list[dict]]:
     """Training records of every client, index = client id; deterministic in the arguments only."""
-    return split_records(cfg, num_clients, seed, set_aside)[0]
+    return split_records(cfg, num_clients, seed)[0]
 
 
 def split_records(
