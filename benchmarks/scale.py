@@ -63,7 +63,7 @@ def root_round(world, updates, shapes) -> dict[str, float]:
     times["exchange"] = time.perf_counter() - start
     start = time.perf_counter()
     global_factors = None
-    if world.is_root:  # as Federation._aggregate does it
+    if world.is_root:  # as RootAggregation does it
         per_module = {
             name: [(torch.from_numpy(c.factors[name][0]), torch.from_numpy(c.factors[name][1])) for c in received]
             for name in shapes

@@ -22,3 +22,15 @@ def _data_error():
 
 
 USER_ERRORS: tuple[type[BaseException], ...] = (UserError, ConfigError, LogError, *_data_error())
+
+
+class SharedFailure(RuntimeError):
+    """A failure every rank learned from rank 0's verdict: only rank 0 reports it."""
+
+
+class RoundFailed(SharedFailure):
+    """A round that cannot be completed (e.g. every client was excluded)."""
+
+
+class RanksDiverged(SharedFailure):
+    """The ranks' base weights differ after a merge: the simulation is no longer sound."""

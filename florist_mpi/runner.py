@@ -47,7 +47,7 @@ def main(args) -> int:
 
 
 def _fail(world, err: BaseException, debug: bool):
-    from florist_mpi.federation import SharedFailure
+    from florist_mpi.errors import SharedFailure
 
     if isinstance(err, SharedFailure) and not world.is_root:
         world.barrier()  # rank 0 reports it and aborts the job; wait to be ended

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -229,3 +229,84 @@ def aggregation_flops(
 def round_seconds(server_s: float, aggregated: list[ClientTimes]) -> float:
     """server time + the slowest aggregated client's download + compute + upload."""
     return server_s + max((t.total_s for t in aggregated), default=0.0)
+
+
+# ---------------------------------------------------------------------- the clock
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """One round's simulated figures, computed before training."""
+
+    work: dict[int, ClientWork]
+    times: dict[int, ClientTimes]
+    schedule: Schedule
+
+
+class Clock:
+    """The simulated clock across rounds, the same on every rank and after --resume.
+
+    `plan` decides before any training which of a round's clients finish in time; once the round is
+    aggregated, `columns` and `close_round` give its clients/ datasets and its sim_* attributes, and
+    `advance` records the global ranks the next round's clients download. `tokens_of(client, round)`
+    counts the tokens a client's local work processes (padding included).
+    """
+
+    def __init__(self, cfg, shapes: Mapping[str, tuple[int, int]], base_params: int,
+                 tokens_of: Callable[[int, int], int], tables: Mapping[str, np.ndarray] | None = None):
+        self.system, self.lora, self.method = cfg.system, cfg.lora, cfg.federation.method
+        self.shapes, self.base_params, self.tokens_of = dict(shapes), int(base_params), tokens_of
+        self.target = cfg.federation.participants_per_round()
+        self.profile = resolve_profile(cfg.system, cfg.federation.num_clients, cfg.run.seed, tables)
+        self.global_ranks: dict[str, int] | None = None  # module -> r_g of the last round (what clients download)
+        self.total_s = 0.0  # sim_clock_s so far
+        self.round: RoundPlan | None = None  # the current round's plan
+
+    def restore(self, total_s: float, global_ranks: Mapping[str, int]) -> None:
+        """The running total and the global ranks the next round's clients download, from the log."""
+        self.total_s, self.global_ranks = float(total_s), dict(global_ranks)
+
+    def client_work(self, client_id: int, round_index: int) -> ClientWork:
+        rank = self.lora.rank_of(client_id)
+        tokens = self.tokens_of(client_id, round_index)
+        per_token = training_flops_per_token(self.base_params, *adapter_params(self.method, self.shapes, rank))
+        return ClientWork(
+            client_id=client_id,
+            tokens=tokens,
+            flops=tokens * per_token,
+            bytes_down=download_bytes(self.method, self.shapes, self.global_ranks, rank),
+            bytes_up=upload_bytes(self.method, self.shapes, rank),
+        )
+
+    def plan(self, round_index: int, candidates: list[int]) -> Schedule:
+        """Simulated times of the clients that start the round, and which of them train."""
+        work = {c: self.client_work(c, round_index) for c in candidates}
+        times = {c: client_times(w, self.profile, self.system.reference_flops) for c, w in work.items()}
+        self.round = RoundPlan(work=work, times=times,
+                               schedule=schedule(times, self.target, self.system.deadline_s))
+        return self.round.schedule
+
+    def advance(self, global_ranks: Mapping[str, int]) -> None:
+        """The round's global ranks: what the next round's clients download."""
+        self.global_ranks = dict(global_ranks)
+
+    def columns(self, participants: list[int]) -> dict[str, np.ndarray]:
+        """clients/ datasets, aligned with clients/id (zero bytes and NaN times: did not start)."""
+        work, times = self.round.work, self.round.times
+        nan = ClientTimes(math.nan, math.nan, math.nan)
+        return {
+            "bytes_down": np.array([work[c].bytes_down if c in work else 0 for c in participants], dtype=np.int64),
+            "bytes_up": np.array([work[c].bytes_up if c in work else 0 for c in participants], dtype=np.int64),
+            "sim_tokens": np.array([work[c].tokens if c in work else 0 for c in participants], dtype=np.int64),
+            "sim_download_s": np.array([times.get(c, nan).download_s for c in participants], dtype=np.float64),
+            "sim_compute_s": np.array([times.get(c, nan).compute_s for c in participants], dtype=np.float64),
+            "sim_upload_s": np.array([times.get(c, nan).upload_s for c in participants], dtype=np.float64),
+        }
+
+    def close_round(self, kept: list[int], global_ranks: Mapping[str, int]) -> dict[str, float]:
+        """sim_server_s, sim_time_s and the running total sim_clock_s of a completed round."""
+        flops = aggregation_flops(self.method, self.shapes, [self.lora.rank_of(c) for c in kept], global_ranks)
+        server_s = flops / self.system.server_flops
+        round_s = round_seconds(server_s, [self.round.times[c] for c in kept])
+        self.total_s += round_s
+        return {"sim_server_s": float(server_s), "sim_time_s": float(round_s), "sim_clock_s": float(self.total_s)}

@@ -96,8 +96,8 @@ def test_resume_on_another_rank_count_matches(tmp_path, uninterrupted):
 
 
 def test_faulty_and_dropped_clients_are_excluded_and_recorded(tmp_path):
+    from florist_mpi.clients import dropped_out
     from florist_mpi.config import load_config
-    from florist_mpi.federation import dropped_out
 
     config, log = write_config(tmp_path, federation={"dropout": 0.3})
     cfg = load_config(config)

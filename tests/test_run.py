@@ -200,8 +200,8 @@ def test_progress_lines_from_rank_zero_only(florist_runs):
 
 def test_partial_participation_with_epochs_and_gradient_accumulation(tmp_path):
     """2 of 4 clients per round on 3 ranks (a rank may host nobody), epochs, accumulation."""
+    from florist_mpi.clients import sample_participants
     from florist_mpi.config import load_config
-    from florist_mpi.federation import sample_participants
 
     config, log = write_config(
         tmp_path,

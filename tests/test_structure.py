@@ -79,7 +79,7 @@ def test_cycle_finder_sees_a_cycle_and_its_absence():
 
 def test_graph_holds_function_level_imports():
     graph = import_graph()
-    assert "florist_mpi.aggregation" in graph["florist_mpi.federation"]  # module level
+    assert "florist_mpi.aggregators" in graph["florist_mpi.federation"]  # module level
     assert "florist_mpi.model" in graph["florist_mpi.replay"]  # only inside functions
 
 

@@ -1,0 +1,216 @@
+"""How a round's client updates become one global adapter on every rank.
+
+The round loop (federation.py) hands an `Aggregation` the updates this rank trained and the
+clients already left out (dropouts, stragglers); it gets back a `RoundOutcome`, knowing nothing
+of the exchange behind it, as Flower's server loop calls `strategy.aggregate_fit`. Two
+strategies, chosen by `federation.aggregation`:
+
+- `RootAggregation` (root): rank 0 gathers every client's factors, aggregates every module and
+  broadcasts the global factors (exchange.py).
+- `ShardedAggregation` (sharded): every module has an owner rank that receives that module's
+  client factors, aggregates it, and all ranks all-gather the results (sharding.py).
+
+Each strategy also owns how the round's client adapters reach the log (`publish`): root mode
+already holds them on rank 0; in sharded mode rank 0 receives them from their owners one module
+at a time while it writes the round.
+
+Which method aggregates (FLoRIST or a baseline) is the method's business (florist_mpi.methods);
+a strategy only decides where the work runs and how the factors travel.
+"""
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from florist_mpi import comm, exchange, methods, sharding
+from florist_mpi.config import FederationConfig
+from florist_mpi.errors import RoundFailed
+from florist_mpi.exchange import ClientUpdate, ReceivedClient
+from florist_mpi.lowrank import AggregationResult
+
+DROPOUT_REASON = "dropout (simulated, federation.dropout)"
+
+Shapes = dict[str, tuple[int, int]]
+GlobalFactors = dict[str, tuple[np.ndarray, np.ndarray]]  # module -> fp32 (B m×r_g, A r_g×n)
+ClientModules = Iterator[tuple[str, dict[int, tuple[np.ndarray, np.ndarray]]]]  # see storage.RoundRecord
+
+
+@dataclass
+class RoundOutcome:
+    """What the aggregation of one round decided.
+
+    `global_factors` is every rank's; the client lists, exclusions and results are rank 0's in
+    root mode (empty elsewhere) and every rank's in sharded mode.
+    """
+
+    received: list[ReceivedClient]  # every client that trained this round (failed ones included)
+    kept: list[ReceivedClient]  # the clients aggregated
+    excluded: list[tuple[int, str]]  # (client id, reason), sorted
+    results: dict[str, AggregationResult] = field(default_factory=dict)  # module -> the method's result
+    global_factors: GlobalFactors = field(default_factory=dict)
+    # seconds of the aggregation itself on rank 0 (root mode); None in sharded mode, where every owner
+    # times its own share and the round's phase timings already take the slowest rank's
+    time_aggregate: float | None = None
+    error: str | None = None  # root mode, rank 0: why the round cannot be aggregated (no client left)
+    sharded: sharding.ShardedRound | None = None  # sharded mode: the owners' state, for the client adapters
+
+
+def no_client_left(round_index: int, excluded: list[tuple[int, str]]) -> RoundFailed:
+    reasons = "; ".join(f"client {c}: {why}" for c, why in sorted(excluded))
+    return RoundFailed(f"round {round_index} has no client left to aggregate ({reasons})")
+
+
+class Aggregation(ABC):
+    """One round's exchange and aggregation, behind one call; see the module docstring."""
+
+    def __init__(self, world, federation: FederationConfig, shapes: Shapes, log_client_adapters: bool,
+                 kill_point: Callable[[str, int], None]):
+        self.world, self.federation, self.shapes = world, federation, shapes
+        self.method = methods.get(federation.method)
+        self.log_client_adapters = log_client_adapters
+        self.kill_point = kill_point  # test hook (docs/fault-injection.md)
+
+    @abstractmethod
+    def aggregate(self, round_index: int, updates: list[ClientUpdate], left_out: list[tuple[int, str]],
+                  timings: dict[str, float]) -> RoundOutcome:
+        """Called on every rank with the updates it trained and the clients left out before training
+        (client id, reason). Fills timings' time_gather, time_aggregate and time_broadcast."""
+
+    @abstractmethod
+    def publish(self, outcome: RoundOutcome, commit: Callable[[ClientModules | None], None]) -> None:
+        """Called on every rank once the round is ready to log: rank 0 calls `commit` with the round's
+        client adapters (None when not logged); the other ranks do their part of getting them there."""
+
+
+def split_received(received: list[ReceivedClient], left_out: list[tuple[int, str]]):
+    """(kept, excluded): clients that failed or sent non-finite factors join the left-out ones."""
+    excluded = list(left_out)
+    kept = []
+    for client in received:
+        if client.failed:
+            excluded.append((client.client_id, exchange.REASON_FAILED))
+        elif not all(np.isfinite(B).all() and np.isfinite(A).all() for B, A in client.factors.values()):
+            excluded.append((client.client_id, exchange.REASON_NONFINITE))
+        else:
+            kept.append(client)
+    return kept, sorted(excluded)
+
+
+class RootAggregation(Aggregation):
+    """federation.aggregation: root. Rank 0 gathers every client, aggregates, broadcasts."""
+
+    def aggregate(self, round_index, updates, left_out, timings):
+        world = self.world
+        start = time.perf_counter()
+        received = exchange.gather_updates(world, updates, self.shapes)
+        timings["time_gather"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        outcome = self._aggregate_at_root(round_index, received, left_out) if world.is_root else None
+        failure = comm.root_verdict(world, outcome.error if world.is_root else None)
+        if failure:
+            raise RoundFailed(failure)
+        timings["time_aggregate"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        root_factors = outcome.global_factors if world.is_root else None
+        global_factors = exchange.broadcast_global(world, root_factors, self.shapes)
+        timings["time_broadcast"] = time.perf_counter() - start
+        if outcome is None:
+            outcome = RoundOutcome(received=[], kept=[], excluded=[])
+        outcome.global_factors = global_factors
+        return outcome
+
+    def _aggregate_at_root(self, round_index: int, received: list[ReceivedClient],
+                           left_out: list[tuple[int, str]]) -> RoundOutcome:
+        from florist_mpi.aggregation import aggregate_adapter
+
+        kept, excluded = split_received(received, left_out)
+        outcome = RoundOutcome(received=received, kept=kept, excluded=excluded)
+        self.kill_point("aggregate", round_index)
+        if not kept:
+            outcome.error = str(no_client_left(round_index, excluded))
+            return outcome
+        fed = self.federation
+        start = time.perf_counter()
+        per_module = {
+            name: [(torch.from_numpy(c.factors[name][0]), torch.from_numpy(c.factors[name][1])) for c in kept]
+            for name in self.shapes
+        }
+        results = aggregate_adapter(
+            self.method, per_module, [c.num_samples for c in kept], tau=fed.tau, max_rank=fed.max_rank
+        )
+        outcome.time_aggregate = time.perf_counter() - start
+        outcome.results = results
+        outcome.global_factors = {
+            name: (results[name].B.float().contiguous().numpy(), results[name].A.float().contiguous().numpy())
+            for name in self.shapes
+        }
+        return outcome
+
+    def publish(self, outcome, commit):
+        if self.world.is_root:
+            commit(self._client_modules(outcome.kept) if self.log_client_adapters else None)
+
+    def _client_modules(self, kept: list[ReceivedClient]) -> ClientModules:
+        """The kept clients' factors for the log, one module at a time."""
+        for name in self.shapes:
+            yield name, {c.client_id: c.factors[name] for c in kept}
+
+
+class ShardedAggregation(Aggregation):
+    """federation.aggregation: sharded. Owners aggregate their modules; see sharding.py.
+
+    Every rank returns the same outcome fields rank 0 logs (clients, exclusions, every module's
+    global factors and spectrum); the client adapters for the log stay with their modules'
+    owners until rank 0 writes the round.
+    """
+
+    def aggregate(self, round_index, updates, left_out, timings):
+        fed = self.federation
+        state = sharding.sharded_round(
+            self.world,
+            updates,
+            self.shapes,
+            left_out,
+            method=fed.method,
+            tau=fed.tau,
+            max_rank=fed.max_rank,
+            before_aggregate=lambda: self.kill_point("aggregate", round_index),
+        )
+        if not state.kept:  # every rank reached this verdict from the same metadata
+            raise no_client_left(round_index, state.excluded)
+        timings["time_gather"] = state.time_scatter
+        timings["time_aggregate"] = state.time_aggregate
+        timings["time_broadcast"] = state.time_allgather
+        return RoundOutcome(
+            received=state.clients,
+            kept=state.kept,
+            excluded=state.excluded,
+            results=state.results,
+            global_factors=state.global_factors,
+            sharded=state,
+        )
+
+    def publish(self, outcome, commit):
+        if self.world.is_root:
+            # streamed from the owners as the log writer consumes it: rank 0 never holds every module's
+            # client factors at once (the other ranks send theirs meanwhile, below)
+            adapters = sharding.stream_client_adapters(self.world, outcome.sharded, self.shapes)
+            commit(adapters if self.log_client_adapters else None)
+        elif self.log_client_adapters:
+            sharding.send_client_adapters(self.world, outcome.sharded, self.shapes)
+
+
+STRATEGIES: dict[str, type[Aggregation]] = {"root": RootAggregation, "sharded": ShardedAggregation}
+
+
+def make_aggregation(world, federation: FederationConfig, shapes: Shapes, log_client_adapters: bool,
+                     kill_point: Callable[[str, int], None]) -> Aggregation:
+    """The strategy `federation.aggregation` names."""
+    return STRATEGIES[federation.aggregation](world, federation, shapes, log_client_adapters, kill_point)

@@ -1,0 +1,104 @@
+"""The clients a rank hosts: their data, who takes part in a round, and their local training.
+
+Every random choice here (which clients are sampled, who drops out, FFA-LoRA's shared A)
+derives from (seed, round, client) only, so a client's part of a round is the same on any
+number of ranks.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+
+import numpy as np
+import torch
+
+from florist_mpi import data as data_lib
+from florist_mpi import methods
+from florist_mpi.config import ExperimentConfig
+from florist_mpi.exchange import ClientUpdate
+from florist_mpi.seeding import Stream, derive_seed, rng
+from florist_mpi.training import ClientJob, ClientTrainer, ClientTrainingError
+from florist_mpi.warmup import training_split
+
+GlobalFactors = dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+def sample_participants(cfg: ExperimentConfig, round_index: int) -> list[int]:
+    """The round's sampled clients, ascending (every client when clients_per_round covers them all)."""
+    total, count = cfg.federation.num_clients, cfg.federation.sampled_per_round()
+    if count >= total:
+        return list(range(total))
+    chosen = rng(cfg.run.seed, round_index, 0, Stream.SAMPLING).choice(total, size=count, replace=False)
+    return sorted(int(c) for c in chosen)
+
+
+def dropped_out(cfg: ExperimentConfig, round_index: int, client_id: int) -> bool:
+    """Simulated straggler/dropout, deterministic in (seed, round, client)."""
+    if cfg.federation.dropout <= 0:
+        return False
+    return bool(rng(cfg.run.seed, round_index, client_id, Stream.DROPOUT).random() < cfg.federation.dropout)
+
+
+def frozen_A(cfg: ExperimentConfig, shapes: dict[str, tuple[int, int]]) -> dict[str, np.ndarray]:
+    """FFA-LoRA's shared A: drawn once from the run seed, identical for every client and round."""
+    largest = max(cfg.lora.rank_of(c) for c in range(cfg.federation.num_clients))
+    generator = torch.Generator().manual_seed(derive_seed(cfg.run.seed, 0, 0, Stream.FROZEN_A))
+    result = {}
+    for name, (_, n) in shapes.items():
+        bound = 1.0 / math.sqrt(n)  # PEFT's default A init (kaiming-uniform, a=sqrt(5))
+        result[name] = ((torch.rand(largest, n, generator=generator) * 2 - 1) * bound).numpy()
+    return result
+
+
+class LocalClients:
+    """This rank's view of the federation's clients: their training data (encoded when first
+    needed) and the local training of those it hosts, on the rank's shared base model."""
+
+    def __init__(self, world, cfg: ExperimentConfig, model, tokenizer, shapes: dict[str, tuple[int, int]],
+                 device: torch.device, verbose: bool = False):
+        self.world, self.cfg, self.tokenizer, self.verbose = world, cfg, tokenizer, verbose
+        self.records = training_split(cfg)[0]  # less the warm-up's share when it is set aside
+        self._encoded: dict[int, list] = {}
+        self.trainer = ClientTrainer(model, shapes, cfg, device)
+        self.frozen_A = frozen_A(cfg, shapes) if methods.get(cfg.federation.method).frozen_A else None
+
+    def num_samples(self, client_id: int) -> int:
+        return len(self.records[client_id])
+
+    def encoded(self, client_id: int) -> list:
+        if client_id not in self._encoded:
+            self._encoded[client_id] = data_lib.encode_records(
+                self.records[client_id], self.tokenizer, self.cfg.data.max_length
+            )
+        return self._encoded[client_id]
+
+    def hosted(self, training: list[int]) -> list[int]:
+        """The clients of `training` (ascending ids) this rank trains: every world.size-th one."""
+        return training[self.world.rank :: self.world.size]
+
+    def train(self, client_ids: list[int], round_index: int, init_factors: GlobalFactors | None) -> list[ClientUpdate]:
+        """Train each client in turn; `init_factors` is the kept global update clients start from
+        (FlexLoRA), None for methods whose clients start from a fresh LoRA."""
+        return [self._train_one(client_id, round_index, init_factors) for client_id in client_ids]
+
+    def _job(self, client_id: int, round_index: int, init_factors: GlobalFactors | None) -> ClientJob:
+        lora = self.cfg.lora
+        return ClientJob(
+            client_id=client_id, round_index=round_index, rank=lora.rank_of(client_id), alpha=lora.alpha_of(client_id),
+            encoded=self.encoded(client_id), init_factors=init_factors, frozen_A=self.frozen_A,
+        )
+
+    def _train_one(self, client_id: int, round_index: int, init_factors: GlobalFactors | None) -> ClientUpdate:
+        job = self._job(client_id, round_index, init_factors)
+        start = time.perf_counter()
+        try:
+            update = self.trainer.train(job)
+        except (ClientTrainingError, torch.OutOfMemoryError) as err:
+            print(f"florist-mpi: warning (rank {self.world.rank}): client {client_id} failed in round "
+                  f"{round_index} and is left out: {err}", file=sys.stderr, flush=True)
+            return ClientUpdate(client_id, len(job.encoded), job.rank, math.nan, error=str(err))
+        if self.verbose:
+            print(f"[rank {self.world.rank}] round {round_index} client {client_id}: r={job.rank} "
+                  f"n={len(job.encoded)} loss={update.train_loss:.4f} ({time.perf_counter() - start:.1f}s)", flush=True)
+        return update

@@ -1,0 +1,58 @@
+"""What rank 0 prints while a run goes: the start banner and one line per round.
+
+Lines go through tqdm.write so that they never break a progress bar, and are flushed at
+once so that a Slurm output file shows them as they happen.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from florist_mpi import evaluation
+
+PHASES = ("time_train", "time_gather", "time_aggregate", "time_broadcast", "time_merge", "time_eval")
+
+
+def say(line: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stdout)
+    sys.stdout.flush()
+
+
+def banner(cfg, world_size: int, device_type: str, num_modules: int, first_round: int, initial_eval: float) -> str:
+    """The run's first line: what runs where, and where it is logged."""
+    what = f"resuming after round {first_round - 1}" if first_round else "starting"
+    initial = f", initial eval loss {initial_eval:.4f}" if math.isfinite(initial_eval) else ""
+    return (
+        f"florist-mpi {what}: {cfg.federation.method} (tau={cfg.federation.tau}) | "
+        f"{cfg.federation.num_clients} clients "
+        f"on {world_size} rank(s), device {device_type} | {num_modules} adapted modules | "
+        f"{cfg.run.rounds} rounds -> {Path(cfg.run.output)}{initial}"
+    )
+
+
+def round_line(round_index: int, rounds: int, attrs: dict, outcome, participants: list[int]) -> str:
+    """One completed round: clients, losses, global rank, bytes, simulated time and phase timings."""
+    ranks = [r.rank for r in outcome.results.values()]
+    kept = outcome.kept
+    losses = [c.train_loss for c in kept]
+    eval_part = "eval -"
+    if math.isfinite(attrs["eval_loss"]):
+        eval_part = f"eval loss {attrs['eval_loss']:.4f} (ppl {evaluation.perplexity(attrs['eval_loss']):.1f})"
+    if math.isfinite(attrs.get("eval_accuracy", math.nan)):
+        eval_part = f"eval acc {attrs['eval_accuracy']:.3f}"
+    phases = " ".join(f"{k.removeprefix('time_')} {attrs[k]:.2f}s" for k in PHASES)
+    excluded = f" ({len(outcome.excluded)} excluded)" if outcome.excluded else ""
+    simulated = (
+        f" | sim {attrs['sim_time_s']:.1f}s (clock {attrs['sim_clock_s']:.1f}s)" if "sim_time_s" in attrs else ""
+    )
+    return (
+        f"round {round_index} ({round_index + 1}/{rounds}) | "
+        f"clients {len(kept)}/{len(participants)}{excluded} | "
+        f"train loss {np.mean(losses):.4f} | {eval_part} | global rank mean {np.mean(ranks):.1f} "
+        f"| down {attrs['bytes_down'] / 1e6:.2f} MB{simulated} | {phases}"
+    )
