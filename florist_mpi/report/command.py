@@ -1,0 +1,71 @@
+"""The `florist-mpi report` command: its options, and which of the package's forms it prints."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+from florist_mpi.analysis import open_run
+from florist_mpi.errors import UserError
+from florist_mpi.report.documents import per_round_rows, report_document
+from florist_mpi.report.formatting import run_labels
+from florist_mpi.report.plots import write_plots
+from florist_mpi.report.summary import text_report
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("logs", nargs="+", metavar="RUN.h5", help="run logs (run.output of each run)")
+    machine = parser.add_mutually_exclusive_group()
+    machine.add_argument("--csv", action="store_true", help="print one CSV row per run and round instead of text")
+    machine.add_argument(
+        "--json",
+        action="store_true",
+        help="print a JSON document per run (config, summary, totals, rounds, global ranks) instead of text",
+    )
+    parser.add_argument("--plots", metavar="DIR", help="also write PNG figures into DIR (created if missing)")
+    parser.add_argument("--verbose", action="store_true", help="show the per-module global rank table for every run")
+    parser.add_argument(
+        "--target-loss",
+        type=float,
+        metavar="LOSS",
+        help="eval loss of the simulated time-to-target table (runs with a system section; "
+        "default: the lowest loss every such run reaches)",
+    )
+
+
+def main(args) -> int:
+    runs = [open_run(path) for path in args.logs]  # every log is checked before anything is printed
+    labels = run_labels([run.path for run in runs])
+    target_loss = getattr(args, "target_loss", None)
+    if target_loss is not None and not (math.isfinite(target_loss) and target_loss > 0):
+        raise UserError(f"--target-loss {target_loss:g} is not a positive loss: give e.g. --target-loss 2.5")
+    machine = args.csv or args.json
+    if args.plots:
+        plot_dir = _plot_dir(args.plots)
+    if args.csv:
+        per_round_rows(runs, labels).to_csv(sys.stdout, index=False, float_format="%.10g")
+    elif args.json:
+        json.dump(report_document(runs, labels, target_loss), sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        print(text_report(runs, labels, verbose=args.verbose, target_loss=target_loss))
+    if args.plots:
+        written = write_plots(runs, labels, plot_dir)
+        note = sys.stderr if machine else sys.stdout
+        print(f"wrote {len(written)} plots to {plot_dir}/: " + ", ".join(p.name for p in written), file=note)
+    return 0
+
+
+def _plot_dir(text: str) -> Path:
+    """The --plots folder, created if missing; a one-line error when it cannot be."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--plots '{path}' exists and is not a directory: give a directory for the PNG files")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(
+            f"cannot create --plots directory '{path}' ({err.strerror}): choose a writable location"
+        ) from None
+    return path

@@ -1,0 +1,169 @@
+"""The text report: per run its config essentials, round table, results, phase times and module ranks;
+then, over several runs, the comparison and time-to-target tables."""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from florist_mpi import methods
+from florist_mpi.analysis import PHASES, Run
+from florist_mpi.report.comparison import comparison_table
+from florist_mpi.report.formatting import (
+    byte_unit,
+    format_number,
+    format_scaled_bytes,
+    format_table,
+    short_module_names,
+)
+from florist_mpi.report.stats import has_accuracy, has_clock, run_summary, world_sizes_text
+from florist_mpi.report.target import time_to_target, time_to_target_text
+
+# Runs with at most this many modules show the per-module rank table without --verbose.
+FEW_MODULES = 8
+
+
+def text_report(runs: list[Run], labels: list[str], verbose: bool = False, target_loss: float | None = None) -> str:
+    """What `florist-mpi report` prints without --csv or --json."""
+    blocks = [run_text(run, verbose=verbose) for run in runs]
+    if len(runs) > 1:
+        blocks.append("Comparison\n" + comparison_table(runs, labels))
+    reached = time_to_target(runs, labels, target_loss)
+    if reached is not None:
+        blocks.append(time_to_target_text(reached))
+    return "\n\n".join(blocks)
+
+
+def run_text(run: Run, verbose: bool = False) -> str:
+    """One run's block; a run without a completed round stops after its header."""
+    lines = _header_lines(run)
+    frame = run.rounds
+    if frame.empty:
+        lines.append("no completed round yet")
+        return "\n".join(lines)
+    lines += ["", _round_table(run)]
+    if has_clock(run):
+        lines.append(
+            f"simulated time (system section): {frame['sim_time_s'].sum():.2f} s in total, median "
+            f"{frame['sim_time_s'].median():.2f} s per round (server {frame['sim_server_s'].sum():.3f} s)"
+        )
+    lines += _result_lines(run_summary(run))
+    lines += ["", _phase_table(frame)]
+    if verbose or len(run.modules) <= FEW_MODULES:
+        lines += ["", "global rank per module and round", _module_rank_table(run)]
+    else:
+        lines += ["", f"({len(run.modules)} modules: per-module global ranks with --verbose)"]
+    return "\n".join(lines)
+
+
+def _header_lines(run: Run) -> list[str]:
+    """Path, method and federation, model and LoRA set-up, initial eval loss."""
+    cfg = run.config
+    fed = cfg.federation
+    tau = f"tau {run.tau:g}" if methods.get(run.method).uses_tau else f"tau {run.tau:g} (unused by {run.method})"
+    max_rank = f", max rank {fed.max_rank}" if fed.max_rank else ""
+    return [
+        f"== {run.path} ==",
+        f"method {run.method}, {tau}{max_rank} | {run.num_clients} clients, "
+        f"{fed.participants_per_round()} per round | {len(run.rounds)}/{cfg.run.rounds} rounds completed | "
+        f"{world_sizes_text(run)} MPI rank(s)",
+        f"model {cfg.model.name} | LoRA ranks {_lora_ranks(run)}, alpha {cfg.lora.alpha} | "
+        f"{len(run.modules)} adapted modules ({', '.join(cfg.lora.target_modules)})",
+        f"initial eval loss {format_number(run.initial_eval_loss)}",
+    ]
+
+
+def _lora_ranks(run: Run) -> str:
+    lora = run.config.lora
+    if lora.ranks is None:
+        return f"{lora.rank} (all clients)"
+    if len(set(lora.ranks)) == 1:
+        return f"{lora.ranks[0]} (all clients)"
+    shown = lora.ranks if len(lora.ranks) <= 16 else lora.ranks[:16] + ["..."]
+    return "[" + ", ".join(str(r) for r in shown) + "]"
+
+
+def _round_table(run: Run) -> str:
+    """One row per completed round, then a total row; accuracy, world size and clock columns when they vary."""
+    frame = run.rounds
+    up_scale, up_unit = byte_unit(float(frame["cum_bytes_up"].iloc[-1]))
+    down_scale, down_unit = byte_unit(float(frame["cum_bytes_down"].iloc[-1]))
+    show_accuracy = has_accuracy(run)
+    show_world = frame["world_size"].nunique() > 1  # resumed on another number of ranks
+    show_clock = has_clock(run)
+    headers = (
+        ["round", "eval loss"]
+        + (["eval acc"] if show_accuracy else [])
+        + (["MPI ranks"] if show_world else [])
+        + ["clients", "excluded", "rank min/mean/max", f"up {up_unit}", f"down {down_unit}", "time s"]
+        + (["sim s", "sim clock s"] if show_clock else [])
+    )
+    rows = []
+    for r, row in frame.iterrows():
+        rows.append(
+            [str(r), format_number(row["eval_loss"])]
+            + ([format_number(row["eval_accuracy"], 3)] if show_accuracy else [])
+            + ([str(int(row["world_size"]))] if show_world else [])
+            + [
+                f"{int(row['num_clients'])}/{int(row['num_sampled'])}",
+                str(int(row["num_excluded"])),
+                f"{int(row['min_rank'])} / {row['mean_rank']:.1f} / {int(row['max_rank'])}",
+                format_scaled_bytes(row["bytes_up"] / up_scale),
+                format_scaled_bytes(row["bytes_down"] / down_scale),
+                f"{row['time_total']:.2f}",
+            ]
+            + ([f"{row['sim_time_s']:.2f}", f"{row['sim_clock_s']:.2f}"] if show_clock else [])
+        )
+    blank = [""] * (1 + show_accuracy + show_world)
+    rows.append(
+        [
+            "total",
+            *blank,
+            "",
+            "",
+            "",
+            format_scaled_bytes(frame["bytes_up"].sum() / up_scale),
+            format_scaled_bytes(frame["bytes_down"].sum() / down_scale),
+            f"{frame['time_total'].sum():.2f}",
+        ]
+        + ([f"{frame['sim_time_s'].sum():.2f}", ""] if show_clock else [])
+    )
+    return format_table(headers, rows)
+
+
+def _result_lines(summary: dict) -> list[str]:
+    """Final and best eval loss and accuracy with their rounds, for the metrics the run measured."""
+    lines = []
+    if math.isfinite(summary["final_eval_loss"]):
+        lines.append(
+            f"final eval loss {format_number(summary['final_eval_loss'])} (round {summary['final_eval_loss_round']}), "
+            f"best {format_number(summary['best_eval_loss'])} (round {summary['best_eval_loss_round']})"
+        )
+    if math.isfinite(summary["final_eval_accuracy"]):
+        lines.append(
+            f"final eval accuracy {format_number(summary['final_eval_accuracy'])} "
+            f"(round {summary['final_eval_accuracy_round']}), best {format_number(summary['best_eval_accuracy'])} "
+            f"(round {summary['best_eval_accuracy_round']})"
+        )
+    return lines
+
+
+def _phase_table(frame: pd.DataFrame) -> str:
+    """Median and total time per phase, and its share of the run's time."""
+    phase_rows = []
+    total_time = float(frame["time_total"].sum())
+    for phase in PHASES:
+        values = frame[phase].fillna(0.0)
+        share = 100.0 * float(values.sum()) / total_time if total_time > 0 else 0.0
+        phase_rows.append(
+            [phase.removeprefix("time_"), f"{values.median():.3f}", f"{values.sum():.2f}", f"{share:.1f}%"]
+        )
+    return format_table(["phase", "median s/round", "total s", "share"], phase_rows)
+
+
+def _module_rank_table(run: Run) -> str:
+    """The global rank r_g of every module (rows) in every round (columns)."""
+    ranks = run.ranks
+    names = short_module_names(run.modules)
+    module_rows = [[name, *(str(v) for v in ranks.loc[module].tolist())] for name, module in zip(names, run.modules)]
+    return format_table(["module", *(str(c) for c in ranks.columns)], module_rows)
