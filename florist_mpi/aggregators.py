@@ -59,10 +59,24 @@ class RoundOutcome:
     error: str | None = None  # root mode, rank 0: why the round cannot be aggregated (no client left)
     sharded: sharding.ShardedRound | None = None  # sharded mode: the owners' state, for the client adapters
 
+    @property
+    def empty(self) -> bool:
+        """No client was aggregated (federation.empty_round: skip): no global update this round."""
+        return not self.global_factors
 
-def no_client_left(round_index: int, excluded: list[tuple[int, str]]) -> RoundFailed:
-    reasons = "; ".join(f"client {c}: {why}" for c, why in sorted(excluded))
-    return RoundFailed(f"round {round_index} has no client left to aggregate ({reasons})")
+
+def no_client_left(round_index: int, excluded: list[tuple[int, str]]) -> str:
+    """One line: the round and why each of its clients was left out (the same reasons grouped)."""
+    by_reason: dict[str, list[int]] = {}
+    for client, why in sorted(excluded):
+        by_reason.setdefault(why, []).append(client)
+    reasons = "; ".join(f"{_clients(ids)}: {why}" for why, ids in by_reason.items())
+    return f"round {round_index} has no client left to aggregate ({reasons or 'no client was sampled'})"
+
+
+def _clients(ids: list[int], shown: int = 8) -> str:
+    listed = ", ".join(str(c) for c in ids[:shown]) + (f" and {len(ids) - shown} more" if len(ids) > shown else "")
+    return f"client{'s' if len(ids) > 1 else ''} {listed}"
 
 
 class Aggregation(ABC):
@@ -74,6 +88,12 @@ class Aggregation(ABC):
         self.method = methods.get(federation.method)
         self.log_client_adapters = log_client_adapters
         self.kill_point = kill_point  # test hook (docs/fault-injection.md)
+
+    def _nobody_aggregated(self, message: str) -> None:
+        """A round without a client to aggregate (every rank reached the same verdict): RoundFailed
+        under federation.empty_round: fail; otherwise the strategy returns an empty outcome."""
+        if self.federation.empty_round == "fail":
+            raise RoundFailed(message)
 
     @abstractmethod
     def aggregate(self, round_index: int, updates: list[ClientUpdate], left_out: list[tuple[int, str]],
@@ -113,9 +133,11 @@ class RootAggregation(Aggregation):
         start = time.perf_counter()
         outcome = self._aggregate_at_root(round_index, received, left_out) if world.is_root else None
         failure = comm.root_verdict(world, outcome.error if world.is_root else None)
-        if failure:
-            raise RoundFailed(failure)
         timings["time_aggregate"] = time.perf_counter() - start
+        if failure:  # no client left: every rank learned it from rank 0
+            self._nobody_aggregated(failure)
+            timings["time_broadcast"] = 0.0
+            return outcome if outcome is not None else RoundOutcome(received=[], kept=[], excluded=[])
 
         start = time.perf_counter()
         root_factors = outcome.global_factors if world.is_root else None
@@ -134,7 +156,7 @@ class RootAggregation(Aggregation):
         outcome = RoundOutcome(received=received, kept=kept, excluded=excluded)
         self.kill_point("aggregate", round_index)
         if not kept:
-            outcome.error = str(no_client_left(round_index, excluded))
+            outcome.error = no_client_left(round_index, excluded)
             return outcome
         fed = self.federation
         start = time.perf_counter()
@@ -155,7 +177,8 @@ class RootAggregation(Aggregation):
 
     def publish(self, outcome, commit):
         if self.world.is_root:
-            commit(self._client_modules(outcome.kept) if self.log_client_adapters else None)
+            logged = self.log_client_adapters and not outcome.empty
+            commit(self._client_modules(outcome.kept) if logged else None)
 
     def _client_modules(self, kept: list[ReceivedClient]) -> ClientModules:
         """The kept clients' factors for the log, one module at a time."""
@@ -184,7 +207,7 @@ class ShardedAggregation(Aggregation):
             before_aggregate=lambda: self.kill_point("aggregate", round_index),
         )
         if not state.kept:  # every rank reached this verdict from the same metadata
-            raise no_client_left(round_index, state.excluded)
+            self._nobody_aggregated(no_client_left(round_index, state.excluded))
         timings["time_gather"] = state.time_scatter
         timings["time_aggregate"] = state.time_aggregate
         timings["time_broadcast"] = state.time_allgather
@@ -198,12 +221,12 @@ class ShardedAggregation(Aggregation):
         )
 
     def publish(self, outcome, commit):
+        logged = self.log_client_adapters and not outcome.empty
         if self.world.is_root:
             # streamed from the owners as the log writer consumes it: rank 0 never holds every module's
             # client factors at once (the other ranks send theirs meanwhile, below)
-            adapters = sharding.stream_client_adapters(self.world, outcome.sharded, self.shapes)
-            commit(adapters if self.log_client_adapters else None)
-        elif self.log_client_adapters:
+            commit(sharding.stream_client_adapters(self.world, outcome.sharded, self.shapes) if logged else None)
+        elif logged:
             sharding.send_client_adapters(self.world, outcome.sharded, self.shapes)
 
 

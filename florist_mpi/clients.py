@@ -13,12 +13,12 @@ import time
 import numpy as np
 import torch
 
+from florist_mpi import comm, methods
 from florist_mpi import data as data_lib
-from florist_mpi import methods
 from florist_mpi.config import ExperimentConfig
 from florist_mpi.exchange import ClientUpdate
 from florist_mpi.seeding import Stream, derive_seed, rng
-from florist_mpi.training import ClientJob, ClientTrainer, ClientTrainingError
+from florist_mpi.training import ClientJob, ClientTrainer, ClientTrainingError, local_tokens
 from florist_mpi.warmup import training_split
 
 GlobalFactors = dict[str, tuple[np.ndarray, np.ndarray]]
@@ -72,6 +72,17 @@ class LocalClients:
                 self.records[client_id], self.tokenizer, self.cfg.data.max_length
             )
         return self._encoded[client_id]
+
+    def token_counts(self, candidates: list[int], round_index: int) -> dict[int, int]:
+        """Tokens each candidate's local work processes this round (padding included), for the simulated
+        clock. Each rank encodes and counts only its share of the candidates, the share it trains when
+        nobody is left out, and the ranks all-gather the counts: no rank encodes every client's data."""
+        mine = self.hosted(candidates)
+        rows = np.array([[c, local_tokens(self.cfg, self.encoded(c), round_index, c)] for c in mine],
+                        dtype=np.float64).reshape(-1, 2)
+        if self.world.size > 1:
+            rows, _ = comm.allgather_rows(self.world, rows)
+        return {int(client): int(tokens) for client, tokens in rows}
 
     def hosted(self, training: list[int]) -> list[int]:
         """The clients of `training` (ascending ids) this rank trains: every world.size-th one."""

@@ -37,9 +37,9 @@ def banner(cfg, world_size: int, device_type: str, num_modules: int, first_round
 
 def round_line(round_index: int, rounds: int, attrs: dict, outcome, participants: list[int]) -> str:
     """One completed round: clients, losses, global rank, bytes, simulated time and phase timings."""
-    ranks = [r.rank for r in outcome.results.values()]
+    ranks = [r.rank for r in outcome.results.values()] or [0]
     kept = outcome.kept
-    losses = [c.train_loss for c in kept]
+    losses = [c.train_loss for c in kept] or [math.nan]
     eval_part = "eval -"
     if math.isfinite(attrs["eval_loss"]):
         eval_part = f"eval loss {attrs['eval_loss']:.4f} (ppl {evaluation.perplexity(attrs['eval_loss']):.1f})"
@@ -56,3 +56,10 @@ def round_line(round_index: int, rounds: int, attrs: dict, outcome, participants
         f"train loss {np.mean(losses):.4f} | {eval_part} | global rank mean {np.mean(ranks):.1f} "
         f"| down {attrs['bytes_down'] / 1e6:.2f} MB{simulated} | {phases}"
     )
+
+
+def empty_round_line(round_index: int, excluded: list[tuple[int, str]]) -> str:
+    """Said after a round that aggregated nobody (federation.empty_round: skip)."""
+    reasons = sorted({why.split(":")[0] for _, why in excluded})
+    return (f"round {round_index}: no client could be aggregated ({len(excluded)} excluded: {', '.join(reasons)}); "
+            "the global model is unchanged and the run goes on (federation.empty_round: skip)")

@@ -31,7 +31,7 @@ from florist_mpi.faults import kill_point
 from florist_mpi.global_model import GlobalModel
 from florist_mpi.model import cores_for_rank, load_base, quiet_libraries, select_device
 from florist_mpi.roundlog import RoundLog
-from florist_mpi.training import isolate_torch_distributed, local_tokens, prepare_deepspeed
+from florist_mpi.training import isolate_torch_distributed, prepare_deepspeed
 
 
 @contextmanager
@@ -65,12 +65,8 @@ class Federation:
         cfg = self.cfg
         # Weights every token passes through: the base model's linear layers (embeddings are lookups).
         base_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-
-        def tokens_of(client_id: int, round_index: int) -> int:
-            return local_tokens(cfg, self.clients.encoded(client_id), round_index, client_id)
-
         tables = data_lib.system_tables(cfg.system, cfg.federation.num_clients)
-        return simclock.Clock(cfg, self.shapes, base_params, tokens_of, tables)
+        return simclock.Clock(cfg, self.shapes, base_params, tables)
 
     def _kill_point(self, point: str, round_index: int) -> None:
         if self.world.is_root:
@@ -110,7 +106,7 @@ class Federation:
         training = [c for c in participants if c not in dropped]
         late: list[tuple[int, str]] = []
         if self.clock is not None:  # the simulated clock decides, before any training, who is too late
-            plan = self.clock.plan(round_index, training)
+            plan = self.clock.plan(self.clients.token_counts(training, round_index))
             training, late = plan.train, plan.stragglers
 
         with timed(timings, "time_train"):
@@ -120,18 +116,19 @@ class Federation:
 
         left_out = [(c, DROPOUT_REASON) for c in dropped] + late
         outcome = self.aggregation.aggregate(round_index, updates, left_out, timings)
-        if self.clock is not None:
-            self.clock.advance({name: int(B.shape[1]) for name, (B, _) in outcome.global_factors.items()})
-
-        with timed(timings, "time_merge"):
-            self.model.apply(outcome.global_factors)
+        if not outcome.empty:  # an empty round leaves the global model, and what clients download, as it was
+            if self.clock is not None:
+                self.clock.advance({name: int(B.shape[1]) for name, (B, _) in outcome.global_factors.items()})
+            with timed(timings, "time_merge"):
+                self.model.apply(outcome.global_factors)
+        timings.setdefault("time_merge", 0.0)
         self.model.check_consistency(round_index)
 
         with timed(timings, "time_eval"):
             evaluate = cfg.eval.every and (
                 (round_index + 1) % cfg.eval.every == 0 or round_index + 1 == cfg.run.rounds
             )
-            evaluation = self.model.evaluate(outcome.global_factors) if evaluate else (math.nan, math.nan)
+            evaluation = self.model.evaluate() if evaluate else (math.nan, math.nan)
 
         # root mode aggregates on rank 0 only; the other phases report their slowest rank
         slowest = comm.reduce_max(world, np.array([timings[k] for k in sorted(timings)])) if world.size > 1 else None
@@ -155,3 +152,5 @@ class Federation:
         seconds = self.log.write(record, client_adapters, self.initial_eval, self._kill_point)
         line = console.round_line(round_index, self.cfg.run.rounds, record.attrs, outcome, participants)
         console.say(line + f" log {seconds:.2f}s")
+        if outcome.empty:
+            console.say(console.empty_round_line(round_index, outcome.excluded))

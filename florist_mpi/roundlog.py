@@ -65,7 +65,8 @@ class RoundLog:
         return BYTES_PER_FLOAT * sum(count * self._factor_floats(r) for r, count in Counter(kept_ranks).items())
 
     def bytes_down(self, global_factors) -> int:
-        """fp32 bytes the server sends, summed over every client (each gets its own prefix in FlexLoRA)."""
+        """fp32 bytes the server sends, summed over every client (each gets its own prefix in FlexLoRA);
+        nothing after a round without a global update."""
         total = 0
         for client_rank, count in self.client_ranks.items():
             for B, A in global_factors.values():
@@ -107,6 +108,7 @@ class RoundLog:
             **{k: float(v) for k, v in timings.items()},
             "bytes_up": int(self.bytes_up([c.rank for c in outcome.kept])),
             "bytes_down": int(self.bytes_down(outcome.global_factors)),
+            "clients_aggregated": len(outcome.kept),
             "eval_loss": float(evaluation[0]),
             "eval_accuracy": float(evaluation[1]),
             "world_size": int(self.world_size),
@@ -114,18 +116,25 @@ class RoundLog:
         if clock is not None:
             clients.update(clock[0])
             attrs.update(clock[1])
-        results = outcome.results
         return storage.RoundRecord(
-            index=round_index,
-            attrs=attrs,
-            clients=clients,
-            excluded=outcome.excluded,
-            global_factors={
-                name: (B, A, results[name].singular_values.double().numpy(), results[name].rank,
-                       float(results[name].energy))
-                for name, (B, A) in outcome.global_factors.items()
-            },
+            index=round_index, attrs=attrs, clients=clients, excluded=outcome.excluded,
+            global_factors=self._global_record(outcome),
         )
+
+    def _global_record(self, outcome: RoundOutcome) -> dict:
+        """module -> (B, A, singular values, rank, energy); a round without a global update (no client
+        aggregated) logs rank-0 factors, an empty spectrum and energy NaN."""
+        if outcome.empty:
+            return {
+                name: (np.zeros((m, 0), np.float32), np.zeros((0, n), np.float32), np.zeros(0), 0, math.nan)
+                for name, (m, n) in self.shapes.items()
+            }
+        results = outcome.results
+        return {
+            name: (B, A, results[name].singular_values.double().numpy(), results[name].rank,
+                   float(results[name].energy))
+            for name, (B, A) in outcome.global_factors.items()
+        }
 
     # ------------------------------------------------------------------ write
 

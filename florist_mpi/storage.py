@@ -578,6 +578,14 @@ def completed_rounds(handle: h5py.File) -> list[int]:
     return sorted(int(key) for key in handle["rounds"].keys())
 
 
+def round_is_empty(handle: h5py.File, round_index: int) -> bool:
+    """True for a round that aggregated no client (federation.empty_round: skip): its global
+    factors are rank 0 and the global model did not change. Logs from before the attribute
+    `clients_aggregated` existed hold no such round."""
+    attrs = handle["rounds"][round_key(round_index)].attrs
+    return int(attrs.get("clients_aggregated", 1)) == 0
+
+
 def read_global_factors(handle: h5py.File, round_index: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     group = handle["rounds"][round_key(round_index)]["global"]
     return {module: (group[module]["B"][()], group[module]["A"][()]) for module in group.keys()}
