@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -51,6 +52,16 @@ def frozen_A(cfg: ExperimentConfig, shapes: dict[str, tuple[int, int]]) -> dict[
     return result
 
 
+def gather_counts(world, candidates: list[int], count: Callable[[int], int]) -> dict[int, int]:
+    """client id -> count(client) for every candidate, on every rank. Each rank counts only its share,
+    candidates[rank::size] (the clients it trains when nobody is left out), and the ranks all-gather
+    the counts: no rank has to encode every candidate's data."""
+    rows = np.array([[c, count(c)] for c in candidates[world.rank :: world.size]], dtype=np.float64).reshape(-1, 2)
+    if world.size > 1:
+        rows, _ = comm.allgather_rows(world, rows)
+    return {int(client): int(value) for client, value in rows}
+
+
 class LocalClients:
     """This rank's view of the federation's clients: their training data (encoded when first
     needed) and the local training of those it hosts, on the rank's shared base model."""
@@ -75,14 +86,10 @@ class LocalClients:
 
     def token_counts(self, candidates: list[int], round_index: int) -> dict[int, int]:
         """Tokens each candidate's local work processes this round (padding included), for the simulated
-        clock. Each rank encodes and counts only its share of the candidates, the share it trains when
-        nobody is left out, and the ranks all-gather the counts: no rank encodes every client's data."""
-        mine = self.hosted(candidates)
-        rows = np.array([[c, local_tokens(self.cfg, self.encoded(c), round_index, c)] for c in mine],
-                        dtype=np.float64).reshape(-1, 2)
-        if self.world.size > 1:
-            rows, _ = comm.allgather_rows(self.world, rows)
-        return {int(client): int(tokens) for client, tokens in rows}
+        clock; see `gather_counts`."""
+        return gather_counts(
+            self.world, candidates, lambda c: local_tokens(self.cfg, self.encoded(c), round_index, c)
+        )
 
     def hosted(self, training: list[int]) -> list[int]:
         """The clients of `training` (ascending ids) this rank trains: every world.size-th one."""
