@@ -58,6 +58,7 @@ class RoundOutcome:
     time_aggregate: float | None = None
     error: str | None = None  # root mode, rank 0: why the round cannot be aggregated (no client left)
     sharded: sharding.ShardedRound | None = None  # sharded mode: the owners' state, for the client adapters
+    stacks: exchange.ClientStacks | None = None  # root mode, rank 0: the kept clients' stacked factors
 
     @property
     def empty(self) -> bool:
@@ -107,18 +108,10 @@ class Aggregation(ABC):
         client adapters (None when not logged); the other ranks do their part of getting them there."""
 
 
-def split_received(received: list[ReceivedClient], left_out: list[tuple[int, str]]):
-    """(kept, excluded): clients that failed or sent non-finite factors join the left-out ones."""
-    excluded = list(left_out)
-    kept = []
-    for client in received:
-        if client.failed:
-            excluded.append((client.client_id, exchange.REASON_FAILED))
-        elif not all(np.isfinite(B).all() and np.isfinite(A).all() for B, A in client.factors.values()):
-            excluded.append((client.client_id, exchange.REASON_NONFINITE))
-        else:
-            kept.append(client)
-    return kept, sorted(excluded)
+def exclusions(received: list[ReceivedClient], left_out: list[tuple[int, str]]) -> list[tuple[int, str]]:
+    """The left-out clients plus those whose rank rejected them (failed training, NaN/Inf factors), sorted."""
+    rejected = [(c.client_id, exchange.REASONS[c.status]) for c in received if c.status != exchange.STATUS_OK]
+    return sorted(list(left_out) + rejected)
 
 
 class RootAggregation(Aggregation):
@@ -127,11 +120,11 @@ class RootAggregation(Aggregation):
     def aggregate(self, round_index, updates, left_out, timings):
         world = self.world
         start = time.perf_counter()
-        received = exchange.gather_updates(world, updates, self.shapes)
+        gathered = exchange.gather_updates(world, updates, self.shapes)
         timings["time_gather"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        outcome = self._aggregate_at_root(round_index, received, left_out) if world.is_root else None
+        outcome = self._aggregate_at_root(round_index, *gathered, left_out) if world.is_root else None
         failure = comm.root_verdict(world, outcome.error if world.is_root else None)
         timings["time_aggregate"] = time.perf_counter() - start
         if failure:  # no client left: every rank learned it from rank 0
@@ -148,24 +141,24 @@ class RootAggregation(Aggregation):
         outcome.global_factors = global_factors
         return outcome
 
-    def _aggregate_at_root(self, round_index: int, received: list[ReceivedClient],
+    def _aggregate_at_root(self, round_index: int, received: list[ReceivedClient], stacks: exchange.ClientStacks,
                            left_out: list[tuple[int, str]]) -> RoundOutcome:
         from florist_mpi.aggregation import aggregate_adapter
 
-        kept, excluded = split_received(received, left_out)
-        outcome = RoundOutcome(received=received, kept=kept, excluded=excluded)
+        outcome = RoundOutcome(received=received, kept=stacks.clients, excluded=exclusions(received, left_out))
+        outcome.stacks = stacks
         self.kill_point("aggregate", round_index)
-        if not kept:
-            outcome.error = no_client_left(round_index, excluded)
+        if not stacks.clients:
+            outcome.error = no_client_left(round_index, outcome.excluded)
             return outcome
         fed = self.federation
         start = time.perf_counter()
         per_module = {
-            name: [(torch.from_numpy(c.factors[name][0]), torch.from_numpy(c.factors[name][1])) for c in kept]
+            name: [(torch.from_numpy(B), torch.from_numpy(A)) for B, A in stacks.client_factors(name).values()]
             for name in self.shapes
         }
         results = aggregate_adapter(
-            self.method, per_module, [c.num_samples for c in kept], tau=fed.tau, max_rank=fed.max_rank
+            self.method, per_module, [c.num_samples for c in stacks.clients], tau=fed.tau, max_rank=fed.max_rank
         )
         outcome.time_aggregate = time.perf_counter() - start
         outcome.results = results
@@ -178,12 +171,12 @@ class RootAggregation(Aggregation):
     def publish(self, outcome, commit):
         if self.world.is_root:
             logged = self.log_client_adapters and not outcome.empty
-            commit(self._client_modules(outcome.kept) if logged else None)
+            commit(self._client_modules(outcome.stacks) if logged else None)
 
-    def _client_modules(self, kept: list[ReceivedClient]) -> ClientModules:
+    def _client_modules(self, stacks: exchange.ClientStacks) -> ClientModules:
         """The kept clients' factors for the log, one module at a time."""
         for name in self.shapes:
-            yield name, {c.client_id: c.factors[name] for c in kept}
+            yield name, stacks.client_factors(name)
 
 
 class ShardedAggregation(Aggregation):

@@ -95,10 +95,17 @@ class LocalClients:
         """The clients of `training` (ascending ids) this rank trains: every world.size-th one."""
         return training[self.world.rank :: self.world.size]
 
-    def train(self, client_ids: list[int], round_index: int, init_factors: GlobalFactors | None) -> list[ClientUpdate]:
+    def train(self, client_ids: list[int], round_index: int, init_factors: GlobalFactors | None,
+              progress: Callable[[int], None] | None = None) -> list[ClientUpdate]:
         """Train each client in turn; `init_factors` is the kept global update clients start from
-        (FlexLoRA), None for methods whose clients start from a fresh LoRA."""
-        return [self._train_one(client_id, round_index, init_factors) for client_id in client_ids]
+        (FlexLoRA), None for methods whose clients start from a fresh LoRA; `progress(done)` is told
+        how many are done after each."""
+        updates = []
+        for client_id in client_ids:
+            updates.append(self._train_one(client_id, round_index, init_factors))
+            if progress is not None:
+                progress(len(updates))
+        return updates
 
     def _job(self, client_id: int, round_index: int, init_factors: GlobalFactors | None) -> ClientJob:
         lora = self.cfg.lora

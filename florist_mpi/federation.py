@@ -30,6 +30,7 @@ from florist_mpi.config import ExperimentConfig
 from florist_mpi.faults import kill_point
 from florist_mpi.global_model import GlobalModel
 from florist_mpi.model import cores_for_rank, load_base, quiet_libraries, select_device
+from florist_mpi.resources import RankMonitor
 from florist_mpi.roundlog import RoundLog
 from florist_mpi.training import isolate_torch_distributed, prepare_deepspeed
 
@@ -59,6 +60,7 @@ class Federation:
                                             self._kill_point)
         self.log = RoundLog(cfg, world.size, self.shapes, self.clients.num_samples, plan.resume_from, plan.overwrite)
         self.clock = self._start_clock(model) if cfg.system is not None else None
+        self.monitor = RankMonitor(world, self.device)
         self.initial_eval = math.nan
 
     def _start_clock(self, model) -> simclock.Clock:
@@ -81,6 +83,7 @@ class Federation:
             self._resume()
         elif cfg.eval.every:
             self.initial_eval = self.model.evaluate()[0]
+        self.log.launch = self.monitor.launch()
         if world.is_root:
             console.say(console.banner(cfg, world.size, self.device.type, len(self.shapes), first, self.initial_eval))
         for round_index in range(first, cfg.run.rounds):
@@ -100,6 +103,8 @@ class Federation:
 
     def _run_round(self, round_index: int) -> None:
         cfg, world = self.cfg, self.world
+        started = time.perf_counter()
+        self.monitor.start_round()
         timings: dict[str, float] = {}
         participants = sample_participants(cfg, round_index)
         dropped = [c for c in participants if dropped_out(cfg, round_index, c)]
@@ -109,11 +114,17 @@ class Federation:
             plan = self.clock.plan(self.clients.token_counts(training, round_index))
             training, late = plan.train, plan.stragglers
 
+        hosted = self.clients.hosted(training)
+        progress = console.RoundProgress(round_index, len(training), len(hosted)) if world.is_root else None
         with timed(timings, "time_train"):
             self._kill_point("train", round_index)
-            updates = self.clients.train(self.clients.hosted(training), round_index, self.model.client_init)
+            updates = self.clients.train(hosted, round_index, self.model.client_init,
+                                         progress.update if progress else None)
         self._kill_point("gather", round_index)
 
+        with timed(timings, "time_wait"):  # for the slowest rank, so that the exchange below is communication only
+            if world.size > 1:
+                world.barrier()
         left_out = [(c, DROPOUT_REASON) for c in dropped] + late
         outcome = self.aggregation.aggregate(round_index, updates, left_out, timings)
         if not outcome.empty:  # an empty round leaves the global model, and what clients download, as it was
@@ -130,25 +141,26 @@ class Federation:
             )
             evaluation = self.model.evaluate() if evaluate else (math.nan, math.nan)
 
+        ranks = self.monitor.gather(timings, len(hosted))
         # root mode aggregates on rank 0 only; the other phases report their slowest rank
         slowest = comm.reduce_max(world, np.array([timings[k] for k in sorted(timings)])) if world.size > 1 else None
         if slowest is not None:
             timings = dict(zip(sorted(timings), slowest.tolist()))
         if world.is_root and outcome.time_aggregate is not None:
             timings["time_aggregate"] = outcome.time_aggregate
-        self.aggregation.publish(
-            outcome, lambda adapters: self._commit(round_index, outcome, participants, timings, evaluation, adapters)
-        )
+        self.aggregation.publish(outcome, lambda adapters: self._commit(
+            round_index, outcome, participants, timings, evaluation, ranks, adapters, started))
 
     def _commit(self, round_index: int, outcome: RoundOutcome, participants: list[int], timings: dict[str, float],
-                evaluation: tuple[float, float], client_adapters) -> None:
+                evaluation: tuple[float, float], ranks: dict, client_adapters, started: float) -> None:
         """Rank 0: write the round to the log and print its line."""
         clock = None
         if self.clock is not None:
             global_ranks = {name: int(result.rank) for name, result in outcome.results.items()}
             clock = (self.clock.columns(participants),
                      self.clock.close_round([c.client_id for c in outcome.kept], global_ranks))
-        record = self.log.record(round_index, outcome, participants, timings, evaluation, clock)
+        timings = {**timings, "time_round": time.perf_counter() - started}  # up to the commit below
+        record = self.log.record(round_index, outcome, participants, timings, evaluation, clock, ranks)
         seconds = self.log.write(record, client_adapters, self.initial_eval, self._kill_point)
         line = console.round_line(round_index, self.cfg.run.rounds, record.attrs, outcome, participants)
         console.say(line + f" log {seconds:.2f}s")
