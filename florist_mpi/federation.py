@@ -122,8 +122,9 @@ class Federation:
                                          progress.update if progress else None)
         self._kill_point("gather", round_index)
 
-        with timed(timings, "time_wait"):  # for the slowest rank, so that the exchange below is communication only
-            if world.size > 1:
+        timings["time_wait"] = 0.0
+        if world.size > 1:  # wait for the slowest rank here, so that the exchange below is communication only
+            with timed(timings, "time_wait"):
                 world.barrier()
         left_out = [(c, DROPOUT_REASON) for c in dropped] + late
         outcome = self.aggregation.aggregate(round_index, updates, left_out, timings)
