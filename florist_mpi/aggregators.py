@@ -58,11 +58,26 @@ class RoundOutcome:
     time_aggregate: float | None = None
     error: str | None = None  # root mode, rank 0: why the round cannot be aggregated (no client left)
     sharded: sharding.ShardedRound | None = None  # sharded mode: the owners' state, for the client adapters
+    stacks: exchange.ClientStacks | None = None  # root mode, rank 0: the kept clients' stacked factors
+
+    @property
+    def empty(self) -> bool:
+        """No client was aggregated (federation.empty_round: skip): no global update this round."""
+        return not self.global_factors
 
 
-def no_client_left(round_index: int, excluded: list[tuple[int, str]]) -> RoundFailed:
-    reasons = "; ".join(f"client {c}: {why}" for c, why in sorted(excluded))
-    return RoundFailed(f"round {round_index} has no client left to aggregate ({reasons})")
+def no_client_left(round_index: int, excluded: list[tuple[int, str]]) -> str:
+    """One line: the round and why each of its clients was left out (the same reasons grouped)."""
+    by_reason: dict[str, list[int]] = {}
+    for client, why in sorted(excluded):
+        by_reason.setdefault(why, []).append(client)
+    reasons = "; ".join(f"{_clients(ids)}: {why}" for why, ids in by_reason.items())
+    return f"round {round_index} has no client left to aggregate ({reasons or 'no client was sampled'})"
+
+
+def _clients(ids: list[int], shown: int = 8) -> str:
+    listed = ", ".join(str(c) for c in ids[:shown]) + (f" and {len(ids) - shown} more" if len(ids) > shown else "")
+    return f"client{'s' if len(ids) > 1 else ''} {listed}"
 
 
 class Aggregation(ABC):
@@ -74,6 +89,12 @@ class Aggregation(ABC):
         self.method = methods.get(federation.method)
         self.log_client_adapters = log_client_adapters
         self.kill_point = kill_point  # test hook (docs/fault-injection.md)
+
+    def _nobody_aggregated(self, message: str) -> None:
+        """A round without a client to aggregate (every rank reached the same verdict): RoundFailed
+        under federation.empty_round: fail; otherwise the strategy returns an empty outcome."""
+        if self.federation.empty_round == "fail":
+            raise RoundFailed(message)
 
     @abstractmethod
     def aggregate(self, round_index: int, updates: list[ClientUpdate], left_out: list[tuple[int, str]],
@@ -87,18 +108,10 @@ class Aggregation(ABC):
         client adapters (None when not logged); the other ranks do their part of getting them there."""
 
 
-def split_received(received: list[ReceivedClient], left_out: list[tuple[int, str]]):
-    """(kept, excluded): clients that failed or sent non-finite factors join the left-out ones."""
-    excluded = list(left_out)
-    kept = []
-    for client in received:
-        if client.failed:
-            excluded.append((client.client_id, exchange.REASON_FAILED))
-        elif not all(np.isfinite(B).all() and np.isfinite(A).all() for B, A in client.factors.values()):
-            excluded.append((client.client_id, exchange.REASON_NONFINITE))
-        else:
-            kept.append(client)
-    return kept, sorted(excluded)
+def exclusions(received: list[ReceivedClient], left_out: list[tuple[int, str]]) -> list[tuple[int, str]]:
+    """The left-out clients plus those whose rank rejected them (failed training, NaN/Inf factors), sorted."""
+    rejected = [(c.client_id, exchange.REASONS[c.status]) for c in received if c.status != exchange.STATUS_OK]
+    return sorted(list(left_out) + rejected)
 
 
 class RootAggregation(Aggregation):
@@ -107,15 +120,17 @@ class RootAggregation(Aggregation):
     def aggregate(self, round_index, updates, left_out, timings):
         world = self.world
         start = time.perf_counter()
-        received = exchange.gather_updates(world, updates, self.shapes)
+        gathered = exchange.gather_updates(world, updates, self.shapes)
         timings["time_gather"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        outcome = self._aggregate_at_root(round_index, received, left_out) if world.is_root else None
+        outcome = self._aggregate_at_root(round_index, *gathered, left_out) if world.is_root else None
         failure = comm.root_verdict(world, outcome.error if world.is_root else None)
-        if failure:
-            raise RoundFailed(failure)
         timings["time_aggregate"] = time.perf_counter() - start
+        if failure:  # no client left: every rank learned it from rank 0
+            self._nobody_aggregated(failure)
+            timings["time_broadcast"] = 0.0
+            return outcome if outcome is not None else RoundOutcome(received=[], kept=[], excluded=[])
 
         start = time.perf_counter()
         root_factors = outcome.global_factors if world.is_root else None
@@ -126,24 +141,24 @@ class RootAggregation(Aggregation):
         outcome.global_factors = global_factors
         return outcome
 
-    def _aggregate_at_root(self, round_index: int, received: list[ReceivedClient],
+    def _aggregate_at_root(self, round_index: int, received: list[ReceivedClient], stacks: exchange.ClientStacks,
                            left_out: list[tuple[int, str]]) -> RoundOutcome:
         from florist_mpi.aggregation import aggregate_adapter
 
-        kept, excluded = split_received(received, left_out)
-        outcome = RoundOutcome(received=received, kept=kept, excluded=excluded)
+        outcome = RoundOutcome(received=received, kept=stacks.clients, excluded=exclusions(received, left_out))
+        outcome.stacks = stacks
         self.kill_point("aggregate", round_index)
-        if not kept:
-            outcome.error = str(no_client_left(round_index, excluded))
+        if not stacks.clients:
+            outcome.error = no_client_left(round_index, outcome.excluded)
             return outcome
         fed = self.federation
         start = time.perf_counter()
         per_module = {
-            name: [(torch.from_numpy(c.factors[name][0]), torch.from_numpy(c.factors[name][1])) for c in kept]
+            name: [(torch.from_numpy(B), torch.from_numpy(A)) for B, A in stacks.client_factors(name).values()]
             for name in self.shapes
         }
         results = aggregate_adapter(
-            self.method, per_module, [c.num_samples for c in kept], tau=fed.tau, max_rank=fed.max_rank
+            self.method, per_module, [c.num_samples for c in stacks.clients], tau=fed.tau, max_rank=fed.max_rank
         )
         outcome.time_aggregate = time.perf_counter() - start
         outcome.results = results
@@ -155,12 +170,13 @@ class RootAggregation(Aggregation):
 
     def publish(self, outcome, commit):
         if self.world.is_root:
-            commit(self._client_modules(outcome.kept) if self.log_client_adapters else None)
+            logged = self.log_client_adapters and not outcome.empty
+            commit(self._client_modules(outcome.stacks) if logged else None)
 
-    def _client_modules(self, kept: list[ReceivedClient]) -> ClientModules:
+    def _client_modules(self, stacks: exchange.ClientStacks) -> ClientModules:
         """The kept clients' factors for the log, one module at a time."""
         for name in self.shapes:
-            yield name, {c.client_id: c.factors[name] for c in kept}
+            yield name, stacks.client_factors(name)
 
 
 class ShardedAggregation(Aggregation):
@@ -184,7 +200,7 @@ class ShardedAggregation(Aggregation):
             before_aggregate=lambda: self.kill_point("aggregate", round_index),
         )
         if not state.kept:  # every rank reached this verdict from the same metadata
-            raise no_client_left(round_index, state.excluded)
+            self._nobody_aggregated(no_client_left(round_index, state.excluded))
         timings["time_gather"] = state.time_scatter
         timings["time_aggregate"] = state.time_aggregate
         timings["time_broadcast"] = state.time_allgather
@@ -198,12 +214,12 @@ class ShardedAggregation(Aggregation):
         )
 
     def publish(self, outcome, commit):
+        logged = self.log_client_adapters and not outcome.empty
         if self.world.is_root:
             # streamed from the owners as the log writer consumes it: rank 0 never holds every module's
             # client factors at once (the other ranks send theirs meanwhile, below)
-            adapters = sharding.stream_client_adapters(self.world, outcome.sharded, self.shapes)
-            commit(adapters if self.log_client_adapters else None)
-        elif self.log_client_adapters:
+            commit(sharding.stream_client_adapters(self.world, outcome.sharded, self.shapes) if logged else None)
+        elif logged:
             sharding.send_client_adapters(self.world, outcome.sharded, self.shapes)
 
 

@@ -36,7 +36,10 @@ from florist_mpi.storage import LogError
 
 # Round attributes in the order the frames show them (docs/log-format.md).
 PHASES = ("time_train", "time_gather", "time_aggregate", "time_broadcast", "time_merge", "time_eval")
-ROUND_ATTRS = ("eval_loss", "eval_accuracy", "tau", *PHASES, "bytes_up", "bytes_down", "world_size")
+# time_round: rank 0's wall time of the round; time_wait: the longest wait of a rank for the slowest one
+# at the exchange (NaN in logs written before they existed).
+ROUND_ATTRS = ("eval_loss", "eval_accuracy", "tau", *PHASES, "time_wait", "time_round", "bytes_up", "bytes_down",
+               "world_size")
 INTEGER_ATTRS = ("bytes_up", "bytes_down", "world_size")
 # Columns `Run.rounds` derives from the log on top of the round attributes.
 DERIVED_COLUMNS = (
@@ -69,6 +72,7 @@ def open_run(path: str | Path) -> "Run":
         rounds = storage.completed_rounds(handle)
         world_size = int(attrs.get("world_size", 1))
         summary = _read_summary(handle, rounds, modules, world_size)
+        launch = {key: _plain(attrs[key]) for key in LAUNCH_ATTRS if key in attrs}
         run = Run(
             path=path,
             config=config,
@@ -82,9 +86,24 @@ def open_run(path: str | Path) -> "Run":
             module_shapes={m: (int(s[0]), int(s[1])) for m, s in zip(modules, shapes)},
             initial_eval_loss=float(attrs.get("initial_eval_loss", math.nan)),
             round_indices=rounds,
+            launch=launch,
         )
-    run._rounds_frame, run._ranks_frame, run._energy_frame = summary
+    run._rounds_frame, run._ranks_frame, run._energy_frame, run._per_rank_frame = summary
     return run
+
+
+# Root attributes that say where the latest launch ran (docs/log-format.md).
+LAUNCH_ATTRS = ("time_startup", "hosts", "num_nodes", "threads_per_rank", "peak_rss_scope", "slurm_job_id",
+                "slurm_array_job_id", "slurm_array_task_id")
+
+
+def _plain(value):
+    """An HDF5 attribute as plain Python: str, int, float or a list of them."""
+    if isinstance(value, np.ndarray):
+        return [storage.decode_str(v) if isinstance(v, (bytes, str)) else v.item() for v in value.reshape(-1)]
+    if isinstance(value, np.generic):
+        return value.item()
+    return storage.decode_str(value) if isinstance(value, bytes) else value
 
 
 @contextmanager
@@ -105,10 +124,14 @@ def _read_summary(handle, rounds: list[int], modules: list[str], world_size: int
 
     `world_size` (the header's) fills the rounds of logs written before rounds recorded their own.
     """
-    records, rank_columns, energy_columns = [], {}, {}
+    records, rank_columns, energy_columns, per_rank = [], {}, {}, []
     group_of_rounds = handle["rounds"]
     for r in rounds:
         group = group_of_rounds[storage.round_key(r)]
+        if "ranks" in group:  # every MPI rank's figures (logs from before have none)
+            columns = {key: group["ranks"][key][()] for key in group["ranks"]}
+            for rank in range(len(next(iter(columns.values()), []))):
+                per_rank.append({"round": r, "rank": rank, **{k: v[rank].item() for k, v in columns.items()}})
         row = {}
         for key, value in group.attrs.items():
             row[key] = value.item() if isinstance(value, np.generic) else value
@@ -162,7 +185,13 @@ def _read_summary(handle, rounds: list[int], modules: list[str], world_size: int
     frame["cum_bytes_down"] = frame["bytes_down"].cumsum()
     frame = frame[list(ROUND_ATTRS) + list(DERIVED_COLUMNS) + extra]
     frame.index = pd.Index(rounds, name="round", dtype=np.int64)
-    return frame, ranks_frame, energy_frame
+    per_rank_frame = pd.DataFrame.from_records(per_rank, columns=["round", "rank", *_rank_columns(per_rank)])
+    return frame, ranks_frame, energy_frame, per_rank_frame.set_index(["round", "rank"])
+
+
+def _rank_columns(records: list[dict]) -> list[str]:
+    present = {key for row in records for key in row} - {"round", "rank"}
+    return [c for c in storage.RANK_COLUMNS if c in present] + sorted(present - set(storage.RANK_COLUMNS))
 
 
 @dataclass(eq=False)
@@ -181,9 +210,12 @@ class Run:
     module_shapes: dict[str, tuple[int, int]]  # module -> (out_features m, in_features n), in `modules` order
     initial_eval_loss: float
     round_indices: list[int]  # completed rounds, ascending
+    # where the latest launch ran: time_startup, hosts, num_nodes, threads_per_rank, slurm ids (LAUNCH_ATTRS)
+    launch: dict = field(default_factory=dict)
     _rounds_frame: pd.DataFrame = field(default=None, repr=False)
     _ranks_frame: pd.DataFrame = field(default=None, repr=False)
     _energy_frame: pd.DataFrame = field(default=None, repr=False)
+    _per_rank_frame: pd.DataFrame = field(default=None, repr=False)
 
     # ------------------------------------------------------------ summary frames
 
@@ -201,6 +233,13 @@ class Run:
     def ranks(self) -> pd.DataFrame:
         """Global rank r_g, module (rows, exchange order) x round (columns)."""
         return self._ranks_frame.copy()
+
+    @property
+    def per_rank(self) -> pd.DataFrame:
+        """Every MPI rank's figures per round (the log's `ranks/` group), index (round, rank): time_train,
+        time_wait, clients, peak_rss_bytes, mpi_bytes_sent, mpi_bytes_received (peak_gpu_bytes on GPU).
+        Empty for logs written before rounds recorded them."""
+        return self._per_rank_frame.copy()
 
     @property
     def energies(self) -> pd.DataFrame:

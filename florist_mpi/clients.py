@@ -9,16 +9,17 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
+from florist_mpi import comm, methods
 from florist_mpi import data as data_lib
-from florist_mpi import methods
 from florist_mpi.config import ExperimentConfig
 from florist_mpi.exchange import ClientUpdate
 from florist_mpi.seeding import Stream, derive_seed, rng
-from florist_mpi.training import ClientJob, ClientTrainer, ClientTrainingError
+from florist_mpi.training import ClientJob, ClientTrainer, ClientTrainingError, local_tokens
 from florist_mpi.warmup import training_split
 
 GlobalFactors = dict[str, tuple[np.ndarray, np.ndarray]]
@@ -51,6 +52,16 @@ def frozen_A(cfg: ExperimentConfig, shapes: dict[str, tuple[int, int]]) -> dict[
     return result
 
 
+def gather_counts(world, candidates: list[int], count: Callable[[int], int]) -> dict[int, int]:
+    """client id -> count(client) for every candidate, on every rank. Each rank counts only its share,
+    candidates[rank::size] (the clients it trains when nobody is left out), and the ranks all-gather
+    the counts: no rank has to encode every candidate's data."""
+    rows = np.array([[c, count(c)] for c in candidates[world.rank :: world.size]], dtype=np.float64).reshape(-1, 2)
+    if world.size > 1:
+        rows, _ = comm.allgather_rows(world, rows)
+    return {int(client): int(value) for client, value in rows}
+
+
 class LocalClients:
     """This rank's view of the federation's clients: their training data (encoded when first
     needed) and the local training of those it hosts, on the rank's shared base model."""
@@ -73,14 +84,28 @@ class LocalClients:
             )
         return self._encoded[client_id]
 
+    def token_counts(self, candidates: list[int], round_index: int) -> dict[int, int]:
+        """Tokens each candidate's local work processes this round (padding included), for the simulated
+        clock; see `gather_counts`."""
+        return gather_counts(
+            self.world, candidates, lambda c: local_tokens(self.cfg, self.encoded(c), round_index, c)
+        )
+
     def hosted(self, training: list[int]) -> list[int]:
         """The clients of `training` (ascending ids) this rank trains: every world.size-th one."""
         return training[self.world.rank :: self.world.size]
 
-    def train(self, client_ids: list[int], round_index: int, init_factors: GlobalFactors | None) -> list[ClientUpdate]:
+    def train(self, client_ids: list[int], round_index: int, init_factors: GlobalFactors | None,
+              progress: Callable[[int], None] | None = None) -> list[ClientUpdate]:
         """Train each client in turn; `init_factors` is the kept global update clients start from
-        (FlexLoRA), None for methods whose clients start from a fresh LoRA."""
-        return [self._train_one(client_id, round_index, init_factors) for client_id in client_ids]
+        (FlexLoRA), None for methods whose clients start from a fresh LoRA; `progress(done)` is told
+        how many are done after each."""
+        updates = []
+        for client_id in client_ids:
+            updates.append(self._train_one(client_id, round_index, init_factors))
+            if progress is not None:
+                progress(len(updates))
+        return updates
 
     def _job(self, client_id: int, round_index: int, init_factors: GlobalFactors | None) -> ClientJob:
         lora = self.cfg.lora

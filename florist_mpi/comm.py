@@ -34,6 +34,27 @@ def chunk_elements() -> int:
 
 
 @dataclass
+class Traffic:
+    """Bytes this process's collectives moved to and from other ranks, counted by the logical pattern
+    of each call (a broadcast: n sent per receiving rank at the root, n received at each other rank;
+    an all-reduce: n sent and n received; a gather: n sent, Σ n received at the root; an all-to-all
+    or all-gather: what goes to and comes from other ranks). The MPI library's algorithms (trees,
+    rings) and transport may move more or less on the wire; a world of one moves nothing."""
+
+    sent: int = 0
+    received: int = 0
+
+
+TRAFFIC = Traffic()
+
+
+def _tally(world: "World", sent: int = 0, received: int = 0) -> None:
+    if world.size > 1:
+        TRAFFIC.sent += int(sent)
+        TRAFFIC.received += int(received)
+
+
+@dataclass
 class World:
     """The job's ranks as seen from this process."""
 
@@ -115,9 +136,17 @@ def bcast_bytes(world: World, payload: bytes | None) -> bytes:
     MPI = _mpi()
     length = np.array([len(payload) if world.is_root else 0], dtype=np.int64)
     world.comm.Bcast([length, MPI.INT64_T], root=0)
+    _tally_bcast(world, length.nbytes)
     buffer = np.frombuffer(payload, dtype=np.uint8).copy() if world.is_root else np.empty(int(length[0]), np.uint8)
     bcast_array(world, buffer)
     return buffer.tobytes()
+
+
+def _tally_bcast(world: World, nbytes: int) -> None:
+    if world.is_root:
+        _tally(world, sent=nbytes * (world.size - 1))
+    else:
+        _tally(world, received=nbytes)
 
 
 def root_verdict(world: World, message: str | None) -> str:
@@ -132,6 +161,7 @@ def reduce_max(world: World, values: np.ndarray) -> np.ndarray:
     values = np.ascontiguousarray(values, dtype=np.float64)
     out = np.empty_like(values)
     world.comm.Allreduce([values, MPI.DOUBLE], [out, MPI.DOUBLE], op=MPI.MAX)
+    _tally(world, sent=values.nbytes, received=values.nbytes)
     return out
 
 
@@ -140,6 +170,7 @@ def allreduce_sum(world: World, values: np.ndarray) -> np.ndarray:
     values = np.ascontiguousarray(values, dtype=np.float64)
     out = np.empty_like(values)
     world.comm.Allreduce([values, MPI.DOUBLE], [out, MPI.DOUBLE], op=MPI.SUM)
+    _tally(world, sent=values.nbytes, received=values.nbytes)
     return out
 
 
@@ -153,7 +184,16 @@ def gather_rows(world: World, rows: np.ndarray) -> np.ndarray | None:
     displs = _displacements(counts) if world.is_root else None
     recv = [out, counts, displs, MPI.DOUBLE] if world.is_root else None
     world.comm.Gatherv([rows.reshape(-1), MPI.DOUBLE], recv, root=0)
+    _tally_gather(world, rows.nbytes, out.nbytes)
     return out.reshape(-1, width) if world.is_root else None
+
+
+def _tally_gather(world: World, mine: int, everyone: int) -> None:
+    """A gather to rank 0: each rank sends its `mine` bytes; rank 0 receives `everyone` less its own."""
+    if world.is_root:
+        _tally(world, received=everyone - mine)
+    else:
+        _tally(world, sent=mine)
 
 
 def gather_counts(world: World, count: int) -> np.ndarray | None:
@@ -161,7 +201,22 @@ def gather_counts(world: World, count: int) -> np.ndarray | None:
     mine = np.array([count], dtype=np.int64)
     counts = np.empty(world.size, dtype=np.int64) if world.is_root else None
     world.comm.Gather([mine, MPI.INT64_T], [counts, MPI.INT64_T] if world.is_root else None, root=0)
+    _tally_gather(world, mine.nbytes, mine.nbytes * world.size)
     return counts
+
+
+def gather_text(world: World, text: str) -> list[str] | None:
+    """Every rank's short string (a host name, say) at rank 0, in rank order."""
+    MPI = _mpi()
+    mine = np.frombuffer(text.encode(), dtype=np.uint8).copy()
+    counts = gather_counts(world, mine.size)
+    out = np.empty(int(counts.sum()) if world.is_root else 0, dtype=np.uint8)
+    recv = [out, counts, _displacements(counts), MPI.BYTE] if world.is_root else None
+    world.comm.Gatherv([mine, MPI.BYTE], recv, root=0)
+    _tally_gather(world, mine.nbytes, out.nbytes if world.is_root else 0)
+    if not world.is_root:
+        return None
+    return [part.tobytes().decode() for part in np.split(out, np.cumsum(counts)[:-1])]
 
 
 def _displacements(counts: np.ndarray) -> np.ndarray:
@@ -190,6 +245,13 @@ def gather_float32(world: World, local: np.ndarray, chunk: int | None = None) ->
     counts = gather_counts(world, local.size)
     total_rounds = np.array([-(-local.size // chunk)], dtype=np.int64)
     world.comm.Allreduce(MPI.IN_PLACE, [total_rounds, MPI.INT64_T], op=MPI.MAX)
+    _tally(world, sent=total_rounds.nbytes, received=total_rounds.nbytes)
+    _tally_gather(world, local.nbytes, int(counts.sum()) * 4 if world.is_root else 0)
+    if int(total_rounds[0]) <= 1:  # one step: straight into one buffer, each rank's part a view of it
+        everything = np.empty(int(counts.sum()) if world.is_root else 0, dtype=np.float32)
+        recv = [everything, counts, _displacements(counts), MPI.FLOAT] if world.is_root else None
+        world.comm.Gatherv([local, MPI.FLOAT], recv, root=0)
+        return np.split(everything, np.cumsum(counts)[:-1]) if world.is_root else None
     per_rank = [np.empty(int(c), dtype=np.float32) for c in counts] if world.is_root else None
     for step in range(int(total_rounds[0])):
         start = step * chunk
@@ -215,6 +277,7 @@ def bcast_array(world: World, array: np.ndarray, chunk: int | None = None) -> np
         raise ValueError("bcast_array needs a contiguous array")
     for start in range(0, flat.size, chunk):
         world.comm.Bcast(flat[start : start + chunk], root=0)
+    _tally_bcast(world, flat.nbytes)
     return array
 
 
@@ -223,6 +286,7 @@ def bcast_float32(world: World, payload: np.ndarray | None) -> np.ndarray:
     MPI = _mpi()
     length = np.array([payload.size if world.is_root else 0], dtype=np.int64)
     world.comm.Bcast([length, MPI.INT64_T], root=0)
+    _tally_bcast(world, length.nbytes)
     buffer = np.ascontiguousarray(payload, dtype=np.float32) if world.is_root else np.empty(int(length[0]), np.float32)
     return bcast_array(world, buffer)
 
@@ -233,6 +297,7 @@ def gather_digests(world: World, digest: bytes) -> list[bytes] | None:
     mine = np.frombuffer(digest, dtype=np.uint8).copy()
     out = np.empty(world.size * mine.size, dtype=np.uint8) if world.is_root else None
     world.comm.Gather([mine, MPI.BYTE], [out, MPI.BYTE] if world.is_root else None, root=0)
+    _tally_gather(world, mine.nbytes, mine.nbytes * world.size)
     if not world.is_root:
         return None
     return [out[i * mine.size : (i + 1) * mine.size].tobytes() for i in range(world.size)]
@@ -258,7 +323,14 @@ def allgather_rows(world: World, rows: np.ndarray) -> tuple[np.ndarray, np.ndarr
     sizes = counts * width
     out = np.empty(int(sizes.sum()), dtype=np.float64)
     world.comm.Allgatherv([rows.reshape(-1), MPI.DOUBLE], [out, sizes, _displacements(sizes), MPI.DOUBLE])
+    _tally_allgather(world, mine.nbytes, counts.nbytes)
+    _tally_allgather(world, rows.nbytes, out.nbytes)
     return out.reshape(-1, width), counts
+
+
+def _tally_allgather(world: World, mine: int, everyone: int) -> None:
+    """An all-gather: each rank's `mine` bytes go to every other rank; it receives the others'."""
+    _tally(world, sent=mine * (world.size - 1), received=everyone - mine)
 
 
 class _PieceReader:
@@ -283,6 +355,7 @@ def _max_steps(world: World, totals: np.ndarray, step: int) -> int:
     MPI = _mpi()
     steps = np.array([-(-int(totals.max(initial=0)) // step)], dtype=np.int64)
     world.comm.Allreduce(MPI.IN_PLACE, [steps, MPI.INT64_T], op=MPI.MAX)
+    _tally(world, sent=steps.nbytes, received=steps.nbytes)
     return int(steps[0])
 
 
@@ -300,6 +373,8 @@ def alltoallv_float32(world: World, outgoing: list[list[np.ndarray]], incoming: 
     send_totals = np.array([sum(p.size for p in pieces) for pieces in outgoing], dtype=np.int64)
     recv_totals = np.array([a.size for a in incoming], dtype=np.int64)
     readers = [_PieceReader(pieces) for pieces in outgoing]
+    others = np.arange(world.size) != world.rank
+    _tally(world, sent=4 * int(send_totals[others].sum()), received=4 * int(recv_totals[others].sum()))
     for index in range(_max_steps(world, np.concatenate([send_totals, recv_totals]), step)):
         start = index * step
         send_sizes = np.clip(send_totals - start, 0, step).astype(np.int64)
@@ -322,6 +397,8 @@ def allgatherv_float32(world: World, local: np.ndarray, chunk: int | None = None
     mine = np.array([local.size], dtype=np.int64)
     totals = np.empty(world.size, dtype=np.int64)
     world.comm.Allgather([mine, MPI.INT64_T], [totals, MPI.INT64_T])
+    _tally_allgather(world, mine.nbytes, totals.nbytes)
+    _tally_allgather(world, local.nbytes, 4 * int(totals.sum()))
     out = [np.empty(int(t), dtype=np.float32) for t in totals]
     for index in range(-(-int(totals.max(initial=0)) // step)):
         start = index * step
@@ -344,6 +421,7 @@ def send_float32(world: World, pieces: list[np.ndarray], dest: int, chunk: int |
         piece = buffer[: min(chunk, total - start)]
         reader.take_into(piece)
         world.comm.Send([piece, MPI.FLOAT], dest=dest, tag=7)
+    _tally(world, sent=4 * total)
 
 
 def recv_float32(world: World, out: np.ndarray, source: int, chunk: int | None = None) -> np.ndarray:
@@ -352,4 +430,5 @@ def recv_float32(world: World, out: np.ndarray, source: int, chunk: int | None =
     chunk = chunk or chunk_elements()
     for start in range(0, out.size, chunk):
         world.comm.Recv([out[start : start + chunk], MPI.FLOAT], source=source, tag=7)
+    _tally(world, received=out.nbytes)
     return out

@@ -95,6 +95,16 @@ class FederationConfig(_Section):
         ),
     )
 
+    empty_round: Literal["skip", "fail"] = Field(
+        "skip",
+        description=(
+            "a round in which no sampled client can be aggregated (all dropped out, past `system.deadline_s`, "
+            "or failed / non-finite): `skip` logs it as a round without a global update (every client in "
+            "`clients/excluded` with its reason, the global model unchanged) and the run goes on; `fail` ends "
+            "the run with one line, the log keeping the rounds before it"
+        ),
+    )
+
     @field_validator("method")
     @classmethod
     def _registered_method(cls, value: str) -> str:
@@ -653,9 +663,21 @@ def _first_difference(a, b, prefix: str) -> str | None:
     return None if a == b else prefix
 
 
+# Keys inside RESUME_KEYS that may change on resume: they choose how, not what, is computed.
+RESUME_FREE = (
+    "train.client_engines",  # reused and fresh engines give bitwise-equal clients (tests/test_training.py)
+)
+
+
 def resume_mismatch(logged: ExperimentConfig, current: ExperimentConfig) -> str | None:
     """The first key (dotted) whose value differs in a way that forbids resuming."""
     old, new = logged.model_dump(mode="json"), current.model_dump(mode="json")
+    for tree in (old, new):
+        for dotted in RESUME_FREE:
+            section, _, key = dotted.rpartition(".")
+            node = _lookup(tree, section)
+            if isinstance(node, dict):
+                node.pop(key, None)
     for key in RESUME_KEYS:
         diff = _first_difference(_lookup(old, key), _lookup(new, key), key)
         if diff:

@@ -29,7 +29,7 @@ class SharedFailure(RuntimeError):
 
 
 class RoundFailed(SharedFailure):
-    """A round that cannot be completed (e.g. every client was excluded)."""
+    """A round that cannot be completed: every client was excluded, under federation.empty_round: fail."""
 
 
 class RanksDiverged(SharedFailure):

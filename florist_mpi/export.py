@@ -50,8 +50,11 @@ def cumulative_update(run: Run, round_index: int | None) -> tuple[dict[str, tupl
     from florist_mpi.aggregation import aggregate
 
     r = run.resolve_round(round_index)
-    # a method that keeps the base logs the whole update each round; the others log increments
-    included = [r] if methods.get(run.method).keeps_base else [t for t in run.round_indices if t <= r]
+    # a method that keeps the base logs the whole update each round (the last round that aggregated a
+    # client holds it); the others log increments (a round that aggregated nobody logs rank 0)
+    included = [t for t in run.round_indices if t <= r]
+    if methods.get(run.method).keeps_base:
+        included = [t for t in included if run.rounds.loc[t, "num_clients"] > 0][-1:]
     per_round = [run.global_factors(t) for t in included]
     result = {}
     for module in run.modules:

@@ -30,8 +30,9 @@ from florist_mpi.config import ExperimentConfig
 from florist_mpi.faults import kill_point
 from florist_mpi.global_model import GlobalModel
 from florist_mpi.model import cores_for_rank, load_base, quiet_libraries, select_device
+from florist_mpi.resources import RankMonitor
 from florist_mpi.roundlog import RoundLog
-from florist_mpi.training import isolate_torch_distributed, local_tokens, prepare_deepspeed
+from florist_mpi.training import isolate_torch_distributed, prepare_deepspeed
 
 
 @contextmanager
@@ -59,18 +60,15 @@ class Federation:
                                             self._kill_point)
         self.log = RoundLog(cfg, world.size, self.shapes, self.clients.num_samples, plan.resume_from, plan.overwrite)
         self.clock = self._start_clock(model) if cfg.system is not None else None
+        self.monitor = RankMonitor(world, self.device)
         self.initial_eval = math.nan
 
     def _start_clock(self, model) -> simclock.Clock:
         cfg = self.cfg
         # Weights every token passes through: the base model's linear layers (embeddings are lookups).
         base_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-
-        def tokens_of(client_id: int, round_index: int) -> int:
-            return local_tokens(cfg, self.clients.encoded(client_id), round_index, client_id)
-
         tables = data_lib.system_tables(cfg.system, cfg.federation.num_clients)
-        return simclock.Clock(cfg, self.shapes, base_params, tokens_of, tables)
+        return simclock.Clock(cfg, self.shapes, base_params, tables)
 
     def _kill_point(self, point: str, round_index: int) -> None:
         if self.world.is_root:
@@ -85,6 +83,7 @@ class Federation:
             self._resume()
         elif cfg.eval.every:
             self.initial_eval = self.model.evaluate()[0]
+        self.log.launch = self.monitor.launch()
         if world.is_root:
             console.say(console.banner(cfg, world.size, self.device.type, len(self.shapes), first, self.initial_eval))
         for round_index in range(first, cfg.run.rounds):
@@ -104,54 +103,67 @@ class Federation:
 
     def _run_round(self, round_index: int) -> None:
         cfg, world = self.cfg, self.world
+        started = time.perf_counter()
+        self.monitor.start_round()
         timings: dict[str, float] = {}
         participants = sample_participants(cfg, round_index)
         dropped = [c for c in participants if dropped_out(cfg, round_index, c)]
         training = [c for c in participants if c not in dropped]
         late: list[tuple[int, str]] = []
         if self.clock is not None:  # the simulated clock decides, before any training, who is too late
-            plan = self.clock.plan(round_index, training)
+            plan = self.clock.plan(self.clients.token_counts(training, round_index))
             training, late = plan.train, plan.stragglers
 
+        hosted = self.clients.hosted(training)
+        progress = console.RoundProgress(round_index, len(training), len(hosted)) if world.is_root else None
         with timed(timings, "time_train"):
             self._kill_point("train", round_index)
-            updates = self.clients.train(self.clients.hosted(training), round_index, self.model.client_init)
+            updates = self.clients.train(hosted, round_index, self.model.client_init,
+                                         progress.update if progress else None)
         self._kill_point("gather", round_index)
 
+        timings["time_wait"] = 0.0
+        if world.size > 1:  # wait for the slowest rank here, so that the exchange below is communication only
+            with timed(timings, "time_wait"):
+                world.barrier()
         left_out = [(c, DROPOUT_REASON) for c in dropped] + late
         outcome = self.aggregation.aggregate(round_index, updates, left_out, timings)
-        if self.clock is not None:
-            self.clock.advance({name: int(B.shape[1]) for name, (B, _) in outcome.global_factors.items()})
-
-        with timed(timings, "time_merge"):
-            self.model.apply(outcome.global_factors)
+        if not outcome.empty:  # an empty round leaves the global model, and what clients download, as it was
+            if self.clock is not None:
+                self.clock.advance({name: int(B.shape[1]) for name, (B, _) in outcome.global_factors.items()})
+            with timed(timings, "time_merge"):
+                self.model.apply(outcome.global_factors)
+        timings.setdefault("time_merge", 0.0)
         self.model.check_consistency(round_index)
 
         with timed(timings, "time_eval"):
             evaluate = cfg.eval.every and (
                 (round_index + 1) % cfg.eval.every == 0 or round_index + 1 == cfg.run.rounds
             )
-            evaluation = self.model.evaluate(outcome.global_factors) if evaluate else (math.nan, math.nan)
+            evaluation = self.model.evaluate() if evaluate else (math.nan, math.nan)
 
+        ranks = self.monitor.gather(timings, len(hosted))
         # root mode aggregates on rank 0 only; the other phases report their slowest rank
         slowest = comm.reduce_max(world, np.array([timings[k] for k in sorted(timings)])) if world.size > 1 else None
         if slowest is not None:
             timings = dict(zip(sorted(timings), slowest.tolist()))
         if world.is_root and outcome.time_aggregate is not None:
             timings["time_aggregate"] = outcome.time_aggregate
-        self.aggregation.publish(
-            outcome, lambda adapters: self._commit(round_index, outcome, participants, timings, evaluation, adapters)
-        )
+        self.aggregation.publish(outcome, lambda adapters: self._commit(
+            round_index, outcome, participants, timings, evaluation, ranks, adapters, started))
 
     def _commit(self, round_index: int, outcome: RoundOutcome, participants: list[int], timings: dict[str, float],
-                evaluation: tuple[float, float], client_adapters) -> None:
+                evaluation: tuple[float, float], ranks: dict, client_adapters, started: float) -> None:
         """Rank 0: write the round to the log and print its line."""
         clock = None
         if self.clock is not None:
             global_ranks = {name: int(result.rank) for name, result in outcome.results.items()}
             clock = (self.clock.columns(participants),
                      self.clock.close_round([c.client_id for c in outcome.kept], global_ranks))
-        record = self.log.record(round_index, outcome, participants, timings, evaluation, clock)
+        timings = {**timings, "time_round": time.perf_counter() - started}  # up to the commit below
+        record = self.log.record(round_index, outcome, participants, timings, evaluation, clock, ranks)
         seconds = self.log.write(record, client_adapters, self.initial_eval, self._kill_point)
         line = console.round_line(round_index, self.cfg.run.rounds, record.attrs, outcome, participants)
         console.say(line + f" log {seconds:.2f}s")
+        if outcome.empty:
+            console.say(console.empty_round_line(round_index, outcome.excluded))

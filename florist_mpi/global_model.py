@@ -54,9 +54,11 @@ class GlobalModel:
 
     def replay(self, handle) -> GlobalFactors | None:
         """Apply a log's global updates onto the freshly built base (bitwise the run's own ops);
-        returns the last round's global factors (None for a log without rounds)."""
+        returns the last global update applied (None when no round had one)."""
         factors = None
         for round_index in storage.completed_rounds(handle):
+            if storage.round_is_empty(handle, round_index):
+                continue  # no client was aggregated: the global model stayed as it was
             logged = storage.read_global_factors(handle, round_index)
             factors = {name: logged[name] for name in self.shapes}  # model order
             self.apply(factors)
@@ -82,13 +84,13 @@ class GlobalModel:
 
     # --------------------------------------------------------------- evaluation
 
-    def evaluate(self, global_factors: GlobalFactors | None = None) -> tuple[float, float]:
+    def evaluate(self) -> tuple[float, float]:
         """(held-out loss, MMLU accuracy) of the global model, split over ranks; NaN where not measured."""
         if self.eval_set is None:
             return math.nan, math.nan
-        if self.method.keeps_base and global_factors is not None:
-            # the base is kept (FlexLoRA): the global model is base + the aggregated update
-            with temporarily_merged(self.modules, global_factors, self.masters):
+        if self.method.keeps_base and self.client_init is not None:
+            # the base is kept (FlexLoRA): the global model is base + the kept global update
+            with temporarily_merged(self.modules, self.client_init, self.masters):
                 return self._evaluate_model()
         return self._evaluate_model()
 

@@ -277,12 +277,20 @@ def _load_pretrained(name: str, cfg: ExperimentConfig, device: torch.device, loc
 
 
 def adapted_modules(model, target_modules: list[str]) -> dict[str, torch.nn.Linear]:
-    """Linear modules whose last name component is a target, by dotted name, in model order."""
-    found = {
-        name: module
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in target_modules
-    }
+    """Linear modules whose last name component is a target, by dotted name, in model order.
+
+    A target that names any other kind of module (an embedding, say) is refused: PEFT would wrap it
+    with a LoRA of its own kind, which neither the exchange nor the merges of this package handle.
+    """
+    matched = [(name, module) for name, module in model.named_modules() if name.rsplit(".", 1)[-1] in target_modules]
+    for name, module in matched:
+        if not isinstance(module, torch.nn.Linear):
+            raise UserError(
+                f"lora.target_modules entry '{name.rsplit('.', 1)[-1]}' matches '{name}' "
+                f"({module.__class__.__name__}), which is not a linear layer: only nn.Linear layers can be "
+                "adapted; remove it from lora.target_modules"
+            )
+    found = dict(matched)
     if not found:
         raise UserError(
             f"lora.target_modules {target_modules} match no linear layer of the model: "

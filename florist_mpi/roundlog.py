@@ -12,6 +12,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 
@@ -53,6 +54,10 @@ class RoundLog:
         self.started = resume_from >= 0
         # every registered client's LoRA rank, counted once: the downlink goes to all of them
         self.client_ranks = Counter(cfg.lora.rank_of(c) for c in range(cfg.federation.num_clients))
+        # this launch's start-up, hosts, threads and Slurm ids (resources.RankMonitor.launch), written
+        # with the launch's first round
+        self.launch: dict | None = None
+        self._launch_logged = False
 
     # ------------------------------------------------------------------ bytes
 
@@ -65,7 +70,8 @@ class RoundLog:
         return BYTES_PER_FLOAT * sum(count * self._factor_floats(r) for r, count in Counter(kept_ranks).items())
 
     def bytes_down(self, global_factors) -> int:
-        """fp32 bytes the server sends, summed over every client (each gets its own prefix in FlexLoRA)."""
+        """fp32 bytes the server sends, summed over every client (each gets its own prefix in FlexLoRA);
+        nothing after a round without a global update."""
         total = 0
         for client_rank, count in self.client_ranks.items():
             for B, A in global_factors.values():
@@ -91,9 +97,11 @@ class RoundLog:
         )
 
     def record(self, round_index: int, outcome: RoundOutcome, participants: list[int], timings: dict[str, float],
-               evaluation: tuple[float, float], clock: tuple[dict, dict] | None = None) -> storage.RoundRecord:
+               evaluation: tuple[float, float], clock: tuple[dict, dict] | None = None,
+               ranks: dict[str, np.ndarray] | None = None) -> storage.RoundRecord:
         """The round's record: `timings` are its phase seconds, `evaluation` (eval loss, eval accuracy),
-        `clock` the simulated clock's (clients/ columns, attributes) when there is a system section."""
+        `clock` the simulated clock's (clients/ columns, attributes) when there is a system section,
+        `ranks` every MPI rank's figures (the ranks/ group)."""
         lora = self.cfg.lora
         received = {c.client_id: c for c in outcome.received}
         clients = {
@@ -107,6 +115,7 @@ class RoundLog:
             **{k: float(v) for k, v in timings.items()},
             "bytes_up": int(self.bytes_up([c.rank for c in outcome.kept])),
             "bytes_down": int(self.bytes_down(outcome.global_factors)),
+            "clients_aggregated": len(outcome.kept),
             "eval_loss": float(evaluation[0]),
             "eval_accuracy": float(evaluation[1]),
             "world_size": int(self.world_size),
@@ -114,18 +123,35 @@ class RoundLog:
         if clock is not None:
             clients.update(clock[0])
             attrs.update(clock[1])
-        results = outcome.results
+        if self.launch is not None and not self._launch_logged:
+            attrs["time_startup"] = float(self.launch["time_startup"])  # this launch's, on its first round
         return storage.RoundRecord(
-            index=round_index,
-            attrs=attrs,
-            clients=clients,
-            excluded=outcome.excluded,
-            global_factors={
-                name: (B, A, results[name].singular_values.double().numpy(), results[name].rank,
-                       float(results[name].energy))
-                for name, (B, A) in outcome.global_factors.items()
-            },
+            index=round_index, attrs=attrs, clients=clients, excluded=outcome.excluded,
+            global_factors=self._global_record(outcome), ranks=ranks,
         )
+
+    def _launch_attrs(self) -> dict:
+        """Root attributes of the latest launch: where it ran and how long it took to start."""
+        if self.launch is None:
+            return {}
+        launch = dict(self.launch)
+        launch["hosts"] = np.array(launch["hosts"], dtype=h5py.string_dtype())
+        return launch
+
+    def _global_record(self, outcome: RoundOutcome) -> dict:
+        """module -> (B, A, singular values, rank, energy); a round without a global update (no client
+        aggregated) logs rank-0 factors, an empty spectrum and energy NaN."""
+        if outcome.empty:
+            return {
+                name: (np.zeros((m, 0), np.float32), np.zeros((0, n), np.float32), np.zeros(0), 0, math.nan)
+                for name, (m, n) in self.shapes.items()
+            }
+        results = outcome.results
+        return {
+            name: (B, A, results[name].singular_values.double().numpy(), results[name].rank,
+                   float(results[name].energy))
+            for name, (B, A) in outcome.global_factors.items()
+        }
 
     # ------------------------------------------------------------------ write
 
@@ -141,14 +167,16 @@ class RoundLog:
             "before_link": lambda: kill_point("link", round_index),
         }
         start = time.perf_counter()
+        launch = {} if self._launch_logged else self._launch_attrs()
         if not self.started:
-            storage.create_log(self.output, self.header(initial_eval_loss), replace=self.overwrite,
-                               first_round=record, **hooks)
+            header = self.header(initial_eval_loss)
+            header.extra.update(launch)
+            storage.create_log(self.output, header, replace=self.overwrite, first_round=record, **hooks)
             self.started = True
         else:
-            # The first round after a resume also records the config it was resumed with (the
-            # root world_size stays the creating run's; every round holds its own).
-            resumed = self.resume_from >= 0 and round_index == self.resume_from + 1
-            root = {"config": self.cfg.to_yaml()} if resumed else None
+            # The first round after a resume also records the config it was resumed with and where this
+            # launch ran (the root world_size stays the creating run's; every round holds its own).
+            root = {"config": self.cfg.to_yaml(), **launch} if not self._launch_logged else None
             storage.append_round(self.output, record, root_attrs=root, **hooks)
+        self._launch_logged = True
         return time.perf_counter() - start

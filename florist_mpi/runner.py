@@ -62,6 +62,9 @@ def _fail(world, err: BaseException, debug: bool):
     else:
         message = prefix + f"{err.__class__.__name__}: {err}\n" + "".join(traceback.format_exception(err))
     if world.size == 1:
+        if isinstance(err, SharedFailure) and not debug:  # a verdict on the run, not a bug: one line
+            print(message, file=sys.stderr, flush=True)
+            raise SystemExit(1)
         raise err  # the CLI prints user errors as one line (exit 2), anything else with its traceback
     comm.abort(world, message, code=2 if user else 1)
 

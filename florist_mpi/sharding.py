@@ -109,7 +109,7 @@ def exchange_metadata(world, updates: list[ClientUpdate], shapes, dropped: list[
     hosts = np.repeat(np.arange(world.size), counts)
     clients, host_of, excluded = [], {}, list(dropped)
     for (client_id, samples, rank, loss, status, _), host in zip(rows, hosts):
-        client = ReceivedClient(int(client_id), int(samples), int(rank), float(loss), int(status) == STATUS_FAILED, {})
+        client = ReceivedClient(int(client_id), int(samples), int(rank), float(loss), int(status))
         clients.append(client)
         host_of[client.client_id] = int(host)
         if int(status) == STATUS_FAILED:

@@ -12,7 +12,9 @@ A round of client k (docs/simulated-clock.md):
     upload_k   = transfer(bytes_up_k, uplink_mbps_k)          the client's own factors
     transfer(b, mbps) = latency_s_k + 8 b / (mbps · 10⁶)       (0 when nothing is sent)
 
-    round time = server_s + max over aggregated clients of (download_k + compute_k + upload_k)
+    round time = server_s + wait
+    wait = max over the clients that trained of (download_k + compute_k + upload_k)   (all arrived)
+         = system.deadline_s                       (a straggler or dropout never arrived)
 
 Training cost per token (Kaplan et al., "Scaling Laws for Neural Language Models", 2020,
 §2.1: a forward pass costs 2 FLOPs per weight and token, the backward pass twice that, one
@@ -30,7 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Mapping
 
 import numpy as np
 
@@ -181,13 +183,23 @@ class Schedule:
     stragglers: list[tuple[int, str]]  # (client id, reason)
 
 
+def distinct_seconds(value: float, other: float) -> tuple[str, str]:
+    """Two times with the fewest significant digits (at least 3) that tell them apart."""
+    for digits in range(3, 18):
+        a, b = f"{value:.{digits}g}", f"{other:.{digits}g}"
+        if a != b:
+            return a, b
+    return repr(value), repr(other)
+
+
 def schedule(times: Mapping[int, ClientTimes], target: int, deadline_s: float | None) -> Schedule:
     """Clients over the deadline are stragglers; of the rest, the first `target` to finish (ties by
     id) train and any others are stragglers of over-commitment."""
     stragglers, on_time = [], []
     for client, t in sorted(times.items()):
         if deadline_s is not None and t.total_s > deadline_s:
-            reason = f"straggler: simulated {t.total_s:.1f}s exceeds system.deadline_s {deadline_s:g}s"
+            took, limit = distinct_seconds(t.total_s, deadline_s)
+            reason = f"straggler: simulated {took}s exceeds system.deadline_s {limit}s"
             stragglers.append((client, reason))
         else:
             on_time.append(client)
@@ -197,7 +209,7 @@ def schedule(times: Mapping[int, ClientTimes], target: int, deadline_s: float | 
             (
                 client,
                 f"straggler: finished after the first {target} "
-                f"(simulated {times[client].total_s:.1f}s, federation.overcommit)",
+                f"(simulated {times[client].total_s:.4g}s, federation.overcommit)",
             )
         )
     return Schedule(train=sorted(order[:target]), stragglers=sorted(stragglers))
@@ -226,9 +238,20 @@ def aggregation_flops(
     return sum(method.server_flops(m, n, K, R, r_max, global_ranks.get(name, 0)) for name, (m, n) in shapes.items())
 
 
-def round_seconds(server_s: float, aggregated: list[ClientTimes]) -> float:
-    """server time + the slowest aggregated client's download + compute + upload."""
-    return server_s + max((t.total_s for t in aggregated), default=0.0)
+def round_seconds(server_s: float, arrived: list[ClientTimes], complete: bool = True,
+                  deadline_s: float | None = None) -> float:
+    """server time + how long the server waited for the clients' uploads.
+
+    `arrived` are the clients the server heard from: the aggregated ones and those it rejected
+    after their upload arrived (failed, non-finite factors). When every client it waited for
+    arrived (`complete`), it waited for the last of them; when some never did (a straggler past
+    `system.deadline_s` or a dropout), it could not know that before the deadline passed, so it
+    waited until the deadline. With over-commitment the round is complete, and closes, when the
+    `clients_per_round`-th client arrives.
+    """
+    if not complete and deadline_s is not None:
+        return server_s + deadline_s
+    return server_s + max((t.total_s for t in arrived), default=0.0)
 
 
 # ---------------------------------------------------------------------- the clock
@@ -248,14 +271,13 @@ class Clock:
 
     `plan` decides before any training which of a round's clients finish in time; once the round is
     aggregated, `columns` and `close_round` give its clients/ datasets and its sim_* attributes, and
-    `advance` records the global ranks the next round's clients download. `tokens_of(client, round)`
-    counts the tokens a client's local work processes (padding included).
+    `advance` records the global ranks the next round's clients download.
     """
 
     def __init__(self, cfg, shapes: Mapping[str, tuple[int, int]], base_params: int,
-                 tokens_of: Callable[[int, int], int], tables: Mapping[str, np.ndarray] | None = None):
+                 tables: Mapping[str, np.ndarray] | None = None):
         self.system, self.lora, self.method = cfg.system, cfg.lora, cfg.federation.method
-        self.shapes, self.base_params, self.tokens_of = dict(shapes), int(base_params), tokens_of
+        self.shapes, self.base_params = dict(shapes), int(base_params)
         self.target = cfg.federation.participants_per_round()
         self.profile = resolve_profile(cfg.system, cfg.federation.num_clients, cfg.run.seed, tables)
         self.global_ranks: dict[str, int] | None = None  # module -> r_g of the last round (what clients download)
@@ -266,9 +288,9 @@ class Clock:
         """The running total and the global ranks the next round's clients download, from the log."""
         self.total_s, self.global_ranks = float(total_s), dict(global_ranks)
 
-    def client_work(self, client_id: int, round_index: int) -> ClientWork:
+    def client_work(self, client_id: int, tokens: int) -> ClientWork:
+        """What a client does this round, from the tokens its local work processes (padding included)."""
         rank = self.lora.rank_of(client_id)
-        tokens = self.tokens_of(client_id, round_index)
         per_token = training_flops_per_token(self.base_params, *adapter_params(self.method, self.shapes, rank))
         return ClientWork(
             client_id=client_id,
@@ -278,9 +300,10 @@ class Clock:
             bytes_up=upload_bytes(self.method, self.shapes, rank),
         )
 
-    def plan(self, round_index: int, candidates: list[int]) -> Schedule:
-        """Simulated times of the clients that start the round, and which of them train."""
-        work = {c: self.client_work(c, round_index) for c in candidates}
+    def plan(self, tokens: Mapping[int, int]) -> Schedule:
+        """Simulated times of the clients that start the round (client id -> tokens of its local
+        work), and which of them train."""
+        work = {c: self.client_work(c, t) for c, t in sorted(tokens.items())}
         times = {c: client_times(w, self.profile, self.system.reference_flops) for c, w in work.items()}
         self.round = RoundPlan(work=work, times=times,
                                schedule=schedule(times, self.target, self.system.deadline_s))
@@ -304,9 +327,16 @@ class Clock:
         }
 
     def close_round(self, kept: list[int], global_ranks: Mapping[str, int]) -> dict[str, float]:
-        """sim_server_s, sim_time_s and the running total sim_clock_s of a completed round."""
-        flops = aggregation_flops(self.method, self.shapes, [self.lora.rank_of(c) for c in kept], global_ranks)
+        """sim_server_s, sim_time_s and the running total sim_clock_s of a completed round.
+
+        The server heard from every client that trained (`schedule.train`, the aggregated and the
+        rejected alike); the round is complete when they are as many as it waited for."""
+        flops = 0.0
+        if kept:  # a round without an aggregated client aggregates nothing
+            flops = aggregation_flops(self.method, self.shapes, [self.lora.rank_of(c) for c in kept], global_ranks)
         server_s = flops / self.system.server_flops
-        round_s = round_seconds(server_s, [self.round.times[c] for c in kept])
+        heard = self.round.schedule.train
+        round_s = round_seconds(server_s, [self.round.times[c] for c in heard], complete=len(heard) >= self.target,
+                                deadline_s=self.system.deadline_s)
         self.total_s += round_s
         return {"sim_server_s": float(server_s), "sim_time_s": float(round_s), "sim_clock_s": float(self.total_s)}

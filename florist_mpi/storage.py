@@ -58,6 +58,9 @@ ROUND_DIGITS = 5
 ROUNDS_SUFFIX = ".rounds"  # the round files' folder: run.output + this suffix
 PACK_HINT = "florist-mpi pack LOG OUT.h5 makes a single-file copy"
 
+# The ranks/ group of a round: one dataset per figure, one value per MPI rank (docs/log-format.md).
+RANK_COLUMNS = ("time_train", "time_wait", "clients", "peak_rss_bytes", "mpi_bytes_sent", "mpi_bytes_received",
+                "peak_gpu_bytes")
 Factors = tuple[np.ndarray, np.ndarray]  # (B m x r, A r x n)
 ClientModule = Mapping[int, Factors]  # one module's factors of every logged client: client id -> (B, A)
 ClientAdapters = Mapping[int, Mapping[str, Factors]] | Iterable[tuple[str, ClientModule]]
@@ -93,6 +96,7 @@ class RoundRecord:
     # module -> (B, A, singular_values, rank, energy)
     global_factors: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, int, float]]
     client_adapters: ClientAdapters | None = None
+    ranks: dict[str, np.ndarray] | None = None  # ranks/<column>: one value per MPI rank
 
 
 @dataclass
@@ -225,6 +229,10 @@ def _write_round(group: h5py.Group, record: RoundRecord) -> None:
     clients.create_dataset(
         "excluded_reason", data=np.array([why for _, why in record.excluded], dtype=h5py.string_dtype())
     )
+    if record.ranks is not None:
+        ranks = group.create_group("ranks")
+        for key, values in record.ranks.items():
+            ranks.create_dataset(key, data=np.asarray(values))
     global_group = group.create_group("global")
     for module, (B, A, sv, rank, energy) in record.global_factors.items():
         node = global_group.create_group(module)
@@ -576,6 +584,14 @@ def is_split(handle: h5py.File) -> bool:
 
 def completed_rounds(handle: h5py.File) -> list[int]:
     return sorted(int(key) for key in handle["rounds"].keys())
+
+
+def round_is_empty(handle: h5py.File, round_index: int) -> bool:
+    """True for a round that aggregated no client (federation.empty_round: skip): its global
+    factors are rank 0 and the global model did not change. Logs from before the attribute
+    `clients_aggregated` existed hold no such round."""
+    attrs = handle["rounds"][round_key(round_index)].attrs
+    return int(attrs.get("clients_aggregated", 1)) == 0
 
 
 def read_global_factors(handle: h5py.File, round_index: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:

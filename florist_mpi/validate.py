@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from florist_mpi.config import load_config
+from florist_mpi.console import rank_histogram
 from florist_mpi.preflight import check_inputs, check_run_settings
 
 
@@ -24,7 +25,7 @@ def main(args) -> int:
     ranks = lora.ranks if lora.ranks is not None else [lora.rank] * fed.num_clients
     print(
         f"{args.config}: OK | method {fed.method} (tau={fed.tau}) | {fed.num_clients} clients, "
-        f"{fed.participants_per_round()} per round | LoRA ranks {ranks}, alpha {lora.alpha} on "
+        f"{fed.participants_per_round()} per round | LoRA ranks {rank_histogram(ranks)}, alpha {lora.alpha} on "
         f"{','.join(lora.target_modules)} | model {cfg.model.name}{model_note} | data {cfg.data.source} | "
         f"{cfg.run.rounds} rounds -> {cfg.run.output}"
     )

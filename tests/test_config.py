@@ -120,6 +120,25 @@ def test_resume_mismatch_names_the_first_differing_key():
     assert resume_mismatch(base, config_from_tree({"data": {"max_length": 32}})) == "data.max_length"
 
 
+def test_client_engines_may_change_on_resume_but_other_train_keys_may_not():
+    base = config_from_tree({"train": {"client_engines": "reuse"}})
+    assert resume_mismatch(base, config_from_tree({"train": {"client_engines": "fresh"}})) is None
+    assert resume_mismatch(base, config_from_tree({"train": {"client_engines": "auto", "lr": 0.5}})) == "train.lr"
+
+
+def test_a_target_module_that_is_not_linear_is_refused_in_one_line(tmp_path, capsys):
+    from florist_mpi.cli import main
+
+    config = tmp_path / "embed.yaml"
+    config.write_text("lora:\n  target_modules: [q_proj, embed_tokens]\n")
+    assert main(["validate", str(config), "--no-data"]) == 0  # the config alone is fine
+    capsys.readouterr()
+    assert main(["validate", str(config)]) == 2  # the model has no linear embed_tokens
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "'embed_tokens' matches 'model.embed_tokens' (Embedding)" in err and "remove it" in err
+
+
 def test_resume_keys_include_what_the_logged_metric_means():
     base = config_from_tree({})
     assert resume_mismatch(base, config_from_tree({"eval": {"max_examples": 8}})) == "eval.max_examples"

@@ -78,6 +78,19 @@ def test_a_single_file_log_resumes_in_its_own_form(tmp_path, uninterrupted):
         assert np.array_equal(full[key], resumed[key]), key
 
 
+def test_resume_may_switch_client_engines_and_stays_bitwise(tmp_path, uninterrupted):
+    """Reused and fresh client engines give bitwise-equal clients, so switching them never blocks --resume."""
+    config, log = write_config(tmp_path, run={"rounds": 3})
+    env = mpi_env()
+    env["FLORIST_MPI_KILL_AT"] = "train@2"
+    assert launch(2, config, env=env, timeout=300).returncode != 0
+    run_ok(2, config, "--resume", "--set", "train.client_engines=fresh")
+    full, resumed = global_factors(uninterrupted), global_factors(log)
+    assert full.keys() == resumed.keys()
+    for key in full:
+        assert np.array_equal(full[key], resumed[key]), key
+
+
 def test_resume_on_another_rank_count_matches(tmp_path, uninterrupted):
     config, log = write_config(tmp_path, run={"rounds": 3})
     env = mpi_env()
@@ -125,7 +138,7 @@ def test_faulty_and_dropped_clients_are_excluded_and_recorded(tmp_path):
 
 
 def test_round_with_no_client_left_fails_clearly(tmp_path):
-    config, log = write_config(tmp_path)
+    config, log = write_config(tmp_path, federation={"empty_round": "fail"})
     env = mpi_env()
     env["FLORIST_MPI_FAULT"] = ",".join(f"nan@0:{c}" for c in range(4))
     result = launch(2, config, env=env, timeout=120)

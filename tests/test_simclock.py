@@ -76,6 +76,45 @@ def test_transfer_compute_and_round_time():
     assert simclock.round_seconds(0.5, [t, simclock.ClientTimes(1, 1, 1)]) == pytest.approx(0.5 + 6.2)
 
 
+def test_round_waits_for_the_deadline_when_a_client_never_arrives():
+    T = simclock.ClientTimes
+    arrived = [T(0, 4, 0), T(0, 7, 0)]  # a third client would have taken 12 s: a straggler
+    assert simclock.round_seconds(0.5, arrived, complete=False, deadline_s=10.0) == 0.5 + 10.0
+    assert simclock.round_seconds(0.5, arrived, complete=True, deadline_s=10.0) == 0.5 + 7.0
+    assert simclock.round_seconds(0.5, arrived, complete=False, deadline_s=None) == 0.5 + 7.0
+    assert simclock.round_seconds(0.0, [], complete=False, deadline_s=10.0) == 10.0  # nobody arrived
+
+
+def test_clock_closes_rounds_by_hand_computed_times():
+    """4 s, 7 s and 12 s clients, deadline 10 s: the round lasts server + 10 s; over-committed, it closes
+    at the target-th arrival; a round that aggregates nobody costs no server time."""
+    T = simclock.ClientTimes
+    cfg = config_from_tree({"federation": {"num_clients": 3}, "system": {"deadline_s": 10.0, "server_flops": 1e10}})
+    clock = simclock.Clock(cfg, {"m": (8, 8)}, base_params=100)
+    times = {0: T(1, 2, 1), 1: T(1, 5, 1), 2: T(1, 10, 1)}
+    plan = simclock.schedule(times, target=3, deadline_s=10.0)
+    clock.round = simclock.RoundPlan(work={}, times=times, schedule=plan)
+    assert plan.train == [0, 1] and [c for c, _ in plan.stragglers] == [2]
+    attrs = clock.close_round([0, 1], {"m": 2})
+    server = attrs["sim_server_s"]
+    assert server > 0 and attrs["sim_time_s"] == pytest.approx(server + 10.0, rel=1e-12)
+    empty = clock.close_round([], {})  # e.g. both on-time clients sent NaN: rejected after arriving at 7 s
+    assert empty["sim_server_s"] == 0.0 and empty["sim_time_s"] == 10.0  # the straggler was still awaited
+    assert empty["sim_clock_s"] == pytest.approx(server + 20.0, rel=1e-12)
+
+    overcommitted = simclock.schedule(times, target=2, deadline_s=10.0)
+    clock.target, clock.round = 2, simclock.RoundPlan(work={}, times=times, schedule=overcommitted)
+    assert clock.close_round([], {})["sim_time_s"] == 7.0  # the 2nd arrival closes the round
+
+
+def test_deadline_messages_tell_the_times_apart():
+    T = simclock.ClientTimes
+    plan = simclock.schedule({0: T(0, 0.145, 0), 1: T(0, 0.1400004, 0)}, target=2, deadline_s=0.14)
+    reasons = dict(plan.stragglers)
+    assert "simulated 0.145s exceeds system.deadline_s 0.14s" in reasons[0]
+    assert "simulated 0.1400004s exceeds system.deadline_s 0.14s" in reasons[1]
+
+
 def test_schedule_deadline_and_overcommit():
     T = simclock.ClientTimes
     times = {4: T(1, 1, 1), 1: T(0, 9, 0), 2: T(0, 2, 0), 7: T(0, 3, 0), 3: T(0, 2, 0)}

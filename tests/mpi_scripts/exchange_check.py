@@ -17,25 +17,36 @@ def factors_for(client_id, r):
             for name, (m, n) in shapes.items()}
 
 
-# Rank k hosts clients k, k+size, ... with ranks 1 + id % 3; client 4 fails.
+# Rank k hosts clients k, k+size, ... with ranks 1 + id % 3; client 4 fails, client 5 sends a NaN.
 mine = []
-for cid in range(world.rank, 7, world.size):
+for cid in range(world.rank, 8, world.size):
     if cid == 4:
         mine.append(ClientUpdate(cid, 10 + cid, 1 + cid % 3, float("nan"), error="boom"))
     else:
-        mine.append(ClientUpdate(cid, 10 + cid, 1 + cid % 3, 0.5 * cid, factors_for(cid, 1 + cid % 3)))
-received = exchange.gather_updates(world, mine, shapes)
+        factors = factors_for(cid, 1 + cid % 3)
+        if cid == 5:
+            factors["layer.0.v"][1][0, 2] = np.nan
+        mine.append(ClientUpdate(cid, 10 + cid, 1 + cid % 3, 0.5 * cid, factors))
+gathered = exchange.gather_updates(world, mine, shapes)
 if world.is_root:
-    assert [c.client_id for c in received] == list(range(7)), [c.client_id for c in received]
+    received, stacks = gathered
+    assert [c.client_id for c in received] == list(range(8)), [c.client_id for c in received]
+    status = {c.client_id: c.status for c in received}
+    assert status[4] == exchange.STATUS_FAILED and status[5] == exchange.STATUS_NONFINITE
+    assert all(status[c] == exchange.STATUS_OK for c in range(8) if c not in (4, 5))
+    kept = [c for c in range(8) if c not in (4, 5)]
+    assert [c.client_id for c in stacks.clients] == kept
     for c in received:
         assert c.num_samples == 10 + c.client_id and c.rank == 1 + c.client_id % 3
-        if c.client_id == 4:
-            assert c.failed and not c.factors
-            continue
-        expected = factors_for(c.client_id, c.rank)
-        for name in shapes:
-            assert np.array_equal(c.factors[name][0], expected[name][0])
-            assert np.array_equal(c.factors[name][1], expected[name][1])
+    for name, (m, n) in shapes.items():
+        # the stacks, built independently: B_k^T rows and A_k rows, client after client by id
+        Bt, A = stacks.modules[name]
+        expected_Bt = np.concatenate([factors_for(c, 1 + c % 3)[name][0].T for c in kept])
+        expected_A = np.concatenate([factors_for(c, 1 + c % 3)[name][1] for c in kept])
+        assert np.array_equal(Bt, expected_Bt) and np.array_equal(A, expected_A), name
+        for cid, (B, A_k) in stacks.client_factors(name).items():
+            want = factors_for(cid, 1 + cid % 3)[name]
+            assert np.array_equal(B, want[0]) and np.array_equal(A_k, want[1])
 
 # Raw chunked gather of unequal sizes (some ranks send nothing).
 local = np.arange(world.rank * 1000, world.rank * 1000 + 37 * world.rank, dtype=np.float32)
