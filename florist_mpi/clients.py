@@ -20,7 +20,7 @@ from florist_mpi.config import ExperimentConfig
 from florist_mpi.exchange import ClientUpdate
 from florist_mpi.seeding import Stream, derive_seed, rng
 from florist_mpi.training import ClientJob, ClientTrainer, ClientTrainingError, local_tokens
-from florist_mpi.warmup import training_split
+from florist_mpi.warmup import client_data
 
 GlobalFactors = dict[str, tuple[np.ndarray, np.ndarray]]
 
@@ -69,15 +69,16 @@ class LocalClients:
     def __init__(self, world, cfg: ExperimentConfig, model, tokenizer, shapes: dict[str, tuple[int, int]],
                  device: torch.device, verbose: bool = False):
         self.world, self.cfg, self.tokenizer, self.verbose = world, cfg, tokenizer, verbose
-        self.records = training_split(cfg)[0]  # less the warm-up's share when it is set aside
+        self.records = client_data(cfg)  # less the warm-up's share when it is set aside; made when needed
         self._encoded: dict[int, list] = {}
         self.trainer = ClientTrainer(model, shapes, cfg, device)
         self.frozen_A = frozen_A(cfg, shapes) if methods.get(cfg.federation.method).frozen_A else None
 
     def num_samples(self, client_id: int) -> int:
-        return len(self.records[client_id])
+        return self.records.num_records(client_id)
 
     def encoded(self, client_id: int) -> list:
+        """The client's records, tokenised when first needed and kept for later rounds."""
         if client_id not in self._encoded:
             self._encoded[client_id] = data_lib.encode_records(
                 self.records[client_id], self.tokenizer, self.cfg.data.max_length

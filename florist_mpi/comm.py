@@ -239,20 +239,34 @@ def gather_float32(world: World, local: np.ndarray, chunk: int | None = None) ->
     so that rank 0's receive displacements add up to less than INT_MAX), so every
     Gatherv's counts and displacements fit MPI's int even when the total is many GiB.
     """
+    gathered = gather_float32_concat(world, local, chunk)
+    if gathered is None:
+        return None
+    everything, counts = gathered
+    return np.split(everything, np.cumsum(counts)[:-1])
+
+
+def gather_float32_concat(world: World, local: np.ndarray,
+                          chunk: int | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+    """Rank 0: (every rank's flat fp32 buffer concatenated in rank order, each rank's element count);
+    None elsewhere. The chunking of `gather_float32`; one buffer, no copy after the receive (a world
+    of one gets its own buffer back)."""
     MPI = _mpi()
     chunk = gather_step_elements(chunk or chunk_elements(), world.size)
     local = np.ascontiguousarray(local, dtype=np.float32).reshape(-1)
+    if world.size == 1:
+        return local, np.array([local.size], dtype=np.int64)
     counts = gather_counts(world, local.size)
     total_rounds = np.array([-(-local.size // chunk)], dtype=np.int64)
     world.comm.Allreduce(MPI.IN_PLACE, [total_rounds, MPI.INT64_T], op=MPI.MAX)
     _tally(world, sent=total_rounds.nbytes, received=total_rounds.nbytes)
     _tally_gather(world, local.nbytes, int(counts.sum()) * 4 if world.is_root else 0)
-    if int(total_rounds[0]) <= 1:  # one step: straight into one buffer, each rank's part a view of it
-        everything = np.empty(int(counts.sum()) if world.is_root else 0, dtype=np.float32)
+    everything = np.empty(int(counts.sum()) if world.is_root else 0, dtype=np.float32)
+    if int(total_rounds[0]) <= 1:  # one step: straight into the one buffer
         recv = [everything, counts, _displacements(counts), MPI.FLOAT] if world.is_root else None
         world.comm.Gatherv([local, MPI.FLOAT], recv, root=0)
-        return np.split(everything, np.cumsum(counts)[:-1]) if world.is_root else None
-    per_rank = [np.empty(int(c), dtype=np.float32) for c in counts] if world.is_root else None
+        return (everything, counts) if world.is_root else None
+    starts = _displacements(counts) if world.is_root else None
     for step in range(int(total_rounds[0])):
         start = step * chunk
         piece = local[start : start + chunk]
@@ -262,11 +276,12 @@ def gather_float32(world: World, local: np.ndarray, chunk: int | None = None) ->
             world.comm.Gatherv([piece, MPI.FLOAT], [staging, sizes, _displacements(sizes), MPI.FLOAT], root=0)
             offset = 0
             for rank, size in enumerate(sizes):
-                per_rank[rank][start : start + size] = staging[offset : offset + size]
+                at = int(starts[rank]) + start
+                everything[at : at + size] = staging[offset : offset + size]
                 offset += size
         else:
             world.comm.Gatherv([piece, MPI.FLOAT], None, root=0)
-    return per_rank
+    return (everything, counts) if world.is_root else None
 
 
 def bcast_array(world: World, array: np.ndarray, chunk: int | None = None) -> np.ndarray:

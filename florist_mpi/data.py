@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -68,6 +68,49 @@ def client_records(cfg: DataConfig, num_clients: int, seed: int) -> list[list[di
     return split_records(cfg, num_clients, seed)[0]
 
 
+class ClientData(Sequence):
+    """Every client's training records (index = client id), as a run reads them.
+
+    Files are read at once (a partition needs every record); generated clients are made when
+    first asked for, each from (seed, client) alone, and forgotten again, so a run with 100,000
+    registered clients that samples 1,000 per round generates what it samples, and start-up does
+    not grow with the registered clients. Either way `data[k]` is what `split_records` gives
+    client k, and `num_records(k)` its count (for generated clients, without generating them).
+    """
+
+    def __init__(self, cfg: DataConfig, num_clients: int, seed: int, set_aside: SetAside | None = None):
+        self.cfg, self.num_clients, self.seed, self.set_aside = cfg, num_clients, seed, set_aside
+        self._loaded = None if cfg.source == "synthetic" else split_records(cfg, num_clients, seed, set_aside)[0]
+
+    def __len__(self) -> int:
+        return self.num_clients
+
+    def __getitem__(self, client):
+        if isinstance(client, slice):
+            return [self[k] for k in range(*client.indices(self.num_clients))]
+        if not -self.num_clients <= client < self.num_clients:
+            raise IndexError(f"client {client} is not one of the {self.num_clients} clients")
+        client %= self.num_clients
+        if self._loaded is not None:
+            return self._loaded[client]
+        records = synthetic_client_records(self.cfg.synthetic, client, self.seed)
+        return _set_aside_per_client([records], self.set_aside, first_client=client)[0][0]
+
+    def num_records(self, client: int) -> int:
+        """Training records of one client (after the set-aside)."""
+        if self._loaded is not None:
+            return len(self._loaded[client])
+        count = self.cfg.synthetic.examples_per_client
+        if self.set_aside is None:
+            return count
+        return count - _set_aside_count(count, self.set_aside.fraction)
+
+    @property
+    def generated(self) -> bool:
+        """True when clients are made on demand (no file to check: every client has records)."""
+        return self._loaded is None
+
+
 def split_records(
     cfg: DataConfig, num_clients: int, seed: int, set_aside: SetAside | None = None
 ) -> tuple[list[list[dict]], list[dict]]:
@@ -91,20 +134,26 @@ def split_records(
     return _partition(cfg, records, num_clients, seed, path), reserved
 
 
+def _set_aside_count(count: int, fraction: float) -> int:
+    """Records set aside of `count`: floor(count · fraction), at most count - 1, so something is kept."""
+    return max(0, min(count - 1, math.floor(count * fraction + 1e-9)))
+
+
 def _set_aside_indices(count: int, fraction: float, rng: np.random.Generator) -> tuple[list[int], list[int]]:
     """(kept, set-aside) indices in record order; at most count - 1 set aside, so something is kept."""
     order = rng.permutation(count)
-    cut = max(0, min(count - 1, math.floor(count * fraction + 1e-9)))
+    cut = _set_aside_count(count, fraction)
     return sorted(int(i) for i in order[cut:]), sorted(int(i) for i in order[:cut])
 
 
 def _set_aside_per_client(
-    clients: list[list[dict]], set_aside: SetAside | None
+    clients: list[list[dict]], set_aside: SetAside | None, first_client: int = 0
 ) -> tuple[list[list[dict]], list[dict]]:
+    """Each client's share set aside, from (set-aside seed, client) alone; clients[i] is client first_client + i."""
     if set_aside is None:
         return clients, []
     kept_clients, reserved = [], []
-    for client, records in enumerate(clients):
+    for client, records in enumerate(clients, start=first_client):
         rng = _rng(set_aside.seed, _Stream.SET_ASIDE, client + 1)
         keep, aside = _set_aside_indices(len(records), set_aside.fraction, rng)
         kept_clients.append([records[i] for i in keep])

@@ -87,13 +87,15 @@ def cores_for_rank(local_size: int) -> int:
 
 
 def _tiny_cache_key(cfg: ExperimentConfig) -> str:
+    from florist_mpi.warmup import base_data_clients
+
     spec = {
         "tiny": cfg.model.tiny.model_dump(),
         "seed": cfg.model.base_seed(cfg.run.seed),
         "warmup_steps": cfg.model.warmup_steps,
         "warmup_lr": cfg.model.warmup_lr,
         "data": cfg.data.model_dump(mode="json"),
-        "num_clients": cfg.federation.num_clients,
+        "num_clients": base_data_clients(cfg),  # the clients whose data the base learns from
         "format": 1,
     }
     # Entries that only some configs have are added only for those, so configs without them
@@ -188,10 +190,11 @@ def _model_error(name: str, err: BaseException) -> UserError:
 def _build_tiny_artifacts(cfg: ExperimentConfig, directory: Path) -> None:
     """Train the tokenizer, build the model, optionally warm it up; save to `directory`."""
     from florist_mpi import data as data_lib
-    from florist_mpi.warmup import training_split, warm_up
+    from florist_mpi.warmup import base_data_clients, training_split, warm_up
 
-    # The tokenizer learns from the warm-up's data: all client data, or only the set-aside share.
-    records = training_split(cfg)[1]
+    # The tokenizer learns from the warm-up's data: the client data, or only the set-aside share
+    # (of at most warmup.TOKENIZER_CLIENTS clients when there is no warm-up).
+    records = training_split(cfg, base_data_clients(cfg))[1]
     vocab = cfg.data.tokenizer_vocab_size or cfg.model.tiny.vocab_size
     tokenizer = data_lib.build_tokenizer(records, vocab)
     model = build_tiny_model(

@@ -7,17 +7,18 @@ from florist_mpi import data as data_lib
 from florist_mpi.config import ExperimentConfig
 from florist_mpi.errors import UserError
 from florist_mpi.evaluation import eval_set_records
-from florist_mpi.warmup import training_split
+from florist_mpi.warmup import client_data
 
 
 def check_inputs(cfg: ExperimentConfig, download: bool = True) -> bool:
     """Data, evaluation set, model and target modules; False if the model was left unchecked."""
-    clients = training_split(cfg)[0]
-    for client_id, records in enumerate(clients):
-        if not records:
-            raise UserError(
-                f"client {client_id} has no training examples: fix the data split or lower federation.num_clients"
-            )
+    clients = client_data(cfg)  # files are read (and checked) here; generated clients always hold records
+    if not clients.generated:
+        for client_id in range(len(clients)):
+            if not clients.num_records(client_id):
+                raise UserError(
+                    f"client {client_id} has no training examples: fix the data split or lower federation.num_clients"
+                )
     if cfg.eval.every:
         eval_set_records(cfg)
     if cfg.system is not None:

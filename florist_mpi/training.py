@@ -171,11 +171,13 @@ def _initialise_lora(layers, job: ClientJob, scaling: float, adapter: str = "def
 
 
 def _extract_factors(layers, scaling: float, adapter: str = "default") -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """module -> (B_eff m×r, A r×n) float32 copies; B is stored column-major (its transpose is contiguous),
+    the layout the exchange stacks without a per-client transpose (exchange.py)."""
     factors = {}
     for name, layer in layers.items():
         B = layer.lora_B[adapter].weight.detach().float() * scaling
         A = layer.lora_A[adapter].weight.detach().float()
-        factors[name] = (B.cpu().numpy().copy(), A.cpu().numpy().copy())
+        factors[name] = (B.T.contiguous().cpu().numpy().T, A.cpu().numpy().copy())
     return factors
 
 

@@ -18,20 +18,52 @@ from florist_mpi import data as data_lib
 from florist_mpi.config import ExperimentConfig
 from florist_mpi.errors import UserError
 
+# Without a warm-up, the tiny model's tokenizer learns from the records of at most this many clients
+# of per-client data (generated or one file per client): enough text for its vocabulary, and a run
+# with many registered clients builds, and caches, the same base as one with this many.
+TOKENIZER_CLIENTS = 1000
 
-def training_split(cfg: ExperimentConfig) -> tuple[list[list[dict]], list[dict]]:
-    """(every client's federated training records, the warm-up's records)."""
+
+def _set_aside(cfg: ExperimentConfig) -> data_lib.SetAside | None:
     fraction = cfg.model.reserved_fraction()
-    set_aside = data_lib.SetAside(fraction, cfg.model.base_seed(cfg.run.seed)) if fraction else None
-    clients, reserved = data_lib.split_records(cfg.data, cfg.federation.num_clients, cfg.run.seed, set_aside)
+    return data_lib.SetAside(fraction, cfg.model.base_seed(cfg.run.seed)) if fraction else None
+
+
+def client_data(cfg: ExperimentConfig) -> data_lib.ClientData:
+    """Every client's federated training records (less the warm-up's share when it is set aside),
+    generated clients made when first asked for (data.ClientData)."""
+    data = data_lib.ClientData(cfg.data, cfg.federation.num_clients, cfg.run.seed, _set_aside(cfg))
+    if data.generated and data.set_aside is not None and data.num_records(0) == cfg.data.synthetic.examples_per_client:
+        _nothing_set_aside(cfg.model.reserved_fraction())
+    return data
+
+
+def base_data_clients(cfg: ExperimentConfig) -> int:
+    """How many clients' records the tiny base model (its tokenizer, its warm-up) learns from."""
+    per_client = cfg.data.source == "synthetic" or cfg.data.partition == "files"
+    if per_client and not cfg.model.warmup_steps:
+        return min(cfg.federation.num_clients, TOKENIZER_CLIENTS)
+    return cfg.federation.num_clients
+
+
+def training_split(cfg: ExperimentConfig, num_clients: int | None = None) -> tuple[list[list[dict]], list[dict]]:
+    """(every client's federated training records, the warm-up's records), of the first `num_clients`
+    clients (default: all; per-client data only, where the first clients do not depend on the rest)."""
+    set_aside = _set_aside(cfg)
+    count = cfg.federation.num_clients if num_clients is None else num_clients
+    clients, reserved = data_lib.split_records(cfg.data, count, cfg.run.seed, set_aside)
     if set_aside is None:
         reserved = [record for records in clients for record in records]
     elif not reserved:
-        raise UserError(
-            f"model.warmup_fraction {fraction} sets no record aside (every client holds fewer than "
-            f"{1 / fraction:.0f} records): raise model.warmup_fraction or use model.warmup_data: clients"
-        )
+        _nothing_set_aside(set_aside.fraction)
     return clients, reserved
+
+
+def _nothing_set_aside(fraction: float):
+    raise UserError(
+        f"model.warmup_fraction {fraction} sets no record aside (every client holds fewer than "
+        f"{1 / fraction:.0f} records): raise model.warmup_fraction or use model.warmup_data: clients"
+    )
 
 
 def warmup_sequences(records: list[dict], tokenizer, cfg: ExperimentConfig) -> list[tuple[list[int], list[int]]]:
