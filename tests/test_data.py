@@ -447,3 +447,41 @@ def test_plain_prompts_are_language_modelled_whole(synthetic_tokenizer):
     assert cut == expected[:3]
     assert short_ids[0] == synthetic_tokenizer.bos_token_id
     assert data.encode_texts([], synthetic_tokenizer, 8) == []
+
+
+@pytest.mark.parametrize("fraction", [None, 0.25])
+def test_client_data_makes_each_generated_client_as_the_whole_split_does(fraction):
+    """A run reads clients through ClientData: generated on demand, yet record for record what
+    split_records gives for every client, with or without a per-client set-aside."""
+    cfg = synthetic_cfg(examples_per_client=9)
+    set_aside = data.SetAside(fraction, seed=5) if fraction else None
+    everyone = data.split_records(cfg, 40, seed=3, set_aside=set_aside)[0]
+    lazy = data.ClientData(cfg, 40, seed=3, set_aside=set_aside)
+    assert lazy.generated and len(lazy) == 40
+    assert [lazy[k] for k in range(40)] == everyone
+    assert lazy[5:9] == everyone[5:9] and lazy[-1] == everyone[-1]
+    assert [lazy.num_records(k) for k in range(40)] == [len(records) for records in everyone]
+    with pytest.raises(IndexError):
+        lazy[40]
+
+
+def test_client_data_of_many_registered_clients_costs_what_is_asked_for(monkeypatch):
+    """100,000 registered clients: making the data object and one client generates one client."""
+    made = []
+    original = data.synthetic_client_records
+    monkeypatch.setattr(data, "synthetic_client_records", lambda cfg, client, seed: made.append(client) or
+                        original(cfg, client, seed))
+    lazy = data.ClientData(synthetic_cfg(examples_per_client=8), 100_000, seed=0)
+    assert made == []
+    assert len(lazy[99_999]) == 8 and lazy.num_records(12_345) == 8
+    assert made == [99_999]
+
+
+def test_client_data_from_files_reads_them_at_once(tmp_path):
+    for client in range(3):
+        (tmp_path / f"client_{client}.json").write_text(json.dumps(make_records(2 + client)))
+    cfg = DataConfig(source="json", path=str(tmp_path), partition="files", client_pattern="client_{client}.json")
+    files = data.ClientData(cfg, 3, seed=0)
+    assert not files.generated
+    assert [files.num_records(k) for k in range(3)] == [2, 3, 4]
+    assert files[1] == data.split_records(cfg, 3, seed=0)[0][1]

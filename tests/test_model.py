@@ -103,6 +103,38 @@ def test_model_seed_keeps_one_cached_base_across_run_seeds(tmp_path):
     assert key(*json_data, "model.warmup_steps=10") != key(*json_data, *held_out)
 
 
+def test_many_registered_clients_share_the_base_of_a_thousand(tmp_path):
+    """Without a warm-up the tokenizer learns from at most warmup.TOKENIZER_CLIENTS clients of per-client
+    data: 100,000 registered clients build (and cache) the base of 1,000; smaller federations keep theirs."""
+    import hashlib
+    import json
+
+    from florist_mpi.model import _tiny_cache_key
+    from florist_mpi.warmup import TOKENIZER_CLIENTS, base_data_clients, training_split
+
+    def key(*overrides):
+        return _tiny_cache_key(_cfg("lora.ranks=null", "lora.rank=4", *overrides))
+
+    assert TOKENIZER_CLIENTS == 1000
+    assert key("federation.num_clients=100000") == key("federation.num_clients=1000")
+    assert key("federation.num_clients=8") != key("federation.num_clients=1000")
+    # a warm-up pools every client's records: no cap
+    warm = "model.warmup_steps=10"
+    assert key(warm, "federation.num_clients=100000") != key(warm, "federation.num_clients=1000")
+    # a single file to partition is read whole anyway: no cap
+    assert base_data_clients(_cfg("data.source=json", f"data.path={tmp_path}", "data.partition=iid",
+                                  "lora.ranks=null", "federation.num_clients=5000")) == 5000
+    # the key of a federation below the cap is the one it always had (its cached base stays valid)
+    cfg = _cfg("lora.ranks=null", "lora.rank=4", "federation.num_clients=8")
+    spec = {"tiny": cfg.model.tiny.model_dump(), "seed": cfg.model.base_seed(cfg.run.seed), "warmup_steps": 0,
+            "warmup_lr": cfg.model.warmup_lr, "data": cfg.data.model_dump(mode="json"), "num_clients": 8,
+            "format": 1}
+    assert key("federation.num_clients=8") == hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    # the capped tokenizer data are the first clients' records, whatever the federation's size
+    small = training_split(_cfg("lora.ranks=null", "federation.clients_per_round=null", "federation.num_clients=3"))[1]
+    assert training_split(_cfg("lora.ranks=null", "federation.num_clients=50"), 3)[1] == small
+
+
 def test_warmup_sequences_model_the_chosen_text():
     from florist_mpi import data
     from florist_mpi.warmup import warmup_sequences
