@@ -93,8 +93,8 @@ def open_run(path: str | Path) -> "Run":
 
 
 # Root attributes that say where the latest launch ran (docs/log-format.md).
-LAUNCH_ATTRS = ("time_startup", "hosts", "num_nodes", "threads_per_rank", "peak_rss_scope", "slurm_job_id",
-                "slurm_array_job_id", "slurm_array_task_id")
+LAUNCH_ATTRS = ("time_startup", "hosts", "num_nodes", "threads_per_rank", "startup_peak_rss_bytes", "peak_rss_scope",
+                "slurm_job_id", "slurm_array_job_id", "slurm_array_task_id")
 
 
 def _plain(value):

@@ -121,15 +121,17 @@ class RankMonitor:
         if world.size > 1:
             startup = comm.reduce_max(world, startup)
         here = Placement.here()
+        row = np.array([[here.threads, self.memory.peak_rss_bytes()]], dtype=np.float64)  # the peak so far
         hosts = comm.gather_text(world, here.host) if world.size > 1 else [here.host]
-        threads = comm.gather_rows(world, np.array([[here.threads]])) if world.size > 1 else np.array([[here.threads]])
+        rows = comm.gather_rows(world, row) if world.size > 1 else row
         if not world.is_root:
             return None
         return {
             "time_startup": float(startup[0]),
             "hosts": hosts,
             "num_nodes": len(set(hosts)),
-            "threads_per_rank": threads.reshape(-1).astype(np.int64),
+            "threads_per_rank": rows[:, 0].astype(np.int64),
+            "startup_peak_rss_bytes": rows[:, 1].astype(np.int64),
             "peak_rss_scope": self.memory.scope,
             **slurm_ids(),
         }
