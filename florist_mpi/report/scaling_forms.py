@@ -83,7 +83,7 @@ def _header(study: Study) -> str:
     fed, lora = config["federation"], config["lora"]
     rank = lora["rank"] if lora.get("ranks") is None else "per client"
     rounds = sorted({len(f.rounds_used) for f in study.runs})
-    used = ("the first round of each log excluded (warm-up)" if study.skip_first_round else "all rounds")
+    used = "all rounds but each log's first, the warm-up" if study.skip_first_round else "all rounds"
     return "\n".join([
         f"Scaling study: {len(study.runs)} logs, {len(study.points)} points (clients x MPI ranks) | method "
         f"{fed['method']}, tau {fed['tau']:g} | model {config['model']['name']} | LoRA rank {rank} | "
@@ -142,8 +142,9 @@ def _phase_table(study: Study) -> str:
     for point in study.points:
         rows.append([str(point.num_clients), str(point.world_size), _seconds(point.mean["median_round_s"])]
                     + [_percent(point.mean[f"share:{phase}"]) for phase in (*SHARE_PHASES, "other", "time_wait")])
-    title = ("Phase shares of the round time (each phase its slowest rank's; other: sampling, barriers, collecting "
-             "the figures; wait: the longest wait for the slowest rank, not part of the sum)")
+    title = ("Phase shares of the round time (each phase its slowest rank's; other = the rest: sampling, barriers, "
+             "collecting the figures, below 0 when maxima of different ranks overlap;\n"
+             "wait: the longest wait for the slowest rank before the exchange, not part of the sum)")
     names = [p.removeprefix("time_") for p in SHARE_PHASES]
     return title + "\n" + format_table(["clients", "MPI ranks", "median round s", *names, "other", "wait"], rows)
 
