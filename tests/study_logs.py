@@ -31,11 +31,13 @@ def study_overrides(clients: int, output: Path, extra: dict | None = None) -> li
 def write_study_log(path: Path, *, clients: int, round_s: list[float], train_s: list[list[float]],
                     rss: list[list[int]] | None = None, mpi_sent: list[list[int]] | None = None,
                     bytes_up: int = 1000, bytes_down: int = 2000, startup: float = 5.0,
-                    hosts: list[str] | None = None, extra: dict | None = None, time_round: bool = True) -> dict:
+                    hosts: list[str] | None = None, extra: dict | None = None, time_round: bool = True,
+                    gpu: list[list[int]] | None = None) -> list[dict]:
     """Write a log of len(round_s) rounds on len(train_s[0]) ranks; returns the attributes written per round.
 
     `train_s[r][k]`: rank k's training time in round r; the round attributes are the maxima, as a run
-    records them. `extra`: further config overrides (a key that a study may not vary, for the refusal tests).
+    records them. `extra`: further config overrides (a key that a study may not vary, for the refusal tests);
+    `gpu[r][k]`: rank k's peak GPU bytes in round r (a run on GPUs), none by default.
     """
     cfg = load_config(REPO / "configs/demo.yaml", study_overrides(clients, path, extra))
     world = len(train_s[0])
@@ -67,6 +69,8 @@ def write_study_log(path: Path, *, clients: int, round_s: list[float], train_s: 
             "mpi_bytes_sent": np.asarray(mpi_sent[r] if mpi_sent else [0] * world, dtype=np.int64),
             "mpi_bytes_received": np.zeros(world, dtype=np.int64),
         }
+        if gpu is not None:
+            ranks["peak_gpu_bytes"] = np.asarray(gpu[r], dtype=np.int64)
         B = g.standard_normal((SHAPE[0], 1)).astype(np.float32)
         A = g.standard_normal((1, SHAPE[1])).astype(np.float32)
         record = storage.RoundRecord(

@@ -184,6 +184,21 @@ def test_phase_plot_has_one_scale_for_every_point(study):
     assert top >= max(statistics.median(v[0]) for v in STUDY.values())
 
 
+def test_gpu_peaks_are_reported_when_logged(tmp_path, capsys):
+    gpu = {1: [[3_000_000_000]], 2: [[2_000_000_000, 1_500_000_000]]}
+    for ranks in (1, 2):
+        write_study_log(tmp_path / f"clients4_ranks{ranks}_rep0.h5", clients=4, round_s=[1.0 / ranks],
+                        train_s=[[0.5] * ranks], gpu=gpu[ranks])
+    logs = sorted(map(str, tmp_path.glob("*.h5")))
+    code, out, _ = run_cli(capsys, ["report", "--scaling", *logs, "--json"])
+    runs = {r["world_size"]: r for r in json.loads(out)["runs"]}
+    assert runs[1]["peak_gpu_bytes_max"] == 3e9 and runs[2]["peak_gpu_bytes_max"] == 2e9
+    code, out, _ = run_cli(capsys, ["report", "--scaling", *logs])
+    memory = out.split("Load and memory", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert "peak GPU max GB" in memory[1]
+    assert [line.split()[5] for line in memory[3:]] == ["3.000", "2.000"]
+
+
 def assert_refused(code, err, *fragments):
     assert code == 2 and "Traceback" not in err
     lines = err.strip().splitlines()
