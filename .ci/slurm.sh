@@ -11,8 +11,9 @@
 # set-up is left alone: munged gets its own key and socket, the daemons their own config.
 # Slurm's commands (sbatch, srun, sinfo) read /etc/slurm/slurm.conf unless SLURM_CONF says
 # otherwise: `start` links that path to the state directory's config when nothing is
-# there yet (and `stop` removes the link); when a config of another Slurm is there, use
-# `export SLURM_CONF=$SLURM_STATE_DIR/slurm.conf` to reach this one.
+# there yet (and `stop` removes the link); when a config of another Slurm is there, only
+# `export SLURM_CONF=$SLURM_STATE_DIR/slurm.conf` reaches this one. `start` ends by printing
+# that export line: running it is right in both cases.
 #
 # `start` when everything is already running only checks the node; `stop` leaves alone
 # any process whose PID file is stale (it must still be the daemon the file names).
@@ -190,6 +191,7 @@ start() {
     waited=$((waited + 1))
   done
   say "ready: node $(hostname -s) is $state ($(SLURM_CONF="$CONF" sinfo --noheader --format='%c CPUs, %m MB'))"
+  say "for Slurm's commands in your shell: export SLURM_CONF=$CONF"
 }
 
 stop_daemon() {

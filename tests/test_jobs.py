@@ -1,6 +1,7 @@
 """The job scripts in jobs/: valid bash, and every `florist-mpi` call parses with the real CLI."""
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
@@ -48,8 +49,8 @@ def script_values(lines: list[str]) -> dict[str, str]:
         match = ASSIGNMENT.match(line)
         if match and not match.group(2).startswith("("):
             name, raw = match.groups()
-            if re.search(r"\$\{\w+(?:\[|[#%/^,])", raw):
-                continue  # array items, pattern removal: left to the placeholder
+            if re.search(r"\$\{\w+(?:\[|[#%/^,])", raw) or "$((" in raw:
+                continue  # array items, pattern removal, arithmetic: left to the placeholder
             try:
                 words = shlex.split(expand(raw, values))
             except ValueError:
@@ -114,9 +115,10 @@ def test_the_expected_commands_are_there():
     assert single[0][:2] == ["run", "configs/demo.yaml"] and any(a.startswith("run.output=") for a in single[0])
     scaling = florist_invocations(JOBS / "scaling_study.sbatch")[0]
     assert any(a.startswith("federation.num_clients=") for a in scaling)
-    assert any(re.fullmatch(r"run\.output=runs/scaling/clients.+_ranks.+\.h5", a) for a in scaling)
+    assert any(re.fullmatch(r"run\.output=runs/scaling/clients.+_ranks.+_rep.+\.h5", a) for a in scaling)
     report = florist_invocations(JOBS / "scaling_report.sh")
-    assert any(argv[0] == "report" and "--csv" in argv and "--plots" in argv for argv in report)
+    scaling_reports = [argv for argv in report if argv[0] == "report" and "--scaling" in argv]
+    assert {"--csv", "--json", "--plots"} <= {a for argv in scaling_reports for a in argv}
     local = florist_invocations(JOBS / "mpirun_local.sh")
     assert local[0][0] == "run"
 
@@ -178,8 +180,8 @@ def test_srun_line_passes_gpus_on_only_when_asked(tmp_path, script, job_env, gpu
     assert [a for a in argv if a.startswith(("--gpu", "--gres"))] == ([gpu_flag] if gpu_flag else [])
     assert argv[argv.index("florist-mpi"):][:3] == ["florist-mpi", "run", "configs/demo.yaml"]
     assert argv[-2:] == ["--set", "run.rounds=1"]
-    if script.name == "scaling_study.sbatch":  # the second default pair, 8 clients on 2 ranks
-        assert "--ntasks=2" in argv and "federation.num_clients=8" in argv
+    if script.name == "scaling_study.sbatch":  # the second default pair, 8 clients on 2 ranks, on one node
+        assert argv[2:5] == ["--nodes=1", "--ntasks=2", "--ntasks-per-node=2"] and "federation.num_clients=8" in argv
     # the echoed command is the one that ran
     echoed = [line for line in result.stdout.splitlines() if line.startswith("+ srun ")]
     assert len(echoed) == 1 and echoed[0].startswith("+ srun " + " ".join(argv[: argv.index("florist-mpi")]))
@@ -211,15 +213,16 @@ def test_scaling_overrides_make_a_valid_config_for_any_client_count():
         overrides = [argv[i + 1].replace(PLACEHOLDER, clients) for i, a in enumerate(argv) if a == "--set"]
         cfg = load_config(config, overrides)
         assert cfg.federation.num_clients == int(clients)
-        assert cfg.run.output == f"runs/scaling/clients{clients}_ranks{clients}.h5"
+        assert cfg.run.output == f"runs/scaling/clients{clients}_ranks{clients}_rep{clients}.h5"
 
 
 def test_scaling_report_end_to_end(tmp_path):
-    """jobs/scaling_report.sh over two synthetic logs writes summary.csv, summary.txt and plots."""
+    """jobs/scaling_report.sh over a synthetic study writes the scaling text, CSV, JSON, rounds and plots."""
+    import json
     import sys
 
     import pandas as pd
-    from test_analysis import build_log
+    from study_logs import write_study_log
 
     bash = shutil.which("bash")
     florist = Path(sys.executable).parent / "florist-mpi"
@@ -227,19 +230,97 @@ def test_scaling_report_end_to_end(tmp_path):
         pytest.skip("needs bash and the florist-mpi entry point next to this Python")
     scaling = tmp_path / "scaling"
     scaling.mkdir()
-    for clients, ranks in ((4, 1), (4, 2)):
-        build_log(scaling / f"clients{clients}_ranks{ranks}.h5", rounds=2, adapters=False)
-    env = {"PATH": f"{florist.parent}:/usr/bin:/bin", "SCALING_DIR": str(scaling), "VENV": str(tmp_path / "none")}
-    result = subprocess.run([bash, str(JOBS / "scaling_report.sh")], capture_output=True, text=True, env=env,
-                            cwd=tmp_path, timeout=120)
+    round_s = {1: [3.0, 2.0], 2: [2.0, 1.25]}
+    for ranks, seconds in round_s.items():
+        write_study_log(scaling / f"clients4_ranks{ranks}_rep0.h5", clients=4, round_s=seconds,
+                        train_s=[[1.0] * ranks] * 2)
+    env = {"PATH": f"{florist.parent}:/usr/bin:/bin", "SCALING_DIR": str(scaling), "VENV": str(tmp_path / "none"),
+           "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    # SKIP_FIRST_ROUND=1: round 1 alone (the slurm test runs the script without it)
+    result = subprocess.run([bash, str(JOBS / "scaling_report.sh")], capture_output=True, text=True,
+                            env={**env, "SKIP_FIRST_ROUND": "1"}, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr
-    summary = pd.read_csv(scaling / "summary.csv")
-    assert len(summary) == 4 and summary["run"].nunique() == 2
-    assert "Comparison" in (scaling / "summary.txt").read_text()
-    assert (scaling / "plots" / "eval_loss.png").is_file()
+    assert "speed-up" in result.stdout and "(2 logs)" in result.stdout
+    assert (scaling / "scaling.txt").read_text() in result.stdout
+    document = json.loads((scaling / "scaling.json").read_text())
+    assert document["study"]["skip_first_round"] is True
+    two = next(r for r in document["runs"] if r["world_size"] == 2)
+    assert two["speedup"] == pytest.approx(2.0 / 1.25) and two["efficiency"] == pytest.approx(2.0 / 1.25 / 2)
+    assert len(pd.read_csv(scaling / "scaling.csv")) == 2 and len(pd.read_csv(scaling / "rounds.csv")) == 4
+    assert {p.name for p in (scaling / "plots").iterdir()} == {
+        "scaling_speedup.png", "scaling_efficiency.png", "scaling_phases.png", "scaling_vs_clients.png"}
 
     empty = tmp_path / "empty"
     empty.mkdir()
     result = subprocess.run([bash, str(JOBS / "scaling_report.sh")], capture_output=True, text=True,
                             env={**env, "SCALING_DIR": str(empty)}, cwd=tmp_path)
     assert result.returncode == 2 and "no logs in" in result.stderr
+
+
+@pytest.mark.parametrize("script", SBATCH + [JOBS / "scaling_report.sh"], ids=lambda p: p.name)
+def test_output_files_are_named_after_the_job_and_ignored_by_git(script):
+    """`<job name>-<job id>.out` (arrays: `<job name>-<array id>_<index>.out`), matched by .gitignore."""
+    import fnmatch
+
+    directives = dict(re.findall(r"^#SBATCH --([\w-]+)=(\S+)", script.read_text(), re.M))
+    name, output = directives["job-name"], directives["output"]
+    assert name.startswith("florist-")
+    resolved = output.replace("%x", name).replace("%A", "12").replace("%a", "0").replace("%j", "12")
+    assert resolved == (f"{name}-12_0.out" if "array" in directives else f"{name}-12.out")
+    ignored = [line.lstrip("/") for line in (JOBS.parent / ".gitignore").read_text().splitlines()
+               if line and not line.startswith("#")]
+    assert any(fnmatch.fnmatch(resolved, pattern) for pattern in ignored)
+
+
+def run_study_script(tmp_path, **variables) -> subprocess.CompletedProcess:
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("no bash")
+    env = {"PATH": f"{fake_srun(tmp_path)}:/usr/bin:/bin", "VENV": str(tmp_path / "none"),
+           "SCALING_DIR": str(tmp_path / "scaling"), **variables}
+    return subprocess.run([bash, str(JOBS / "scaling_study.sbatch"), "configs/demo.yaml"], capture_output=True,
+                          text=True, env=env, cwd=tmp_path)
+
+
+@pytest.mark.parametrize("index, repeats, pair, repeat", [(0, "1", "8:1", 0), (5, "1", "32:16", 0),
+                                                          (7, "2", "8:2", 1), (11, "2", "32:16", 1)])
+def test_study_repeats_go_into_the_log_name(tmp_path, index, repeats, pair, repeat):
+    result = run_study_script(tmp_path, SLURM_ARRAY_TASK_ID=str(index), REPEATS=repeats)
+    assert result.returncode == 0, result.stderr
+    clients, ranks = pair.split(":")
+    log = tmp_path / "scaling" / f"clients{clients}_ranks{ranks}_rep{repeat}.h5"
+    assert f"--set run.output={log} --set federation.num_clients={clients}" in result.stdout
+    assert f"repeat {repeat} of {repeats}" in result.stdout
+
+
+@pytest.mark.parametrize("pair, per_node, nodes, expected", [
+    ("8:1", "8", "2", ["--nodes=1", "--ntasks=1", "--ntasks-per-node=1"]),
+    ("8:8", "8", "2", ["--nodes=1", "--ntasks=8", "--ntasks-per-node=8"]),     # fits one node: stays on it
+    ("32:16", "8", "2", ["--nodes=2", "--ntasks=16", "--ntasks-per-node=8"]),
+    ("32:12", "8", "2", ["--nodes=2", "--ntasks=12", "--ntasks-per-node=6"]),  # evenly: 6 + 6, not 8 + 4
+    ("8:4", "4(x2)", "2", ["--nodes=1", "--ntasks=4", "--ntasks-per-node=4"]),  # SLURM_TASKS_PER_NODE form
+])
+def test_study_places_each_pair_on_as_few_nodes_as_possible(tmp_path, pair, per_node, nodes, expected):
+    variable = "SLURM_TASKS_PER_NODE" if "(" in per_node else "SLURM_NTASKS_PER_NODE"
+    result = run_study_script(tmp_path, SLURM_ARRAY_TASK_ID="0", PAIRS=pair, SLURM_JOB_NUM_NODES=nodes,
+                              **{variable: per_node})
+    assert result.returncode == 0, result.stderr
+    srun = next(line.split()[1:] for line in result.stdout.splitlines() if line.startswith("SRUN "))
+    assert srun[2:5] == expected
+
+
+@pytest.mark.parametrize("variables, message", [
+    ({"PAIRS": "32:16", "SLURM_NTASKS_PER_NODE": "4", "SLURM_JOB_NUM_NODES": "2"},
+     "pair 32:16 needs 4 node(s) at up to 4 ranks per node but the job has 2: submit with --nodes=4"),
+    ({"PAIRS": "8:8", "RANKS_PER_NODE": "1", "SLURM_JOB_NUM_NODES": "2"}, "pair 8:8 needs 8 node(s)"),
+    ({"PAIRS": "2:4"}, "pair 2:4 has more ranks than clients"),
+    ({"PAIRS": "8x2"}, "pair '8x2' in PAIRS is not clients:ranks"),
+    ({"REPEATS": "0"}, "REPEATS=0 is not a positive integer"),
+    ({"SLURM_ARRAY_TASK_ID": "6"}, "array index 6 has no pair and repeat (6 pairs in PAIRS x REPEATS=1): "
+                                   "submit with --array=0-5"),
+])
+def test_study_refuses_what_cannot_run_with_one_line(tmp_path, variables, message):
+    result = run_study_script(tmp_path, **{"SLURM_ARRAY_TASK_ID": "0", **variables})
+    assert result.returncode == 2 and "SRUN" not in result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("scaling_study: ") and message in lines[0], result.stderr

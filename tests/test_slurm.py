@@ -7,6 +7,7 @@ one-node Slurm on this machine (CI does so before the tests). Skipped otherwise.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -92,10 +93,24 @@ def submit(script: str, sbatch_flags: list[str], args: list[str], out: Path, env
         process.kill()
         pytest.fail(f"job {job_id} ({script}) did not end within {JOB_TIMEOUT_S}s")
     assert job_id.isdigit(), f"sbatch did not submit {script}: {stderr}"
+    return job_record(job_id, process.returncode, out)
+
+
+def submit_now(script: str, sbatch_flags: list[str], args: list[str], out: Path, env: dict) -> str:
+    """sbatch a job script from the repository root without waiting; its job id."""
+    command = ["sbatch", "--parsable", "--time=00:15:00", f"--output={out}", *sbatch_flags, str(JOBS / script), *args]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    job_id = result.stdout.strip().split(";")[0]
+    assert result.returncode == 0 and job_id.isdigit(), f"sbatch did not submit {script}: {result.stderr}"
+    return job_id
+
+
+def job_record(job_id: str, returncode: int, out: Path) -> Job:
+    """The job's (or every array task's) state and exit code, and its output files read together."""
     shown = subprocess.run(["scontrol", "--oneliner", "show", "job", job_id], capture_output=True, text=True)
     states = re.findall(r"JobState=(\S+).*?ExitCode=(\S+)", shown.stdout)
     output = "\n".join(p.read_text(errors="replace") for p in sorted(out.parent.glob(re.sub(r"%[Aaj]", "*", out.name))))
-    return Job(job_id, process.returncode, states, output)
+    return Job(job_id, returncode, states, output)
 
 
 def assert_completed(job: Job, tasks: int = 1) -> None:
@@ -144,34 +159,76 @@ def test_multi_node_job_on_one_node(slurm, tmp_path):
     assert_log(log, world_size=TASKS)
 
 
-def test_scaling_study_array_and_its_report(slurm, tmp_path):
-    """Two array tasks (4 clients on 1 and on 2 ranks), then jobs/scaling_report.sh over their logs."""
-    scaling = tmp_path / "scaling"
-    env = job_env(PAIRS="4:1 4:2", SCALING_DIR=str(scaling))
-    job = submit(
-        "scaling_study.sbatch",
-        ["--nodes=1", "--array=0-1", *CPUS],
-        ["configs/demo.yaml", *FAST],
-        tmp_path / "scaling-%A_%a.out",
-        env,
-    )
-    assert_completed(job, tasks=2)
-    assert "+ srun --mpi=pmix --kill-on-bad-exit=1 --ntasks=1 florist-mpi run" in job.output
-    assert "+ srun --mpi=pmix --kill-on-bad-exit=1 --ntasks=2 florist-mpi run" in job.output
-    one_rank = assert_log(scaling / "clients4_ranks1.h5", world_size=1, clients=4)
-    two_ranks = assert_log(scaling / "clients4_ranks2.h5", world_size=2, clients=4)
-    # every random choice derives from (seed, round, client): the rank count does not change the result
-    assert two_ranks == pytest.approx(one_rank, rel=1e-4)
+# A study's runs: the demo cut to one short round.
+STUDY_FAST = ["--set", "run.rounds=1", "--set", "train.local_steps=1", "--set", "data.synthetic.examples_per_client=16",
+              "--set", "data.synthetic.eval_examples=32", "--set", "log.client_adapters=false"]
 
-    report = submit("scaling_report.sh", [], [], tmp_path / "report-%j.out", env)
+
+def logged_round(path: Path) -> dict:
+    """Round 0's time_round and eval loss, and where the launch ran, read straight from the log."""
+    with h5py.File(path, "r") as log:
+        assert completed_rounds(log) == [0]
+        group = log["rounds/00000"]
+        return {"time_round": float(group.attrs["time_round"]), "eval_loss": float(group.attrs["eval_loss"]),
+                "world_size": int(group.attrs["world_size"]), "clients": group["ranks/clients"][()].tolist(),
+                **{key: log.attrs[key] for key in ("slurm_job_id", "slurm_array_job_id", "slurm_array_task_id",
+                                                   "num_nodes")}}
+
+
+def test_scaling_study_array_then_its_report_by_dependency(slurm, tmp_path):
+    """The study as an array of three pairs (4 clients on 1 and 2 ranks, 8 on 2), one round each, then
+    jobs/scaling_report.sh as a job that waits for the array (--dependency=afterok). The report's speed-up
+    and efficiencies are the ratios of the round times in the logs."""
+    scaling = tmp_path / "scaling"
+    env = job_env(PAIRS="4:1 4:2 8:2", SCALING_DIR=str(scaling))
+    study_out = tmp_path / "scaling-%A_%a.out"
+    study_id = submit_now("scaling_study.sbatch", ["--nodes=1", "--array=0-2", *CPUS],
+                          ["configs/demo.yaml", *STUDY_FAST], study_out, env)
+    # a failed array task makes the dependency impossible: Slurm then cancels the report instead of keeping it
+    report = submit("scaling_report.sh", [f"--dependency=afterok:{study_id}", "--kill-on-invalid-dep=yes"], [],
+                    tmp_path / "report-%j.out", env)
+    study = job_record(study_id, 0, study_out)
+    assert_completed(study, tasks=3)
+    for ranks in (1, 2):
+        assert f"+ srun --mpi=pmix --kill-on-bad-exit=1 --nodes=1 --ntasks={ranks} --ntasks-per-node={ranks} " \
+               "florist-mpi run" in study.output
     assert_completed(report)
-    assert "wrote" in report.output and "(2 runs)" in report.output
-    summary = pd.read_csv(scaling / "summary.csv")
-    assert len(summary) == 2 * ROUNDS
-    assert sorted(summary.groupby("run")["world_size"].first()) == [1, 2]
-    assert set(summary["total_clients"]) == {4}
-    assert "Comparison" in (scaling / "summary.txt").read_text()
-    assert (scaling / "plots" / "eval_loss.png").is_file()
+
+    logs = {(c, n): logged_round(scaling / f"clients{c}_ranks{n}_rep0.h5") for c, n in ((4, 1), (4, 2), (8, 2))}
+    for index, ((clients, ranks), log) in enumerate(logs.items()):
+        assert log["world_size"] == ranks and sum(log["clients"]) == clients and log["num_nodes"] == 1
+        assert (log["slurm_array_job_id"], log["slurm_array_task_id"]) == (study_id, str(index))
+        assert log["slurm_job_id"].isdigit()
+    # every random choice derives from (seed, round, client): the rank count does not change the result
+    assert logs[(4, 2)]["eval_loss"] == pytest.approx(logs[(4, 1)]["eval_loss"], rel=1e-4)
+
+    assert "speed-up" in report.output and "efficiency" in report.output and "(3 logs)" in report.output
+    document = json.loads((scaling / "scaling.json").read_text())
+    runs = {(run["num_clients"], run["world_size"]): run for run in document["runs"]}
+    speedup = logs[(4, 1)]["time_round"] / logs[(4, 2)]["time_round"]
+    assert runs[(4, 2)]["speedup"] == pytest.approx(speedup)
+    assert runs[(4, 2)]["efficiency"] == pytest.approx(speedup / 2)
+    assert runs[(8, 2)]["weak_efficiency"] == pytest.approx(logs[(4, 1)]["time_round"] / logs[(8, 2)]["time_round"])
+    assert runs[(8, 2)]["speedup"] is None  # 8 clients ran on one world size only
+    assert len(pd.read_csv(scaling / "scaling.csv")) == 3
+    assert {p.name for p in (scaling / "plots").iterdir()} == {
+        "scaling_speedup.png", "scaling_efficiency.png", "scaling_phases.png", "scaling_vs_clients.png"}
+
+
+@pytest.mark.parametrize("script, name", [("slurm_single_node.sbatch", "florist-mpi"),
+                                          ("slurm_multi_node.sbatch", "florist-mpi-multi"),
+                                          ("scaling_report.sh", "florist-scaling-report")])
+def test_output_files_are_named_after_the_job(slurm, tmp_path, script, name):
+    """Without --output the job writes `<job name>-<job id>.out` where it was submitted (held, never run)."""
+    result = subprocess.run(["sbatch", "--hold", "--parsable", "--nodes=1", *CPUS, str(JOBS / script)], cwd=tmp_path,
+                            env=job_env(), capture_output=True, text=True, timeout=60)
+    job_id = result.stdout.strip().split(";")[0]
+    assert result.returncode == 0 and job_id.isdigit(), result.stderr
+    try:
+        shown = subprocess.run(["scontrol", "--oneliner", "show", "job", job_id], capture_output=True, text=True)
+        assert f"StdOut={tmp_path}/{name}-{job_id}.out" in shown.stdout.split(), shown.stdout
+    finally:
+        subprocess.run(["scancel", job_id], capture_output=True)
 
 
 def node_gpus() -> int:
@@ -210,7 +267,8 @@ def test_gpus_asked_at_submission_reach_every_task(slurm, tmp_path, script):
     job = submit(script, flags, ["configs/demo.yaml"], tmp_path / "gpu-%j.out", env)
     assert_completed(job)
     assert re.search(
-        r"^\+ srun --mpi=pmix --kill-on-bad-exit=1 (--ntasks=2 )?--gpus-per-task=1 florist-mpi run", job.output, re.M
+        r"^\+ srun --mpi=pmix --kill-on-bad-exit=1 (--nodes=1 --ntasks=2 --ntasks-per-node=2 )?--gpus-per-task=1 "
+        r"florist-mpi run", job.output, re.M
     ), job.output
     tasks = re.findall(
         r"^task (\d) of 2: step gpus (\d+), cuda (\d+), gpus per task 1, args run configs/demo.yaml", job.output, re.M

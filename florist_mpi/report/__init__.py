@@ -2,6 +2,7 @@
 
     florist-mpi report runs/demo.h5 --plots runs/plots
     florist-mpi report runs/*.h5 --csv > summary.csv
+    florist-mpi report --scaling runs/scaling/*.h5 --plots runs/scaling/plots
 
 Text (default): per run the config essentials, a per-round table (eval loss, eval accuracy
 when the run measured it, clients, global rank min/mean/max, bytes, time), totals and
@@ -12,11 +13,17 @@ several runs a comparison table (world size, clients, loss, accuracy, traffic, r
 stdout alone, so they can be redirected to a file; messages about plots then go to
 stderr. Columns and fields: docs/analysis.md.
 
+--scaling reports the logs as one scaling study instead (speed-up, efficiency, load imbalance,
+memory, phase shares, traffic; text, --csv, --json, --plots): see scaling.
+
 One module per role:
     command      the command's options and which form it prints
     summary      the text report (per-run blocks)
     comparison   the comparison table over several runs
     target       the simulated time-to-target table
+    scaling      `--scaling`: which logs form a study, and its numbers (speed-up, efficiency, ...)
+    scaling_forms  the study as text, CSV rows and a JSON document
+    scaling_plots  the study's PNG figures
     documents    per-round CSV rows and JSON documents
     plots        the PNG figures
     stats        the numbers derived from one run (run_summary, has_clock, ...)

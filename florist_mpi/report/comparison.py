@@ -7,7 +7,8 @@ from florist_mpi.report.stats import has_accuracy, has_clock, run_summary, world
 
 
 def comparison_table(runs: list[Run], labels: list[str]) -> str:
-    """World size, clients, final/best loss (and accuracy), traffic, mean rank and time of each run."""
+    """World size, clients, final/best loss (and accuracy), traffic, mean rank and round times of each run
+(rank 0's wall time per round, time_round: the median round and the total over rounds)."""
     summaries = [run_summary(run) for run in runs]
     accuracy = any(has_accuracy(run) for run in runs)
     clock = any(has_clock(run) for run in runs)
@@ -32,6 +33,7 @@ def comparison_table(runs: list[Run], labels: list[str]) -> str:
                 format_scaled_bytes(s["total_bytes_down"] / down_scale),
                 format_scaled_bytes(s["total_bytes_up"] / up_scale),
                 format_number(s["mean_rank"], 2),
+                format_number(s["median_round_s"], 2),
                 f"{s['total_time_s']:.1f}",
             ]
             + ([format_number(s["total_sim_time_s"], 1)] if clock else [])
@@ -39,7 +41,7 @@ def comparison_table(runs: list[Run], labels: list[str]) -> str:
     headers = (
         ["run", "method", "tau", "MPI ranks", "clients", "per round", "rounds", "final loss", "best loss"]
         + (["final acc", "best acc"] if accuracy else [])
-        + [f"down {down_unit}", f"up {up_unit}", "mean rank", "time s"]
+        + [f"down {down_unit}", f"up {up_unit}", "mean rank", "median round s", "total s"]
         + (["sim time s"] if clock else [])
     )
     return format_table(headers, rows, left=2)

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from florist_mpi.analysis import PHASES, Run
-from florist_mpi.report.stats import has_clock, run_summary
+from florist_mpi.report.stats import has_clock, round_times, run_summary
 from florist_mpi.report.target import time_to_target
 
 
@@ -37,7 +37,7 @@ def report_document(runs: list[Run], labels: list[str], target_loss: float | Non
     document = {"runs": [run_document(run, label) for run, label in zip(runs, labels)]}
     reached = time_to_target(runs, labels, target_loss)
     if reached is not None:
-        document["time_to_target"] = _jsonable(reached)
+        document["time_to_target"] = jsonable(reached)
     return document
 
 
@@ -50,7 +50,7 @@ def run_document(run: Run, label: str) -> dict:
         entry["global_rank"] = {m: int(ranks.at[m, r]) for m in run.modules}
         entry["global_energy"] = {m: float(energies.at[m, r]) for m in run.modules}
         rounds.append(entry)
-    return _jsonable(
+    return jsonable(
         {
             "run": str(run.path),
             "label": label,
@@ -74,26 +74,30 @@ def run_document(run: Run, label: str) -> dict:
 
 
 def run_totals(run: Run) -> dict:
-    """Rounds, bytes and time per phase summed over the run (and the simulated total with a clock)."""
+    """Rounds, bytes and time per phase summed over the run (and the simulated total with a clock).
+
+    `time_round`: the rounds' wall time on rank 0 (for rounds logged before it existed, their
+    `time_total`); `time_total`: the sum of the phases' maxima over ranks."""
     frame = run.rounds
     totals = {
         "rounds": len(frame),
         "bytes_up": int(frame["bytes_up"].sum()),
         "bytes_down": int(frame["bytes_down"].sum()),
+        "time_round": float(round_times(frame).sum()),
         "time_total": float(frame["time_total"].sum()),
     }
-    totals.update({phase: float(frame[phase].fillna(0.0).sum()) for phase in PHASES})
+    totals.update({phase: float(frame[phase].fillna(0.0).sum()) for phase in (*PHASES, "time_wait")})
     if has_clock(run):
         totals["sim_time_s"] = float(frame["sim_time_s"].sum())
     return totals
 
 
-def _jsonable(value):
+def jsonable(value):
     """numpy scalars to Python numbers and non-finite floats to None, recursively."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):

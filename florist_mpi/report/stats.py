@@ -9,6 +9,19 @@ import pandas as pd
 from florist_mpi.analysis import Run
 
 
+def round_times(frame: pd.DataFrame) -> pd.Series:
+    """Each round's wall time: `time_round` (rank 0, from the round's start to its log commit).
+
+    Rounds logged before `time_round` existed fall back to `time_total`, the sum of the phases' maxima
+    over ranks, which overstates the round when ranks are uneven (see has_round_times)."""
+    return frame["time_round"].where(np.isfinite(frame["time_round"]), frame["time_total"])
+
+
+def has_round_times(run: Run) -> bool:
+    """Whether every round of the run recorded its wall time `time_round` (logs before it did not)."""
+    return bool(np.isfinite(run.rounds["time_round"]).all())
+
+
 def has_clock(run: Run) -> bool:
     """Whether the run was logged with a system section (simulated round times)."""
     return "sim_time_s" in run.rounds.columns and bool(np.isfinite(run.rounds["sim_time_s"]).any())
@@ -70,6 +83,7 @@ def run_summary(run: Run) -> dict:
         "total_bytes_down": int(frame["bytes_down"].sum()) if not frame.empty else 0,
         "total_bytes_up": int(frame["bytes_up"].sum()) if not frame.empty else 0,
         "mean_rank": float(frame["mean_rank"].mean()) if not frame.empty else math.nan,
-        "total_time_s": float(frame["time_total"].sum()) if not frame.empty else 0.0,
+        "total_time_s": float(round_times(frame).sum()) if not frame.empty else 0.0,
+        "median_round_s": float(round_times(frame).median()) if not frame.empty else math.nan,
         "total_sim_time_s": float(frame["sim_time_s"].sum()) if has_clock(run) else math.nan,
     }
