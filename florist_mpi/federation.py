@@ -103,6 +103,8 @@ class Federation:
 
     def _run_round(self, round_index: int) -> None:
         cfg, world = self.cfg, self.world
+        if world.size > 1:  # start together: rank 0 may still be writing the last round
+            world.barrier()
         started = time.perf_counter()
         self.monitor.start_round()
         timings: dict[str, float] = {}
