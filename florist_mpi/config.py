@@ -44,6 +44,30 @@ class RunConfig(_Section):
             "format.md); never overwritten silently (`--overwrite`, `--resume`)"
         ),
     )
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        "auto",
+        description=(
+            "where every rank trains: `cuda` (one GPU per rank, chosen by node-local rank; the run refuses to "
+            "start where a rank sees no CUDA device), `cpu` (float32), or `auto` (CUDA where visible, else CPU; "
+            "the banner says which). Every rank's device is compared at start-up: a job mixing CPU and GPU "
+            "ranks is refused"
+        ),
+    )
+    gpu_memory_fraction: float | Literal["share"] | None = Field(
+        None,
+        description=(
+            "cap on the GPU memory each rank's PyTorch allocator may take (`torch.cuda."
+            "set_per_process_memory_fraction`): a fraction in (0, 1] of its GPU, or `share` for an even share "
+            "among the ranks on that GPU; none: no cap. The cap covers tensors, not the CUDA context (docs/gpu.md)"
+        ),
+    )
+
+    @field_validator("gpu_memory_fraction")
+    @classmethod
+    def _fraction_or_share(cls, value):
+        if isinstance(value, float) and not 0.0 < value <= 1.0:
+            raise ValueError("a fraction must be in (0, 1], or use `share`")
+        return value
 
 
 class FederationConfig(_Section):
@@ -192,7 +216,8 @@ class ModelConfig(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32",
         description=(
-            "weights on GPU (`bfloat16`, `float16`); CPU always uses float32. Must match `train.precision` when "
+            "weights on GPU (`bfloat16`, `float16`); CPU always uses float32 (refused with `run.device: cpu`). "
+            "Must match `train.precision` when "
             "that is `bf16`/`fp16`. Adapted weights stored in 16 bits keep an fp32 copy that global updates are "
             "merged into (4 bytes per adapted weight per rank)"
         ),
@@ -322,11 +347,16 @@ class TrainConfig(_Section):
     lr: float = Field(3e-3, gt=0.0, description="learning rate")
     weight_decay: float = Field(0.0, ge=0.0, description="weight decay")
     optimizer: Literal["adamw", "sgd"] = Field(
-        "adamw", description="`adamw` or `sgd`; a fresh optimizer per client and round"
+        "adamw", description="`adamw` or `sgd` (`sgd` with `zero_stage` 0 only); a fresh optimizer per client and round"
     )
     zero_stage: int = Field(0, ge=0, le=2, description="DeepSpeed ZeRO stage 0–2 (each client is its own world of one)")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="`bf16` / `fp16` on GPU (with `model.dtype` `bfloat16` / `float16`); CPU trains in fp32"
+        "fp32",
+        description=(
+            "`bf16` / `fp16` on GPU (with `model.dtype` `bfloat16` / `float16`; gradients accumulate in fp32, and "
+            "bf16 with `gradient_accumulation_steps` > 1 needs `zero_stage` ≥ 1). CPU trains in fp32: refused "
+            "with `run.device: cpu`, stated in the banner when `auto` finds no GPU"
+        ),
     )
     gradient_clipping: float | None = Field(1.0, gt=0.0, description="max gradient norm (null disables)")
     client_engines: Literal["auto", "reuse", "fresh"] = Field(
@@ -335,7 +365,15 @@ class TrainConfig(_Section):
             "How a rank's virtual clients get their LoRA and DeepSpeed engine. 'reuse': one PEFT adapter, "
             "optimizer and engine per (LoRA rank, alpha), reset in place before every client (cheap; needs "
             "zero_stage 0 and no bf16/fp16 engine). 'fresh': a new wrapper and engine per client, removed "
-            "and garbage-collected afterwards (returns memory between clients). 'auto': reuse where possible"
+            "and torn down afterwards (returns memory between clients). 'auto': reuse where possible"
+        ),
+    )
+    on_out_of_memory: Literal["error", "exclude"] = Field(
+        "error",
+        description=(
+            "what a client's local training that runs out of GPU memory does: `error` stops the run with one "
+            "line naming the client and what to lower; `exclude` leaves that client out of the round as failed "
+            "(recorded in the log's exclusions) and goes on"
         ),
     )
 
@@ -349,6 +387,16 @@ class TrainConfig(_Section):
             self.__dict__["local_steps"] = None  # the default 10 steps gives way to epochs
         elif self.local_steps is None:
             raise ValueError("no local work: set train.local_steps or train.local_epochs")
+        return self
+
+    @model_validator(mode="after")
+    def _zero_optimizer(self):
+        if self.optimizer == "sgd" and self.zero_stage > 0:
+            raise ValueError(
+                f"train.optimizer sgd with train.zero_stage {self.zero_stage}: DeepSpeed's ZeRO does not support "
+                "torch's SGD (the run would stop at the first client); use train.optimizer: adamw or "
+                "train.zero_stage: 0"
+            )
         return self
 
     @model_validator(mode="after")

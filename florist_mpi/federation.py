@@ -16,17 +16,16 @@ import torch
 from florist_mpi import comm, evaluation, exchange, methods, sharding, simclock, storage
 from florist_mpi import data as data_lib
 from florist_mpi.config import ExperimentConfig
+from florist_mpi.devices import place_rank
 from florist_mpi.exchange import ClientUpdate
 from florist_mpi.faults import diverges, kill_point
 from florist_mpi.lowrank import AggregationResult
 from florist_mpi.model import (
     adapted_modules,
-    cores_for_rank,
     float32_masters,
     load_base,
     merge_update,
     quiet_libraries,
-    select_device,
     weights_digest,
 )
 from florist_mpi.replay import temporarily_merged
@@ -147,10 +146,9 @@ class Federation:
         self.world, self.cfg, self.plan, self.verbose = world, cfg, plan, verbose
         self.output = Path(cfg.run.output)
         quiet_libraries(verbose)
-        self.device = select_device(world.local_rank)
-        if self.device.type == "cpu":
-            torch.set_num_threads(cores_for_rank(world.local_size))
-        isolate_torch_distributed(world.local_rank)
+        self.placement = place_rank(world, cfg)  # run.device, agreed by every rank (a CPU/GPU mix is refused)
+        self.device = self.placement.device
+        isolate_torch_distributed(world.local_rank, self.device)
         prepare_deepspeed(verbose)
         self.model, self.tokenizer = load_base(cfg, world, self.device)
         self.modules = adapted_modules(self.model, cfg.lora.target_modules)
@@ -623,7 +621,7 @@ class Federation:
         return (
             f"florist-mpi {what}: {cfg.federation.method} (tau={cfg.federation.tau}) | "
             f"{cfg.federation.num_clients} clients "
-            f"on {world.size} rank(s), device {self.device.type} | {len(self.shapes)} adapted modules | "
+            f"on {world.size} rank(s), device {self.placement.summary} | {len(self.shapes)} adapted modules | "
             f"{cfg.run.rounds} rounds -> {self.output}{initial}"
         )
 

@@ -1,8 +1,10 @@
 """Train the same client jobs through reused engines and through fresh ones; save both.
 
-Run as `python client_engines.py OUT.npz [ffa|flexlora|plain]` (a process of its own:
+Run as `python client_engines.py OUT.npz [ffa|flexlora|plain|bf16base]` (a process of its own:
 DeepSpeed and a torch.distributed world of one are set up here). tests/test_training.py
-compares the two.
+compares the two. `bf16base`: a bfloat16 base model trained at fp32 precision (the reused path
+on a GPU with `model.dtype: bfloat16`, `train.precision: fp32`), where PEFT rounds a new adapter's
+A through the base's dtype.
 """
 import sys
 
@@ -26,6 +28,8 @@ isolate_torch_distributed(0)
 prepare_deepspeed()
 device = torch.device("cpu")
 models = [build_tiny_model(cfg, 96, 0, 1, 2) for _ in range(2)]  # two bitwise-equal bases
+if variant == "bf16base":
+    models = [model.to(torch.bfloat16) for model in models]
 modules = adapted_modules(models[0], cfg.lora.target_modules)
 shapes = {name: tuple(m.weight.shape) for name, m in modules.items()}
 
@@ -63,8 +67,8 @@ for client, round_index in order:
 models[0].eval()
 with torch.no_grad():
     after = models[0](input_ids=probe).logits
-results["logits/before"], results["logits/after"] = before.numpy(), after.numpy()
-results["weights/reused"] = np.concatenate([m.weight.detach().numpy().ravel() for m in modules.values()])
-results["weights/fresh"] = np.concatenate([m.weight.detach().numpy().ravel()
+results["logits/before"], results["logits/after"] = before.float().numpy(), after.float().numpy()
+results["weights/reused"] = np.concatenate([m.weight.detach().float().numpy().ravel() for m in modules.values()])
+results["weights/fresh"] = np.concatenate([m.weight.detach().float().numpy().ravel()
                                            for m in adapted_modules(models[1], cfg.lora.target_modules).values()])
 np.savez(out, **results)
