@@ -415,7 +415,9 @@ class EvalConfig(_Section):
         "loss", description="`loss` (held-out loss on response tokens) or `mmlu` (multiple choice by log-likelihood)"
     )
     max_examples: int | None = Field(None, ge=1, description="evaluate on the first this many examples (default: all)")
-    batch_size: int = Field(16, ge=1, description="evaluation batch size")
+    batch_size: int = Field(
+        16, ge=1, description="sequences per evaluation forward pass (`mmlu`: 4 per question, whole questions)"
+    )
     path: str | None = Field(None, description="MMLU JSON for `mmlu`, or a Dolly-style file for `loss`")
 
     @model_validator(mode="after")
@@ -587,7 +589,16 @@ class ExperimentConfig(_Section):
             del tree["system"]
         if tree["federation"]["overcommit"] is None:
             del tree["federation"]["overcommit"]
+        # Likewise the device keys at their defaults (a log of a default run reads as before they existed).
+        for section, key, default in UNLOGGED_DEFAULTS:
+            if tree[section][key] == default:
+                del tree[section][key]
         return yaml.safe_dump(tree, sort_keys=False)
+
+
+# (section, key, default) left out of a logged config at their default (ExperimentConfig.to_yaml)
+UNLOGGED_DEFAULTS = (("run", "device", "auto"), ("run", "gpu_memory_fraction", None),
+                     ("train", "on_out_of_memory", "error"))
 
 
 # --------------------------------------------------------------------------- loading

@@ -30,9 +30,10 @@ from florist_mpi.config import ExperimentConfig
 from florist_mpi.errors import UserError
 
 NO_CUDA = (
-    "run.device is cuda but {where} sees no CUDA device (torch {torch}, torch.cuda.is_available() is False): "
-    "install a CUDA build of torch, give the job a GPU (check CUDA_VISIBLE_DEVICES), or set run.device: auto or cpu"
+    "{setting} is cuda but {where} sees no CUDA device (torch {torch}, torch.cuda.is_available() is False): "
+    "install a CUDA build of torch, give the job a GPU (check CUDA_VISIBLE_DEVICES), or {fix}"
 )
+RUN_DEVICE_FIX = "set run.device: auto or cpu"
 # all-gathered per rank: [on CUDA, 4 x 32 bits of the GPU's identity]
 PLACEMENT_WIDTH = 5
 
@@ -42,17 +43,19 @@ def cuda_visible() -> bool:
     return bool(torch.cuda.is_available() and torch.cuda.device_count() > 0)
 
 
-def no_cuda_message(where: str = "this machine") -> str:
-    return NO_CUDA.format(where=where, torch=torch.__version__)
+def no_cuda_message(where: str = "this machine", setting: str = "run.device", fix: str = RUN_DEVICE_FIX) -> str:
+    return NO_CUDA.format(setting=setting, where=where, torch=torch.__version__, fix=fix)
 
 
-def select_device(local_rank: int, choice: str = "auto") -> torch.device:
-    """This rank's device: GPU `local_rank mod visible GPUs` for cuda/auto, else CPU (see module doc)."""
+def select_device(local_rank: int, choice: str = "auto", setting: str = "run.device",
+                  fix: str = RUN_DEVICE_FIX) -> torch.device:
+    """This rank's device: GPU `local_rank mod visible GPUs` for cuda/auto, else CPU (see module doc).
+    `setting` and `fix` word the refusal of cuda without CUDA."""
     if choice == "cpu":
         return torch.device("cpu")
     if not cuda_visible():
         if choice == "cuda":
-            raise UserError(no_cuda_message(f"rank {local_rank} (node-local) of {socket.gethostname()}"))
+            raise UserError(no_cuda_message(f"rank {local_rank} (node-local) of {socket.gethostname()}", setting, fix))
         return torch.device("cpu")
     index = local_rank % torch.cuda.device_count()
     torch.cuda.set_device(index)

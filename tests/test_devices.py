@@ -263,3 +263,17 @@ def test_run_device_cuda_without_cuda_is_refused_in_one_line_and_writes_nothing(
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert lines[0].startswith("florist-mpi: error: run.device is cuda but this machine sees no CUDA device")
     assert not log.exists() and not (tmp_path / "refused.h5.rounds").exists() and not list(tmp_path.iterdir())
+
+
+def test_a_logged_config_names_the_device_keys_only_when_they_are_not_the_defaults():
+    import yaml
+
+    from florist_mpi.config import parse_config_text
+
+    logged = yaml.safe_load(config_from_tree({}).to_yaml())
+    assert "device" not in logged["run"] and "gpu_memory_fraction" not in logged["run"]
+    assert "on_out_of_memory" not in logged["train"]  # logs of default runs read as before these keys existed
+    chosen = config_from_tree({"run": {"device": "cuda", "gpu_memory_fraction": "share"},
+                               "train": {"on_out_of_memory": "exclude"}})
+    assert yaml.safe_load(chosen.to_yaml())["run"]["device"] == "cuda"
+    assert parse_config_text(chosen.to_yaml()) == chosen
