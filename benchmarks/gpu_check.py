@@ -214,7 +214,7 @@ def mpi_probe(out: Path) -> None:
             del block
             cap_refused = False
             problems.append("a 30% allocation passed the 25% cap")
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:
             cap_refused = True
     world.barrier()
     record = {"device": str(device), "sharing": placement.ranks_on_my_gpu, "gpus": placement.gpus,

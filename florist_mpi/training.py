@@ -304,7 +304,7 @@ class ClientTrainer:
         `train.on_out_of_memory: exclude`, becomes a ClientTrainingError: the client is left out."""
         try:
             update, skipped = self._train(job)
-        except torch.OutOfMemoryError as err:
+        except torch.cuda.OutOfMemoryError as err:  # torch.OutOfMemoryError from torch 2.5 on
             reason = str(err).strip().splitlines()[0] if str(err).strip() else "CUDA out of memory"
         else:
             if skipped:

@@ -200,7 +200,7 @@ def _oom_trainer(monkeypatch, on_out_of_memory: str) -> tuple[ClientTrainer, Cli
                             "train": {"client_engines": "fresh", "on_out_of_memory": on_out_of_memory}})
 
     def out_of_memory(*args):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has 1.2 GiB free.")
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has 1.2 GiB free.")
 
     monkeypatch.setattr(training, "_train_fresh", out_of_memory)
     job = ClientJob(client_id=3, round_index=2, rank=4, alpha=8.0, encoded=[])
@@ -277,3 +277,16 @@ def test_a_logged_config_names_the_device_keys_only_when_they_are_not_the_defaul
                                "train": {"on_out_of_memory": "exclude"}})
     assert yaml.safe_load(chosen.to_yaml())["run"]["device"] == "cuda"
     assert parse_config_text(chosen.to_yaml()) == chosen
+
+
+def test_the_deepspeed_floor_excludes_releases_that_cast_the_bases_buffers():
+    import importlib.metadata
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    deepspeed = next(Requirement(d) for d in dependencies if d.startswith("deepspeed"))
+    assert not deepspeed.specifier.contains("0.19.1") and deepspeed.specifier.contains("0.19.2")
+    assert Version(importlib.metadata.version("deepspeed")) in deepspeed.specifier
