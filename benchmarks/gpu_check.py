@@ -262,6 +262,21 @@ def check_demo_bf16(ctx: Context) -> Result:
                  train__gradient_accumulation_steps=2)
 
 
+def check_cpu_device(ctx: Context) -> Result:
+    """run.device: cpu on a GPU machine: the demo trains on CPU (1 round, 1 rank), exit 0, banner says cpu."""
+    output = ctx.work / "demo_cpu.h5"
+    start = time.perf_counter()
+    result = ctx.florist(1, "run", "configs/demo.yaml", "--overwrite",
+                         *_settings(run__device="cpu", run__rounds=1, run__output=output))
+    figures = {"exit": result.returncode, "wall_s": time.perf_counter() - start}
+    problems = []
+    if result.returncode != 0:
+        problems.append(_last_line(result.stderr))
+    elif "device cpu |" not in result.stdout or not output.exists():
+        problems.append("the banner does not say cpu, or no log")
+    return Result("FAIL" if problems else "PASS", figures, "; ".join(problems))
+
+
 def _random_llama(hidden: int, intermediate: int, layers: int, heads: int, device):
     """A random Llama built straight on `device` in bfloat16 (no copy of it in host memory)."""
     import torch
@@ -515,6 +530,8 @@ CHECKS = [
           "nats, banner says cuda", True, 150, 2, check_demo_fp32),
     Check("demo_bf16", "the same in bf16 (model.dtype bfloat16, ZeRO-1, 2 accumulation steps)", True, 150, 2,
           check_demo_bf16),
+    Check("cpu_device", "`run.device: cpu` on the GPU machine: the demo trains on CPU (1 round), exit 0, banner "
+          "says cpu", True, 120, 1, check_cpu_device),
     Check("aggregation", "FLoRIST at Llama-7B shapes on GPU vs CPU: the same ranks, products within 1e-5, times",
           True, 120, 1, check_aggregation),
     Check("reuse", "reused vs fresh client engines on GPU (fp32 and bf16 base): factors within 1e-6, the base "

@@ -67,8 +67,15 @@ def isolate_torch_distributed(local_rank: int, device: torch.device | None = Non
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK=local)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
+    on_gpu = device is not None and device.type == "cuda"
+    if device is not None:
+        # DeepSpeed's accelerator is the rank's device: a CPU rank on a GPU machine (run.device: cpu)
+        # must not get engines that move the model to a GPU (prepare_deepspeed keeps this choice).
+        os.environ["DS_ACCELERATOR"] = "cuda" if on_gpu else "cpu"
     if not dist.is_initialized():
-        dist.init_process_group(private_world_backend(device), store=dist.HashStore(), rank=0, world_size=1)
+        # device_id binds the NCCL world to this rank's GPU (no stray context on GPU 0)
+        bound = {"device_id": device} if on_gpu else {}
+        dist.init_process_group(private_world_backend(device), store=dist.HashStore(), rank=0, world_size=1, **bound)
 
 
 def _quiet_deepspeed() -> None:

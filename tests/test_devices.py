@@ -1,6 +1,7 @@
 """run.device and the CUDA paths, tested on CPU: device choice, the all-gathered agreement, timing,
 memory, the private world, the DeepSpeed config, out-of-memory handling and the refusals."""
 import importlib
+import os
 import subprocess
 import sys
 import time
@@ -289,3 +290,28 @@ def test_the_deepspeed_floor_excludes_releases_that_cast_the_bases_buffers():
     deepspeed = Requirement(re.search(r'^\s*"(deepspeed[^"]*)"', (REPO / "pyproject.toml").read_text(), re.M).group(1))
     assert not deepspeed.specifier.contains("0.19.1") and deepspeed.specifier.contains("0.19.2")
     assert Version(importlib.metadata.version("deepspeed")) in deepspeed.specifier
+
+
+def test_a_gpu_rank_loads_the_model_straight_onto_its_device():
+    from florist_mpi.model import load_options
+
+    cfg = config_from_tree({"model": {"dtype": "bfloat16"}, "train": {"precision": "bf16"}})
+    assert load_options(cfg, torch.device("cuda", 1), local_only=True) == {
+        "local_files_only": True, "trust_remote_code": False, "dtype": torch.bfloat16, "device_map": {"": 1}}
+    on_cpu = load_options(cfg, torch.device("cpu"), local_only=False)
+    assert on_cpu["dtype"] == torch.float32 and "device_map" not in on_cpu  # CPU: float32, loaded in place
+
+
+@pytest.mark.parametrize("device, accelerator", [(torch.device("cpu"), "cpu"), (CUDA0, "cuda")])
+def test_deepspeeds_accelerator_follows_the_ranks_device(monkeypatch, device, accelerator):
+    """run.device: cpu on a GPU machine must give CPU engines (DeepSpeed's CUDA accelerator would move the model)."""
+    from florist_mpi import training
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cuda" if accelerator == "cpu" else "cpu")  # the opposite, restored after
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)  # no process group in the test process
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(name, "x")
+    training.isolate_torch_distributed(0, device)
+    assert os.environ["DS_ACCELERATOR"] == accelerator

@@ -13,7 +13,7 @@ SCRIPT = REPO / "benchmarks" / "gpu_check.py"
 FAKES = REPO / "tests" / "scripts" / "gpu_check_fakes.py"
 # the checks issue 25 asks for, by id
 REQUIRED = {"env", "refusals", "devices4", "leak", "llama7b", "demo_fp32", "demo_bf16", "aggregation", "reuse",
-            "sharded"}
+            "sharded", "cpu_device"}
 
 
 def load_gpu_check():
