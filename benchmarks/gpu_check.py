@@ -369,21 +369,36 @@ def check_llama7b(ctx: Context) -> Result:
     import numpy as np
     import torch
 
+    from florist_mpi import training
     from florist_mpi.devices import synchronize
     from florist_mpi.model import adapted_modules, float32_masters, merge_update
     from florist_mpi.training import train_client
 
     device = torch.device("cuda", 0)
     torch.cuda.set_device(device)
+    host_start = _host_rss_mb()
     start = time.perf_counter()
     model = _random_llama(4096, 11008, 32, 32, device)
     build_s = time.perf_counter() - start
+    host_build = _host_rss_mb() - host_start
     model_gb = torch.cuda.memory_allocated(device) / 1e9
     cfg, shapes, job = _client_setup(model, device, gradient_accumulation_steps=1, micro_batch_size=4)
+    engine_s, build_engine = [], training._engine
+
+    def timed_engine(*args):  # engine set-up: DeepSpeed broadcasts all 6.7B weights in the private world
+        begin = time.perf_counter()
+        engine = build_engine(*args)
+        torch.cuda.synchronize()
+        engine_s.append(time.perf_counter() - begin)
+        return engine
+
+    training._engine = timed_engine
     torch.cuda.reset_peak_memory_stats(device)
+    host_before = _host_rss_mb()
     start = time.perf_counter()
     update = train_client(model, set(shapes), job(0, 512), cfg, device)
     client_s = time.perf_counter() - start
+    host_growth = _host_rss_mb() - host_before
     peak_gb = torch.cuda.max_memory_allocated(device) / 1e9
     total_gb = torch.cuda.get_device_properties(device).total_memory / 1e9
     modules = adapted_modules(model, ["q_proj", "v_proj"])
@@ -399,11 +414,15 @@ def check_llama7b(ctx: Context) -> Result:
     synchronize(device)
     synced = time.perf_counter() - start
     per_rank_gb = peak_gb + sum(m.numel() * 4 for m in masters.values()) / 1e9 + 0.6  # + masters + CUDA context
-    figures = {"build_s": build_s, "model_gb": model_gb, "client_s": client_s, "peak_gb": peak_gb,
+    figures = {"build_s": build_s, "model_gb": model_gb, "engine_s": engine_s[0], "client_s": client_s,
+               "host_build_mb": host_build, "host_client_mb": host_growth, "peak_gb": peak_gb,
                "per_rank_gb": per_rank_gb, "ranks_per_gpu": int(total_gb * 0.95 // per_rank_gb),
                "merge_unsynced_s": unsynced, "merge_synced_s": synced,
                "loss": update.train_loss}
     problems = [] if np.isfinite(update.train_loss) else ["non-finite training loss"]
+    for what, grown in (("building the model", host_build), ("training the client", host_growth)):
+        if grown > 0.25 * model_gb * 1000:  # the model (or a staging copy of it) went through host memory
+            problems.append(f"host memory grew {grown:.0f} MB {what}")
     return Result("FAIL" if problems else "PASS", figures, "; ".join(problems))
 
 
@@ -524,8 +543,10 @@ CHECKS = [
     Check("leak", "5 fresh ZeRO-1 bf16 clients of a ~0.5B random Llama: GPU memory allocated after the 5th within "
           "16 MB of after the 1st, host memory within 256 MB, private world on NCCL", True, 150, 1, check_leak),
     Check("llama7b", "one Llama-7B-shaped client step (model built on the GPU, no host copy; q/v rank 16, ZeRO-1 bf16, "
-          "4x512 tokens) finishes with a finite loss; records peak memory, ranks per GPU, merge time with and "
-          "without synchronisation", True, 180, 1, check_llama7b),
+          "4x512 tokens) finishes with a finite loss; host memory grows < 1/4 of the model in the build and in the "
+          "client; records engine set-up "
+          "time, peak memory, ranks per GPU, merge time with and without synchronisation", True, 180, 1,
+          check_llama7b),
     Check("demo_fp32", "the demo on 2 GPU ranks in fp32, 3 rounds: exit 0, 3 rounds logged, eval loss falls >= 0.5 "
           "nats, banner says cuda", True, 150, 2, check_demo_fp32),
     Check("demo_bf16", "the same in bf16 (model.dtype bfloat16, ZeRO-1, 2 accumulation steps)", True, 150, 2,
