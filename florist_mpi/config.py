@@ -353,9 +353,9 @@ class TrainConfig(_Section):
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32",
         description=(
-            "`bf16` / `fp16` on GPU (with `model.dtype` `bfloat16` / `float16`; gradients accumulate in fp32, and "
-            "bf16 with `gradient_accumulation_steps` > 1 needs `zero_stage` ≥ 1). CPU trains in fp32: refused "
-            "with `run.device: cpu`, stated in the banner when `auto` finds no GPU"
+            "`bf16` / `fp16` on GPU (with `model.dtype` `bfloat16` / `float16`; bf16 sums the micro-batches' "
+            "gradients in fp32, so with `gradient_accumulation_steps` > 1 it needs `zero_stage` ≥ 1). CPU trains in "
+            "fp32: refused with `run.device: cpu`, stated in the banner when `auto` finds no GPU"
         ),
     )
     gradient_clipping: float | None = Field(1.0, gt=0.0, description="max gradient norm (null disables)")
