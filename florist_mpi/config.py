@@ -44,23 +44,14 @@ class RunConfig(_Section):
             "format.md); never overwritten silently (`--overwrite`, `--resume`)"
         ),
     )
-    device: Literal["auto", "cuda", "cpu"] = Field(
-        "auto",
-        description=(
-            "where every rank trains: `cuda` (one GPU per rank, chosen by node-local rank; the run refuses to "
-            "start where a rank sees no CUDA device), `cpu` (float32), or `auto` (CUDA where visible, else CPU; "
-            "the banner says which). Every rank's device is compared at start-up: a job mixing CPU and GPU "
-            "ranks is refused"
-        ),
-    )
-    gpu_memory_fraction: float | Literal["share"] | None = Field(
-        None,
-        description=(
-            "cap on the GPU memory each rank's PyTorch allocator may take (`torch.cuda."
-            "set_per_process_memory_fraction`): a fraction in (0, 1] of its GPU, or `share` for an even share "
-            "among the ranks on that GPU; none: no cap. The cap covers tensors, not the CUDA context (docs/gpu.md)"
-        ),
-    )
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description=(
+        "where every rank trains: `cuda` (one GPU per rank, chosen by node-local rank; the run refuses to start "
+        "where a rank sees no CUDA device), `cpu` (float32), or `auto` (CUDA where visible, else CPU; the banner "
+        "says which). Every rank's device is compared at start-up: a job mixing CPU and GPU ranks is refused"))
+    gpu_memory_fraction: float | Literal["share"] | None = Field(None, description=(
+        "cap on the GPU memory each rank's PyTorch allocator may take (`torch.cuda.set_per_process_memory_fraction`):"
+        " a fraction in (0, 1] of its GPU, or `share` for an even share among the ranks on that GPU; none: no cap. "
+        "The cap covers tensors, not the CUDA context (docs/gpu.md)"))
 
     @field_validator("gpu_memory_fraction")
     @classmethod
@@ -350,14 +341,10 @@ class TrainConfig(_Section):
         "adamw", description="`adamw` or `sgd` (`sgd` with `zero_stage` 0 only); a fresh optimizer per client and round"
     )
     zero_stage: int = Field(0, ge=0, le=2, description="DeepSpeed ZeRO stage 0–2 (each client is its own world of one)")
-    precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32",
-        description=(
-            "`bf16` / `fp16` on GPU (with `model.dtype` `bfloat16` / `float16`; bf16 sums the micro-batches' "
-            "gradients in fp32, so with `gradient_accumulation_steps` > 1 it needs `zero_stage` ≥ 1). CPU trains in "
-            "fp32: refused with `run.device: cpu`, stated in the banner when `auto` finds no GPU"
-        ),
-    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description=(
+        "`bf16` / `fp16` on GPU (with `model.dtype` `bfloat16` / `float16`; bf16 sums the micro-batches' gradients "
+        "in fp32, so with `gradient_accumulation_steps` > 1 it needs `zero_stage` ≥ 1). CPU trains in fp32: refused "
+        "with `run.device: cpu`, stated in the banner when `auto` finds no GPU"))
     gradient_clipping: float | None = Field(1.0, gt=0.0, description="max gradient norm (null disables)")
     client_engines: Literal["auto", "reuse", "fresh"] = Field(
         "auto",
@@ -368,14 +355,10 @@ class TrainConfig(_Section):
             "and torn down afterwards (returns memory between clients). 'auto': reuse where possible"
         ),
     )
-    on_out_of_memory: Literal["error", "exclude"] = Field(
-        "error",
-        description=(
-            "what a client's local training that runs out of GPU memory does: `error` stops the run with one "
-            "line naming the client and what to lower; `exclude` leaves that client out of the round as failed "
-            "(recorded in the log's exclusions) and goes on"
-        ),
-    )
+    on_out_of_memory: Literal["error", "exclude"] = Field("error", description=(
+        "what a client's local training that runs out of GPU memory does: `error` stops the run with one line "
+        "naming the client and what to lower; `exclude` leaves that client out of the round as failed (recorded "
+        "in the log's exclusions) and goes on"))
 
     @model_validator(mode="after")
     def _one_budget(self):
@@ -390,17 +373,13 @@ class TrainConfig(_Section):
         return self
 
     @model_validator(mode="after")
-    def _zero_optimizer(self):
+    def _what_deepspeed_supports(self):
         if self.optimizer == "sgd" and self.zero_stage > 0:
             raise ValueError(
                 f"train.optimizer sgd with train.zero_stage {self.zero_stage}: DeepSpeed's ZeRO does not support "
                 "torch's SGD (the run would stop at the first client); use train.optimizer: adamw or "
                 "train.zero_stage: 0"
             )
-        return self
-
-    @model_validator(mode="after")
-    def _reusable_engines(self):
         if self.client_engines == "reuse" and (self.zero_stage != 0 or self.precision != "fp32"):
             raise ValueError(
                 "train.client_engines 'reuse' needs train.zero_stage 0 and train.precision fp32 "
@@ -415,9 +394,7 @@ class EvalConfig(_Section):
         "loss", description="`loss` (held-out loss on response tokens) or `mmlu` (multiple choice by log-likelihood)"
     )
     max_examples: int | None = Field(None, ge=1, description="evaluate on the first this many examples (default: all)")
-    batch_size: int = Field(
-        16, ge=1, description="sequences per evaluation forward pass (`mmlu`: 4 per question, whole questions)"
-    )
+    batch_size: int = Field(16, ge=1, description="sequences per evaluation forward pass (`mmlu`: 4 per question)")
     path: str | None = Field(None, description="MMLU JSON for `mmlu`, or a Dolly-style file for `loss`")
 
     @model_validator(mode="after")
