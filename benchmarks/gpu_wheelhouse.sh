@@ -7,10 +7,12 @@
 #
 #   benchmarks/gpu_wheelhouse.sh [DIR]          # default DIR: .whl (make git ignore it)
 #
-# Then, on the GPU machine, from the repository root with DIR beside it:
-#   python3 -m venv --system-site-packages /tmp/venv
-#   /tmp/venv/bin/pip install -q --no-index --no-deps DIR/*.whl
-#   /tmp/venv/bin/python benchmarks/gpu_check.py --json OUT/gpu_check.json --log OUT/gpu_check.log
+# Then, on the GPU machine, from the repository root with DIR in it (a prefix of their own beside the
+# machine's Python, whose torch may live in a virtual environment that a new one would not see):
+#   python3 -m pip install -q --no-index --no-deps --prefix /tmp/pfx DIR/*.whl
+#   export PYTHONPATH=$PWD:$(echo /tmp/pfx/lib/python3*/site-packages) PATH=/tmp/pfx/bin:$PATH \
+#          LD_LIBRARY_PATH=/tmp/pfx/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+#   python3 benchmarks/gpu_check.py --json OUT/gpu_check.json --log OUT/gpu_check.log
 set -euo pipefail
 
 DIR=${1:-.whl}
