@@ -120,7 +120,7 @@ class LocalClients:
         start = time.perf_counter()
         try:
             update = self.trainer.train(job)
-        except (ClientTrainingError, torch.OutOfMemoryError) as err:
+        except ClientTrainingError as err:  # incl. an out-of-memory client under train.on_out_of_memory: exclude
             print(f"florist-mpi: warning (rank {self.world.rank}): client {client_id} failed in round "
                   f"{round_index} and is left out: {err}", file=sys.stderr, flush=True)
             return ClientUpdate(client_id, len(job.encoded), job.rank, math.nan, error=str(err))

@@ -44,6 +44,21 @@ class RunConfig(_Section):
             "format.md); never overwritten silently (`--overwrite`, `--resume`)"
         ),
     )
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description=(
+        "where every rank trains: `cuda` (one GPU per rank, chosen by node-local rank; the run refuses to start "
+        "where a rank sees no CUDA device), `cpu` (float32), or `auto` (CUDA where visible, else CPU; the banner "
+        "says which). Every rank's device is compared at start-up: a job mixing CPU and GPU ranks is refused"))
+    gpu_memory_fraction: float | Literal["share"] | None = Field(None, description=(
+        "cap on the GPU memory each rank's PyTorch allocator may take (`torch.cuda.set_per_process_memory_fraction`):"
+        " a fraction in (0, 1] of its GPU, or `share` for an even share among the ranks on that GPU; none: no cap. "
+        "The cap covers tensors, not the CUDA context (docs/gpu.md)"))
+
+    @field_validator("gpu_memory_fraction")
+    @classmethod
+    def _fraction_or_share(cls, value):
+        if isinstance(value, float) and not 0.0 < value <= 1.0:
+            raise ValueError("a fraction must be in (0, 1], or use `share`")
+        return value
 
 
 class FederationConfig(_Section):
@@ -202,7 +217,8 @@ class ModelConfig(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32",
         description=(
-            "weights on GPU (`bfloat16`, `float16`); CPU always uses float32. Must match `train.precision` when "
+            "weights on GPU (`bfloat16`, `float16`); CPU always uses float32 (refused with `run.device: cpu`). "
+            "Must match `train.precision` when "
             "that is `bf16`/`fp16`. Adapted weights stored in 16 bits keep an fp32 copy that global updates are "
             "merged into (4 bytes per adapted weight per rank)"
         ),
@@ -332,12 +348,13 @@ class TrainConfig(_Section):
     lr: float = Field(3e-3, gt=0.0, description="learning rate")
     weight_decay: float = Field(0.0, ge=0.0, description="weight decay")
     optimizer: Literal["adamw", "sgd"] = Field(
-        "adamw", description="`adamw` or `sgd`; a fresh optimizer per client and round"
+        "adamw", description="`adamw` or `sgd` (`sgd` with `zero_stage` 0 only); a fresh optimizer per client and round"
     )
     zero_stage: int = Field(0, ge=0, le=2, description="DeepSpeed ZeRO stage 0–2 (each client is its own world of one)")
-    precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="`bf16` / `fp16` on GPU (with `model.dtype` `bfloat16` / `float16`); CPU trains in fp32"
-    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description=(
+        "`bf16` / `fp16` on GPU (with `model.dtype` `bfloat16` / `float16`; bf16 sums the micro-batches' gradients "
+        "in fp32, so with `gradient_accumulation_steps` > 1 it needs `zero_stage` ≥ 1). CPU trains in fp32: refused "
+        "with `run.device: cpu`, stated in the banner when `auto` finds no GPU"))
     gradient_clipping: float | None = Field(1.0, gt=0.0, description="max gradient norm (null disables)")
     client_engines: Literal["auto", "reuse", "fresh"] = Field(
         "auto",
@@ -345,9 +362,13 @@ class TrainConfig(_Section):
             "How a rank's virtual clients get their LoRA and DeepSpeed engine. 'reuse': one PEFT adapter, "
             "optimizer and engine per (LoRA rank, alpha), reset in place before every client (cheap; needs "
             "zero_stage 0 and no bf16/fp16 engine). 'fresh': a new wrapper and engine per client, removed "
-            "and garbage-collected afterwards (returns memory between clients). 'auto': reuse where possible"
+            "and torn down afterwards (returns memory between clients). 'auto': reuse where possible"
         ),
     )
+    on_out_of_memory: Literal["error", "exclude"] = Field("error", description=(
+        "what a client's local training that runs out of GPU memory does: `error` stops the run with one line "
+        "naming the client and what to lower; `exclude` leaves that client out of the round as failed (recorded "
+        "in the log's exclusions) and goes on"))
 
     @model_validator(mode="after")
     def _one_budget(self):
@@ -362,7 +383,13 @@ class TrainConfig(_Section):
         return self
 
     @model_validator(mode="after")
-    def _reusable_engines(self):
+    def _what_deepspeed_supports(self):
+        if self.optimizer == "sgd" and self.zero_stage > 0:
+            raise ValueError(
+                f"train.optimizer sgd with train.zero_stage {self.zero_stage}: DeepSpeed's ZeRO does not support "
+                "torch's SGD (the run would stop at the first client); use train.optimizer: adamw or "
+                "train.zero_stage: 0"
+            )
         if self.client_engines == "reuse" and (self.zero_stage != 0 or self.precision != "fp32"):
             raise ValueError(
                 "train.client_engines 'reuse' needs train.zero_stage 0 and train.precision fp32 "
@@ -377,7 +404,7 @@ class EvalConfig(_Section):
         "loss", description="`loss` (held-out loss on response tokens) or `mmlu` (multiple choice by log-likelihood)"
     )
     max_examples: int | None = Field(None, ge=1, description="evaluate on the first this many examples (default: all)")
-    batch_size: int = Field(16, ge=1, description="evaluation batch size")
+    batch_size: int = Field(16, ge=1, description="sequences per evaluation forward pass (`mmlu`: 4 per question)")
     path: str | None = Field(None, description="MMLU JSON for `mmlu`, or a Dolly-style file for `loss`")
 
     @model_validator(mode="after")
@@ -549,7 +576,16 @@ class ExperimentConfig(_Section):
             del tree["system"]
         if tree["federation"]["overcommit"] is None:
             del tree["federation"]["overcommit"]
+        # Likewise the device keys at their defaults (a log of a default run reads as before they existed).
+        for section, key, default in UNLOGGED_DEFAULTS:
+            if tree[section][key] == default:
+                del tree[section][key]
         return yaml.safe_dump(tree, sort_keys=False)
+
+
+# (section, key, default) left out of a logged config at their default (ExperimentConfig.to_yaml)
+UNLOGGED_DEFAULTS = (("run", "device", "auto"), ("run", "gpu_memory_fraction", None),
+                     ("train", "on_out_of_memory", "error"))
 
 
 # --------------------------------------------------------------------------- loading

@@ -25,14 +25,14 @@ def say(line: str) -> None:
     sys.stdout.flush()
 
 
-def banner(cfg, world_size: int, device_type: str, num_modules: int, first_round: int, initial_eval: float) -> str:
+def banner(cfg, world_size: int, device: str, num_modules: int, first_round: int, initial_eval: float) -> str:
     """The run's first line: what runs where, and where it is logged."""
     what = f"resuming after round {first_round - 1}" if first_round else "starting"
     initial = f", initial eval loss {initial_eval:.4f}" if math.isfinite(initial_eval) else ""
     return (
         f"florist-mpi {what}: {cfg.federation.method} (tau={cfg.federation.tau}) | "
         f"{cfg.federation.num_clients} clients "
-        f"on {world_size} rank(s), device {device_type} | {num_modules} adapted modules | "
+        f"on {world_size} rank(s), device {device} | {num_modules} adapted modules | "
         f"{cfg.run.rounds} rounds -> {Path(cfg.run.output)}{initial}"
     )
 

@@ -86,11 +86,18 @@ def _prompt_and_letter_ids(tokenizer, prompt_text: str) -> tuple[list[int], list
 
 
 @torch.no_grad()
-def multiple_choice_scores(model, items, device: torch.device) -> list[torch.Tensor]:
-    """Per question: each candidate's summed log-probability of its labelled (answer) tokens."""
+def multiple_choice_scores(model, items, device: torch.device, batch_size: int = 4) -> list[torch.Tensor]:
+    """Per question: each candidate's summed log-probability of its labelled (answer) tokens.
+
+    Candidates of max(1, batch_size // 4) questions share one forward pass, right-padded to the
+    longest: a position's logits depend only on the positions before it, so padding changes nothing.
+    """
     pad_id = model.config.pad_token_id or 0
+    per_batch = max(1, batch_size // len(CHOICE_LETTERS))
     scores = []
-    for candidates, _ in items:
+    for start in range(0, len(items), per_batch):
+        chunk = items[start : start + per_batch]
+        candidates = [candidate for question, _ in chunk for candidate in question]
         batch = data_lib.collate(candidates, pad_id)
         batch = {key: value.to(device) for key, value in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
@@ -98,13 +105,17 @@ def multiple_choice_scores(model, items, device: torch.device) -> list[torch.Ten
         log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
         mask = labels != data_lib.IGNORE_INDEX
         picked = log_probs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        scores.append((picked * mask).sum(dim=1).cpu())
+        summed = (picked * mask).sum(dim=1).cpu()  # one score per candidate, question after question
+        offsets = [0]
+        for question, _ in chunk:
+            offsets.append(offsets[-1] + len(question))
+        scores.extend(summed[a:b] for a, b in zip(offsets, offsets[1:]))
     return scores
 
 
-def multiple_choice_correct(model, items, device: torch.device) -> tuple[int, int]:
-    """(correct, total): the letter with the highest log-likelihood wins."""
-    scores = multiple_choice_scores(model, items, device)
+def multiple_choice_correct(model, items, device: torch.device, batch_size: int = 4) -> tuple[int, int]:
+    """(correct, total): the letter with the highest log-likelihood wins (`batch_size` sequences per pass)."""
+    scores = multiple_choice_scores(model, items, device, batch_size)
     correct = sum(int(int(s.argmax()) == gold) for s, (_, gold) in zip(scores, items))
     return correct, len(items)
 

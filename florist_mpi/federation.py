@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -27,30 +25,22 @@ from florist_mpi import data as data_lib
 from florist_mpi.aggregators import DROPOUT_REASON, RoundOutcome, make_aggregation
 from florist_mpi.clients import LocalClients, dropped_out, sample_participants
 from florist_mpi.config import ExperimentConfig
+from florist_mpi.devices import place_rank, timed
 from florist_mpi.faults import kill_point
 from florist_mpi.global_model import GlobalModel
-from florist_mpi.model import cores_for_rank, load_base, quiet_libraries, select_device
+from florist_mpi.model import load_base, quiet_libraries
 from florist_mpi.resources import RankMonitor
 from florist_mpi.roundlog import RoundLog
 from florist_mpi.training import isolate_torch_distributed, prepare_deepspeed
-
-
-@contextmanager
-def timed(timings: dict[str, float], key: str) -> Iterator[None]:
-    """timings[key] = wall seconds of the block (left unset when the block raises)."""
-    start = time.perf_counter()
-    yield
-    timings[key] = time.perf_counter() - start
 
 
 class Federation:
     def __init__(self, world, cfg: ExperimentConfig, plan, verbose: bool = False):
         self.world, self.cfg, self.plan = world, cfg, plan
         quiet_libraries(verbose)
-        self.device = select_device(world.local_rank)
-        if self.device.type == "cpu":
-            torch.set_num_threads(cores_for_rank(world.local_size))
-        isolate_torch_distributed(world.local_rank)
+        self.placement = place_rank(world, cfg)  # run.device, agreed by every rank (a CPU/GPU mix is refused)
+        self.device = self.placement.device
+        isolate_torch_distributed(world.local_rank, self.device)
         prepare_deepspeed(verbose)
         model, tokenizer = load_base(cfg, world, self.device)
         self.model = GlobalModel(world, cfg, model, tokenizer, self.device)
@@ -85,7 +75,8 @@ class Federation:
             self.initial_eval = self.model.evaluate()[0]
         self.log.launch = self.monitor.launch()
         if world.is_root:
-            console.say(console.banner(cfg, world.size, self.device.type, len(self.shapes), first, self.initial_eval))
+            console.say(console.banner(cfg, world.size, self.placement.summary, len(self.shapes), first,
+                                        self.initial_eval))
         for round_index in range(first, cfg.run.rounds):
             self._run_round(round_index)
         if world.is_root:
@@ -118,7 +109,7 @@ class Federation:
 
         hosted = self.clients.hosted(training)
         progress = console.RoundProgress(round_index, len(training), len(hosted)) if world.is_root else None
-        with timed(timings, "time_train"):
+        with timed(timings, "time_train", self.device):
             self._kill_point("train", round_index)
             updates = self.clients.train(hosted, round_index, self.model.client_init,
                                          progress.update if progress else None)
@@ -133,12 +124,12 @@ class Federation:
         if not outcome.empty:  # an empty round leaves the global model, and what clients download, as it was
             if self.clock is not None:
                 self.clock.advance({name: int(B.shape[1]) for name, (B, _) in outcome.global_factors.items()})
-            with timed(timings, "time_merge"):
+            with timed(timings, "time_merge", self.device):
                 self.model.apply(outcome.global_factors)
         timings.setdefault("time_merge", 0.0)
         self.model.check_consistency(round_index)
 
-        with timed(timings, "time_eval"):
+        with timed(timings, "time_eval", self.device):
             evaluate = cfg.eval.every and (
                 (round_index + 1) % cfg.eval.every == 0 or round_index + 1 == cfg.run.rounds
             )

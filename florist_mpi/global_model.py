@@ -98,7 +98,8 @@ class GlobalModel:
         self.model.eval()  # local training left the shared base in train mode (dropout on)
         world = self.world
         if self.cfg.eval.kind == "mmlu":
-            correct, total = evaluation.multiple_choice_correct(self.model, self.eval_set, self.device)
+            correct, total = evaluation.multiple_choice_correct(self.model, self.eval_set, self.device,
+                                                                self.cfg.eval.batch_size)
             if world.size > 1:
                 correct, total = comm.allreduce_sum(world, np.array([correct, total]))
             return math.nan, float(correct) / float(total) if total else math.nan

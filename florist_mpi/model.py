@@ -55,16 +55,7 @@ def quiet_libraries(verbose: bool = False) -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="peft")
 
 
-# ------------------------------------------------------------------ devices & threads
-
-
-def select_device(local_rank: int) -> torch.device:
-    """One GPU per rank, chosen by node-local rank; CPU when there is none."""
-    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
-        index = local_rank % torch.cuda.device_count()
-        torch.cuda.set_device(index)
-        return torch.device("cuda", index)
-    return torch.device("cpu")
+# ------------------------------------------------------------------------- threads
 
 
 def cores_for_rank(local_size: int) -> int:
@@ -254,22 +245,28 @@ def load_base(cfg: ExperimentConfig, world, device: torch.device):
     return _load_pretrained(cfg.model.name, cfg, device, local_only=False)
 
 
+def load_options(cfg: ExperimentConfig, device: torch.device, local_only: bool) -> dict:
+    """`from_pretrained` keywords: the run's dtype on GPU (float32 on CPU); on GPU every weight goes
+    straight from the checkpoint to the device (`device_map`), never a whole model in host memory."""
+    options = {"local_files_only": local_only, "trust_remote_code": cfg.model.trust_remote_code}
+    if device.type == "cuda":
+        return {**options, "dtype": DTYPES[cfg.model.dtype], "device_map": {"": device.index}}
+    return {**options, "dtype": torch.float32}
+
+
 def _load_pretrained(name: str, cfg: ExperimentConfig, device: torch.device, local_only: bool):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dtype = DTYPES[cfg.model.dtype] if device.type == "cuda" else torch.float32
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             name, local_files_only=local_only, trust_remote_code=cfg.model.trust_remote_code
         )
-        model = AutoModelForCausalLM.from_pretrained(
-            name, dtype=dtype, local_files_only=local_only, trust_remote_code=cfg.model.trust_remote_code
-        )
+        model = AutoModelForCausalLM.from_pretrained(name, **load_options(cfg, device, local_only))
     except (OSError, ValueError) as err:
         raise _model_error(name, err) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.to(device)
+    model.to(device)  # a no-op where the weights were loaded onto the device
     model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)

@@ -90,7 +90,8 @@ class Evaluator:
         from florist_mpi import evaluation
 
         if self.cfg.eval.kind == "mmlu":
-            correct, total = evaluation.multiple_choice_correct(self.model, self.items, self.device)
+            correct, total = evaluation.multiple_choice_correct(self.model, self.items, self.device,
+                                                                self.cfg.eval.batch_size)
             return math.nan, correct / total if total else math.nan
         total, count = evaluation.loss_sums(self.model, self.items, self.cfg.eval.batch_size, self.device)
         return evaluation.mean_loss(total, count), math.nan

@@ -72,6 +72,13 @@ def add_arguments(parser) -> None:
         help="also evaluate each τ's global model with the run's evaluation (held-out loss or MMLU); "
         "writes DIR/sweep_eval.png with --out",
     )
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cuda", "cpu"),
+        default=None,
+        help="where --eval runs the model: default the run's run.device (auto: a GPU where this machine has one); "
+        "on a GPU in the run's model.dtype, as the run evaluated, on CPU in float32",
+    )
 
 
 # ---------------------------------------------------------------------- τ lists
@@ -309,17 +316,21 @@ def sweep_table(basis: FloristBasis, taus: list[float]):
     return pd.DataFrame(rows)
 
 
-def evaluate_taus(basis: FloristBasis, taus: list[float]) -> list[tuple[float, float]]:
+def evaluate_taus(basis: FloristBasis, taus: list[float], device: str | None = None) -> list[tuple[float, float]]:
     """(eval loss, accuracy) of each τ's global model: the base after the earlier rounds plus
-    that τ's FLoRIST update of this round, evaluated as the run evaluated (one process)."""
+    that τ's FLoRIST update of this round, evaluated as the run evaluated (one process), on
+    `device` (auto, cuda or cpu; default: the run's run.device)."""
     from florist_mpi import replay
+    from florist_mpi.devices import select_device
     from florist_mpi.model import adapted_modules
 
     cfg = replay.logged_config(basis.path)
-    model, tokenizer = replay.load_initial_base(cfg)
+    where = select_device(0, device or cfg.run.device, setting="the --eval device",
+                          fix="pass --device cpu (or auto)")
+    model, tokenizer = replay.load_initial_base(cfg, where)
     modules = adapted_modules(model, cfg.lora.target_modules)
     masters = replay.merge_rounds_before(modules, basis.path, cfg, basis.round_index)
-    evaluate = replay.Evaluator(cfg, model, tokenizer)
+    evaluate = replay.Evaluator(cfg, model, tokenizer, where)
     results = []
     for tau in taus:
         with replay.temporarily_merged(modules, basis.factors_at(tau), masters):
@@ -367,7 +378,7 @@ def main(args) -> int:
     basis = florist_basis(run, round_index)
     table = sweep_table(basis, taus)
     if args.eval:
-        evaluated = evaluate_taus(basis, taus)
+        evaluated = evaluate_taus(basis, taus, args.device)
         table.insert(1, "eval_loss", [loss for loss, _ in evaluated])
         table.insert(2, "eval_accuracy", [accuracy for _, accuracy in evaluated])
     info = sweep_info(basis)

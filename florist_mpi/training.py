@@ -3,11 +3,19 @@
 Clients never share state through DeepSpeed: each process joins a private
 torch.distributed world of size one before DeepSpeed starts, so DeepSpeed has
 no peer to all-reduce gradients with. Federated exchange happens over MPI only.
+
+DeepSpeed still runs its collectives in that world: at every engine's creation it
+broadcasts every parameter (the frozen base included), and it all-reduces gradients
+at every step. With CUDA tensors in a gloo world each of those goes through pinned
+host memory (a whole Llama-7B per fresh engine); in an NCCL world of one they are
+no-ops on the device. So a CUDA rank's private world is NCCL (gloo for CPU tensors).
+DeepSpeed's own switches to turn its communication off (deepspeed.comm.torch's
+`*_comm_off`) cover broadcast but not all_reduce, and log a warning per skipped
+call, so they are not used.
 """
 from __future__ import annotations
 
 import contextlib
-import gc
 import io
 import logging
 import math
@@ -23,6 +31,8 @@ import torch
 
 from florist_mpi import data as data_lib
 from florist_mpi.config import ExperimentConfig, TrainConfig
+from florist_mpi.devices import release_memory
+from florist_mpi.errors import UserError
 from florist_mpi.exchange import ClientUpdate
 from florist_mpi.faults import FAULT_ENV, client_fault
 from florist_mpi.model import file_lock
@@ -33,11 +43,21 @@ class ClientTrainingError(RuntimeError):
     """A recoverable failure of one client's local training (the round goes on without it)."""
 
 
+class ClientOutOfMemory(UserError):
+    """A client's local training ran out of GPU memory and `train.on_out_of_memory` is `error`."""
+
+
 # ------------------------------------------------------------ process-level set-up
 
 
-def isolate_torch_distributed(local_rank: int) -> None:
-    """A private single-process torch.distributed world for this rank's DeepSpeed engines."""
+def private_world_backend(device: torch.device | None) -> str:
+    """torch.distributed backend of a rank's private world of one: NCCL for CUDA tensors (DeepSpeed's
+    broadcasts and all-reduces are then device no-ops), gloo for CPU tensors."""
+    return "cpu:gloo,cuda:nccl" if device is not None and device.type == "cuda" else "gloo"
+
+
+def isolate_torch_distributed(local_rank: int, device: torch.device | None = None) -> None:
+    """A private single-process torch.distributed world for this rank's DeepSpeed engines on `device`."""
     import torch.distributed as dist
 
     # DeepSpeed reads these. RANK/WORLD_SIZE describe the private world; LOCAL_RANK must
@@ -47,8 +67,15 @@ def isolate_torch_distributed(local_rank: int) -> None:
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK=local)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
+    on_gpu = device is not None and device.type == "cuda"
+    if device is not None:
+        # DeepSpeed's accelerator is the rank's device: a CPU rank on a GPU machine (run.device: cpu)
+        # must not get engines that move the model to a GPU (prepare_deepspeed keeps this choice).
+        os.environ["DS_ACCELERATOR"] = "cuda" if on_gpu else "cpu"
     if not dist.is_initialized():
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        # device_id binds the NCCL world to this rank's GPU (no stray context on GPU 0)
+        bound = {"device_id": device} if on_gpu else {}
+        dist.init_process_group(private_world_backend(device), store=dist.HashStore(), rank=0, world_size=1, **bound)
 
 
 def _quiet_deepspeed() -> None:
@@ -84,18 +111,30 @@ def prepare_deepspeed(verbose: bool = False) -> None:
                 builder.load(verbose=False)
 
 
-def deepspeed_config(train: TrainConfig, device: torch.device) -> dict:
+def deepspeed_config(train: TrainConfig, device: torch.device, trainable_elements: int | None = None) -> dict:
+    """The DeepSpeed config of one client's engine on `device`, training `trainable_elements` LoRA weights."""
     on_gpu = device.type == "cuda"
+    bf16 = on_gpu and train.precision == "bf16"
+    zero = {"stage": train.zero_stage}
+    if train.zero_stage > 0 and trainable_elements:
+        # ZeRO's gradient bucket and all-gather chunk default to 5e8 elements: a 1-2 GB buffer per engine
+        # for a few MB of LoRA. One bucket of the LoRA's own size (DeepSpeed wants an even count) suffices.
+        bucket = trainable_elements + trainable_elements % 2
+        zero.update(reduce_bucket_size=bucket, allgather_bucket_size=bucket)
     config = {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.gradient_accumulation_steps,
-        "zero_optimization": {"stage": train.zero_stage},
+        "zero_optimization": zero,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
         # fp32 on CPU: reduced precision there is slow and unsupported by some kernels.
-        "bf16": {"enabled": on_gpu and train.precision == "bf16"},
+        "bf16": {"enabled": bf16},
         "fp16": {"enabled": on_gpu and train.precision == "fp16"},
     }
+    if bf16 and train.zero_stage > 0:
+        # Sum the micro-batches' gradients in fp32 (DeepSpeed's BF16_Optimizer at stage 1). At stage 0
+        # DeepSpeed has no fp32 accumulation: preflight refuses bf16 there with more than one micro-batch.
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
     if train.gradient_clipping:
         config["gradient_clipping"] = train.gradient_clipping
     return config
@@ -182,13 +221,26 @@ def _extract_factors(layers, scaling: float, adapter: str = "default") -> dict[s
 
 
 def train_client(base_model, module_names, job: ClientJob, cfg: ExperimentConfig, device: torch.device) -> ClientUpdate:
-    """One client on a fresh LoRA wrapper and DeepSpeed engine, both removed afterwards.
+    """One client on a fresh LoRA wrapper and DeepSpeed engine, both torn down afterwards.
 
     The base weights are frozen and the LoRA layers are removed afterwards, so the next
-    virtual client on this rank starts from the same base. A full garbage collection then
-    returns the engine's memory (its objects form reference cycles) before the next client.
-    This is the path for engines that keep their own copies of the weights (ZeRO 1-2,
-    bf16/fp16); ClientTrainer reuses engines where it can.
+    virtual client on this rank starts from the same base. This is the path for engines
+    that keep their own copies of the weights (ZeRO 1-2, bf16/fp16); ClientTrainer reuses
+    engines where it can.
+    """
+    return _train_fresh(base_model, module_names, job, cfg, device)[0]
+
+
+def _train_fresh(base_model, module_names, job: ClientJob, cfg: ExperimentConfig,
+                 device: torch.device) -> tuple[ClientUpdate, int]:
+    """train_client's update and the optimizer steps its engine skipped (fp16 loss-scale overflow).
+
+    Teardown, in order: the engine is destroyed (DeepSpeed's ZeRO 1-2 and bf16 optimizers hook
+    every LoRA weight's gradient accumulator with closures that point back to the optimizer;
+    the autograd graph holds those hooks where Python's garbage collector cannot see them, so
+    without destroy() no client's LoRA, fp32 copies or optimizer state would ever be freed);
+    the LoRA layers are removed; a full garbage collection frees the engine's reference
+    cycles; on CUDA the allocator's free blocks go back to the driver, for other ranks on the GPU.
     """
     import peft
 
@@ -204,11 +256,13 @@ def train_client(base_model, module_names, job: ClientJob, cfg: ExperimentConfig
         engine = _engine(peft_model, _optimizer(trainable, cfg.train), cfg.train, device)
         engine.train()
         loss = _local_steps(engine, job, cfg, device, base_model)
-        return _client_update(job, _extract_factors(layers, scaling), loss)
+        return _client_update(job, _extract_factors(layers, scaling), loss), _skipped_steps(engine, job)
     finally:
+        if engine is not None:
+            engine.destroy()
         del engine
         peft_model.unload()  # removes the LoRA layers, leaving the base modules in place
-        gc.collect()
+        release_memory(device)
 
 
 def engines_reusable(train: TrainConfig, device: torch.device) -> bool:
@@ -251,10 +305,27 @@ class ClientTrainer:
         self.reuse = engines_reusable(cfg.train, device)
         self._peft_model = None
         self._slots: dict[tuple[int, float], _Slot] = {}
+        # (round, client) -> optimizer steps skipped on fp16 loss-scale overflow (clients that skipped any)
+        self.skipped_steps: dict[tuple[int, int], int] = {}
 
     def train(self, job: ClientJob) -> ClientUpdate:
+        """The client's update. A CUDA out-of-memory error stops the run (ClientOutOfMemory) or, with
+        `train.on_out_of_memory: exclude`, becomes a ClientTrainingError: the client is left out."""
+        try:
+            update, skipped = self._train(job)
+        except torch.cuda.OutOfMemoryError as err:  # torch.OutOfMemoryError from torch 2.5 on
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else "CUDA out of memory"
+        else:
+            if skipped:
+                self.skipped_steps[job.round_index, job.client_id] = skipped
+            return update
+        # outside the except block, so that the error's frames (and the tensors they hold) are gone
+        release_memory(self.device)
+        raise out_of_memory_error(job, self.cfg.train, reason)
+
+    def _train(self, job: ClientJob) -> tuple[ClientUpdate, int]:
         if not self.reuse:
-            return train_client(self.base_model, self.module_names, job, self.cfg, self.device)
+            return _train_fresh(self.base_model, self.module_names, job, self.cfg, self.device)
         slot = self._slot(job)
         scaling = job.alpha / job.rank
         self._activate(slot, frozen_A=job.frozen_A is not None)
@@ -264,7 +335,8 @@ class ClientTrainer:
             _initialise_lora(slot.layers, job, scaling, slot.adapter)
             slot.engine.train()
             loss = _local_steps(slot.engine, job, self.cfg, self.device, self.base_model)
-            return _client_update(job, _extract_factors(slot.layers, scaling, slot.adapter), loss)
+            update = _client_update(job, _extract_factors(slot.layers, scaling, slot.adapter), loss)
+            return update, _skipped_steps(slot.engine, job)
         finally:
             _clear_training_state(slot)
             self._peft_model.base_model.disable_adapter_layers()  # the plain base until the next client
@@ -306,14 +378,41 @@ class ClientTrainer:
                     module.lora_A[adapter].weight.requires_grad_(False)
 
 
+def out_of_memory_error(job: ClientJob, train: TrainConfig, reason: str) -> Exception:
+    """What a client's CUDA out-of-memory error becomes under `train.on_out_of_memory`."""
+    if train.on_out_of_memory == "exclude":
+        return ClientTrainingError(f"out of GPU memory ({reason[:200]})")
+    return ClientOutOfMemory(
+        f"client {job.client_id} ran out of GPU memory in round {job.round_index} ({reason[:200]}): lower "
+        "train.micro_batch_size or data.max_length, put fewer ranks on each GPU, or set "
+        "train.on_out_of_memory: exclude to leave such clients out of their round"
+    )
+
+
+def _skipped_steps(engine, job: ClientJob) -> int:
+    """Optimizer steps the engine skipped this client (fp16 loss-scale overflow), said on stderr when any.
+
+    Every fresh fp16 engine starts from DeepSpeed's initial loss scale: carrying a scale from one
+    client to the next would make a client's result depend on which clients its rank trained before.
+    """
+    skipped = int(getattr(engine, "skipped_steps", 0) or 0)
+    if skipped:
+        steps = int(getattr(engine, "global_steps", 0) or 0)
+        print(f"florist-mpi: warning: client {job.client_id} skipped {skipped} of {steps} optimizer steps in round "
+              f"{job.round_index} (fp16 loss-scale overflow)", file=sys.stderr, flush=True)
+    return skipped
+
+
 @torch.no_grad()
 def _redraw_as_fresh_wrap(slot: _Slot) -> None:
     """The slot's initial LoRA weights, drawn as `get_peft_model` draws them.
 
     For each adapted layer, in model order, PEFT builds nn.Linear(n, r) and nn.Linear(r, m)
     (each drawing its default init, kaiming-uniform with a = sqrt(5), from the global
-    generator), then redraws A the same way and zeroes B. The same draws in the same order, from
-    the same seed, give the reused adapter bitwise a fresh wrapper's start.
+    generator), then redraws A the same way and zeroes B; it then moves the adapter to its
+    base layer's dtype (rounding A to bfloat16 on a bfloat16 base) before casting it back to
+    float32. The same draws in the same order, from the same seed, rounded the same way, give
+    the reused adapter bitwise a fresh wrapper's start.
     """
     for layer in slot.layers.values():
         A, B = layer.lora_A[slot.adapter].weight, layer.lora_B[slot.adapter].weight
@@ -322,7 +421,8 @@ def _redraw_as_fresh_wrap(slot: _Slot) -> None:
         torch.nn.init.kaiming_uniform_(fresh, a=math.sqrt(5))  # nn.Linear(n, r)'s own init (PEFT's lora_A)
         torch.nn.init.kaiming_uniform_(torch.empty(m, r), a=math.sqrt(5))  # nn.Linear(r, m)'s (lora_B)
         torch.nn.init.kaiming_uniform_(fresh, a=math.sqrt(5))  # PEFT's reset_lora_parameters
-        A.copy_(fresh)
+        base_dtype = layer.get_base_layer().weight.dtype
+        A.copy_(fresh.to(base_dtype) if base_dtype.is_floating_point else fresh)
         B.zero_()
 
 
@@ -340,9 +440,10 @@ def _engine(model, optimizer, train: TrainConfig, device: torch.device):
 
     # DeepSpeed would otherwise pick GPU LOCAL_RANK, which need not exist (one visible GPU per task).
     args = SimpleNamespace(device_rank=device.index) if device.type == "cuda" else None
+    trainable = sum(p.numel() for group in optimizer.param_groups for p in group["params"])
     with contextlib.redirect_stdout(io.StringIO()):
         engine, *_ = deepspeed.initialize(
-            args=args, model=model, optimizer=optimizer, config=deepspeed_config(train, device)
+            args=args, model=model, optimizer=optimizer, config=deepspeed_config(train, device, trainable)
         )
     return engine
 

@@ -11,7 +11,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (repeatable)")
     parser.add_argument("--no-data", action="store_true",
-                        help="check the config only, not the data files and model path it names")
+                        help="check the config only, not the data files and model path it names, nor the CUDA "
+                        "device that run.device: cuda needs on this machine")
 
 
 def main(args) -> int:

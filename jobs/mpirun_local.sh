@@ -16,6 +16,7 @@
 #   MPI_ROOT_FLAGS  auto (default): add Open MPI's --allow-run-as-root --oversubscribe
 #                   only when running as root (containers, CI); 1: always; 0: never
 #   MPIEXEC_FLAGS   any further launcher flags, e.g. "--bind-to none"
+#   OMP_NUM_THREADS threads per rank (default: this machine's cores / NP, at least 1)
 set -euo pipefail
 
 NP=${NP:-4}
@@ -38,7 +39,13 @@ if [[ -n "$MPIEXEC_FLAGS" ]]; then
   read -r -a extra_flags <<< "$MPIEXEC_FLAGS"
   flags+=("${extra_flags[@]}")
 fi
-# Threads: florist-mpi gives each rank an even share of the cores (or OMP_NUM_THREADS if set).
+# Threads: an even share of the cores per rank, unless OMP_NUM_THREADS is set. florist-mpi sizes each
+# rank's torch thread pool from it; OpenMP and MKL read it before that (ranks inherit the environment).
+if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
+  cores=$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1)
+  OMP_NUM_THREADS=$(( cores / NP > 0 ? cores / NP : 1 ))
+fi
+export OMP_NUM_THREADS
 
-echo "$MPIEXEC ${flags[*]} -n $NP florist-mpi run $CONFIG $*"
+echo "OMP_NUM_THREADS=$OMP_NUM_THREADS $MPIEXEC ${flags[*]} -n $NP florist-mpi run $CONFIG $*"
 exec "$MPIEXEC" "${flags[@]}" -n "$NP" florist-mpi run "$CONFIG" "$@"

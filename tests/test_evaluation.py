@@ -99,13 +99,15 @@ def letter_log_probs(model, tokenizer, record) -> list[float]:
     return scores
 
 
-def test_mmlu_format_gold_letters_and_scores(mmlu):
+@pytest.mark.parametrize("batch_size", [4, 12, 64])  # 1, 3 (then 1) and all 4 questions per forward pass
+def test_mmlu_format_gold_letters_and_scores(mmlu, batch_size):
     model, tokenizer, records = mmlu
     assert [r["context"].startswith("Qusetion:") for r in records] == [True] * 4
     assert [evaluation.gold_letter(r) for r in records] == ["C", "D", "A", "B"]
     items = evaluation.multiple_choice_items(records, tokenizer, 512)
     assert [gold for _, gold in items] == [2, 3, 0, 1]
-    scores = evaluation.multiple_choice_scores(model, items, torch.device("cpu"))
+    scores = evaluation.multiple_choice_scores(model, items, torch.device("cpu"), batch_size)
+    assert len(scores) == 4 and all(score.shape == (4,) for score in scores)
     expected_correct = 0
     for record, (candidates, gold), got in zip(records, items, scores):
         for (ids, labels), letter in zip(candidates, "ABCD"):
@@ -116,7 +118,7 @@ def test_mmlu_format_gold_letters_and_scores(mmlu):
         want = letter_log_probs(model, tokenizer, record)
         assert got.tolist() == pytest.approx(want, rel=1e-5, abs=1e-5)
         expected_correct += int(max(range(4), key=want.__getitem__) == gold)
-    assert evaluation.multiple_choice_correct(model, items, torch.device("cpu")) == (expected_correct, 4)
+    assert evaluation.multiple_choice_correct(model, items, torch.device("cpu"), batch_size) == (expected_correct, 4)
 
 
 def test_mmlu_truncation_keeps_the_answer_cue_and_one_prompt_for_all_letters(mmlu):

@@ -158,6 +158,19 @@ def test_sweep_eval_at_the_runs_tau_reproduces_the_logged_eval_loss(tmp_path, ca
     assert table["eval_loss"].notna().all() and (out / "sweep_eval.png").stat().st_size > 1000
 
 
+def test_sweep_eval_on_cuda_without_cuda_is_refused_in_one_line_and_writes_nothing(tmp_path, capsys, runs,
+                                                                                   monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "sweep"
+    argv = ["sweep-tau", runs["florist"], "--taus", "0.9", "--eval", "--device", "cuda", "--out", str(out)]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the --eval device is cuda but" in err[0] and "pass --device cpu" in err[0]
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("round_index", [0, 1])
 def test_sweep_downlink_at_the_runs_tau_equals_the_logged_bytes_down(tmp_path, capsys, runs, round_index):
     import pandas as pd

@@ -204,6 +204,25 @@ def test_mpirun_local_adds_root_flags_only_when_asked(tmp_path):
         assert line.endswith("-n 3 florist-mpi run configs/demo.yaml --set run.rounds=1")
 
 
+def test_mpirun_local_gives_each_rank_its_share_of_the_cores_unless_told(tmp_path):
+    import os
+
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("no bash")
+    fake = tmp_path / "fake-mpiexec"
+    fake.write_text("#!/usr/bin/env bash\necho \"THREADS $OMP_NUM_THREADS\"\n")
+    fake.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "MPIEXEC": str(fake), "VENV": str(tmp_path / "none"), "MPI_ROOT_FLAGS": "0"}
+    cores = len(os.sched_getaffinity(0))  # what nproc counts
+    for ranks, preset, expect in (("1", None, cores), ("2", None, max(1, cores // 2)), ("64", None, 1),
+                                  ("2", "5", 5)):
+        run_env = {**env, "NP": ranks, **({"OMP_NUM_THREADS": preset} if preset else {})}
+        result = subprocess.run([bash, str(JOBS / "mpirun_local.sh")], capture_output=True, text=True, env=run_env)
+        assert result.returncode == 0, result.stderr
+        assert f"THREADS {expect}" in result.stdout.splitlines(), (ranks, preset, result.stdout)
+
+
 def test_scaling_overrides_make_a_valid_config_for_any_client_count():
     from florist_mpi.config import load_config
 

@@ -10,7 +10,7 @@ from florist_mpi.config import ConfigError, config_from_tree
 from florist_mpi.training import engines_reusable
 
 
-@pytest.mark.parametrize("variant", ["plain", "ffa", "flexlora"])
+@pytest.mark.parametrize("variant", ["plain", "ffa", "flexlora", "bf16base"])
 def test_reused_engines_equal_fresh_ones_bitwise(tmp_path, variant):
     """Each job runs twice: on the rank's reused adapter/engine and on a fresh PEFT wrapper and
     engine on a bitwise-equal base (the pre-existing path). Client 0 comes back after clients of its

@@ -1,10 +1,13 @@
 """Train the same client jobs through reused engines and through fresh ones; save both.
 
-Run as `python client_engines.py OUT.npz [ffa|flexlora|plain]` (a process of its own:
+Run as `python client_engines.py OUT.npz [ffa|flexlora|plain|bf16base] [DEVICE]` (a process of its own:
 DeepSpeed and a torch.distributed world of one are set up here). tests/test_training.py
-compares the two.
+compares the two. `bf16base`: a bfloat16 base model trained at fp32 precision (the reused path
+on a GPU with `model.dtype: bfloat16`, `train.precision: fp32`), where PEFT rounds a new adapter's
+A through the base's dtype.
 """
 import sys
+import time
 
 import numpy as np
 import torch
@@ -14,6 +17,7 @@ from florist_mpi.model import adapted_modules, build_tiny_model
 from florist_mpi.training import ClientJob, ClientTrainer, isolate_torch_distributed, prepare_deepspeed, train_client
 
 out, variant = sys.argv[1], sys.argv[2]
+device = torch.device(sys.argv[3] if len(sys.argv) > 3 else "cpu")  # benchmarks/gpu_check.py runs it on cuda
 cfg = config_from_tree({
     "run": {"seed": 5},
     "federation": {"num_clients": 4, "method": {"ffa": "ffa", "flexlora": "flexlora"}.get(variant, "florist")},
@@ -22,10 +26,13 @@ cfg = config_from_tree({
     "lora": {"ranks": [4, 2, 4, 2], "alpha": "2r", "dropout": 0.1, "target_modules": ["q_proj", "v_proj", "down_proj"]},
     "train": {"local_steps": 3, "micro_batch_size": 2, "gradient_accumulation_steps": 2, "lr": 0.01},
 })
-isolate_torch_distributed(0)
+if device.type == "cuda":
+    torch.cuda.set_device(device)
+isolate_torch_distributed(0, device)
 prepare_deepspeed()
-device = torch.device("cpu")
-models = [build_tiny_model(cfg, 96, 0, 1, 2) for _ in range(2)]  # two bitwise-equal bases
+models = [build_tiny_model(cfg, 96, 0, 1, 2).to(device) for _ in range(2)]  # two bitwise-equal bases
+if variant == "bf16base":
+    models = [model.to(torch.bfloat16) for model in models]
 modules = adapted_modules(models[0], cfg.lora.target_modules)
 shapes = {name: tuple(m.weight.shape) for name, m in modules.items()}
 
@@ -47,13 +54,18 @@ def job(client, round_index):
 
 reused = ClientTrainer(models[0], shapes, cfg, device)
 assert reused.reuse
-probe = torch.tensor([[1, 5, 9, 17, 33, 65]])
+probe = torch.tensor([[1, 5, 9, 17, 33, 65]], device=device)
 with torch.no_grad():
     before = models[0](input_ids=probe).logits
 results = {}
+seconds = {"reused": 0.0, "fresh": 0.0}
 for client, round_index in order:
+    start = time.perf_counter()
     a = reused.train(job(client, round_index))
+    middle = time.perf_counter()
     b = train_client(models[1], set(shapes), job(client, round_index), cfg, device)
+    seconds["reused"] += middle - start
+    seconds["fresh"] += time.perf_counter() - middle
     for name in shapes:
         for k, tensor in enumerate(("B", "A")):
             results[f"reused/{client}/{round_index}/{name}/{tensor}"] = a.factors[name][k]
@@ -63,8 +75,9 @@ for client, round_index in order:
 models[0].eval()
 with torch.no_grad():
     after = models[0](input_ids=probe).logits
-results["logits/before"], results["logits/after"] = before.numpy(), after.numpy()
-results["weights/reused"] = np.concatenate([m.weight.detach().numpy().ravel() for m in modules.values()])
-results["weights/fresh"] = np.concatenate([m.weight.detach().numpy().ravel()
+results["logits/before"], results["logits/after"] = before.float().cpu().numpy(), after.float().cpu().numpy()
+results["weights/reused"] = np.concatenate([m.weight.detach().float().cpu().numpy().ravel() for m in modules.values()])
+results["weights/fresh"] = np.concatenate([m.weight.detach().float().cpu().numpy().ravel()
                                            for m in adapted_modules(models[1], cfg.lora.target_modules).values()])
+results["seconds/reused"], results["seconds/fresh"] = np.array(seconds["reused"]), np.array(seconds["fresh"])
 np.savez(out, **results)
