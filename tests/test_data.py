@@ -467,9 +467,11 @@ def test_client_data_makes_each_generated_client_as_the_whole_split_does(fractio
 
 def test_client_data_of_many_registered_clients_costs_what_is_asked_for(monkeypatch):
     """100,000 registered clients: making the data object and one client generates one client."""
+    from florist_mpi.data import split
+
     made = []
     original = data.synthetic_client_records
-    monkeypatch.setattr(data, "synthetic_client_records", lambda cfg, client, seed: made.append(client) or
+    monkeypatch.setattr(split, "synthetic_client_records", lambda cfg, client, seed: made.append(client) or
                         original(cfg, client, seed))
     lazy = data.ClientData(synthetic_cfg(examples_per_client=8), 100_000, seed=0)
     assert made == []
