@@ -122,16 +122,19 @@ def settle(folder: Path, own_id: str | None, linked: set[str]) -> None:
     no link names (a kill between a round file's rename and its link) and its own `.tmp` files.
     """
     contents = scan(folder)
+    doomed: list[str] = []
     for claimed, replaced in contents.claims.items():
         if claimed == own_id:  # published; only the clean-up of the replaced run was cut short
             if replaced is not None and replaced != own_id:
-                _unlink(folder, contents.files.get(replaced, []))
+                doomed += contents.files.get(replaced, [])
         else:  # never published: this writer's files are leftovers
-            _unlink(folder, contents.files.get(claimed, []))
-        (folder / f"{claimed}{CLAIM_SUFFIX}").unlink(missing_ok=True)
+            doomed += contents.files.get(claimed, [])
+        doomed.append(f"{claimed}{CLAIM_SUFFIX}")
     if own_id is not None:
-        _unlink(folder, [name for name in contents.files.get(own_id, []) if name not in linked])
-    fsync_dir(folder)
+        doomed += [name for name in contents.files.get(own_id, []) if name not in linked]
+    if doomed:
+        _unlink(folder, doomed)
+        fsync_dir(folder)
 
 
 def claim(folder: Path, run_id: str, replaces: str | None) -> None:
@@ -171,21 +174,34 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def missing_folder_message(log_path: Path, written_as: str | None) -> str:
-    """The one line for a split log whose round folder is not beside it under its derived name."""
+def missing_folder_message(log_path: Path, linked: set[str]) -> str:
+    """The one line for a split log whose round folder is not beside it under its derived name.
+
+    `linked`: the round file names the log file links; a round folder beside it that holds them
+    (the pair's old name, or the original of a copied log file) is named as the way to fix it.
+    """
     folder = rounds_folder(log_path)
     if folder.exists():
         return (f"'{folder}' is a file, but log '{log_path}' keeps its round files in a folder of that name: "
                 "move the file away and put the round folder back")
-    if written_as and written_as != folder.name and (log_path.parent / written_as).is_dir():
+    holders = _folders_holding(log_path.parent, linked) if linked else []
+    if holders:
         return (
             f"log '{log_path}' keeps its rounds in the folder '{folder}', which is missing (moved or renamed?); "
-            f"'{written_as}' beside it is the folder of the name the log was written under (log file renamed "
-            f"or copied without its folder?): rename or copy that folder to '{folder.name}', or give the log "
-            "file its old name back"
+            f"'{holders[0]}' beside it holds its round files (the log file or the folder renamed without the other?): "
+            f"rename or copy that folder to '{folder.name}'"
         )
     return (
         f"log '{log_path}' keeps its rounds in the folder '{folder}', which is missing (moved or renamed?): "
         f"put the folder back beside the log as '{folder.name}' (florist-mpi pack LOG OUT.h5 makes a single-file "
         "copy)"
     )
+
+
+def _folders_holding(parent: Path, linked: set[str]) -> list[str]:
+    """Names of the round folders in `parent` that hold every one of the `linked` round files."""
+    try:
+        candidates = sorted(p for p in parent.iterdir() if p.name.endswith(ROUNDS_SUFFIX) and p.is_dir())
+    except OSError:
+        return []
+    return [p.name for p in candidates if all((p / name).is_file() for name in linked)]

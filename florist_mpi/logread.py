@@ -130,10 +130,9 @@ def _check_round_files(handle: h5py.File, path: Path, verify: bool) -> None:
     """One-line LogError if the log's round folder or a linked round file in it is missing (or, with
     `verify`, unreadable)."""
     folder = rounds_folder(path)
-    if not folder.is_dir():
-        written_as = handle.attrs.get("rounds_dir")
-        raise LogError(logfiles.missing_folder_message(path, None if written_as is None else decode_str(written_as)))
     rounds = handle["rounds"]
+    if not folder.is_dir():
+        raise LogError(logfiles.missing_folder_message(path, linked_round_files(rounds)))
     for key in rounds.keys():
         link = rounds.get(key, getlink=True)
         if not isinstance(link, h5py.ExternalLink):
@@ -152,6 +151,12 @@ def _check_round_files(handle: h5py.File, path: Path, verify: bool) -> None:
                 f"log '{path}': the file of round {int(key)}, '{target}', {problem} (folder copied only in part?): "
                 f"copy the whole folder '{folder.name}' again, or use an intact copy of the log"
             )
+
+
+def linked_round_files(rounds: h5py.Group) -> set[str]:
+    """The names of the round files a log file's `/rounds` links to (without their folder part)."""
+    links = [rounds.get(key, getlink=True) for key in rounds.keys()]
+    return {PurePosixPath(link.filename).name for link in links if isinstance(link, h5py.ExternalLink)}
 
 
 def is_split(handle: LogHandle) -> bool:

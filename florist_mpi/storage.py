@@ -67,6 +67,7 @@ from florist_mpi.logread import (
     completed_rounds,
     decode_str,
     is_split,
+    linked_round_files,
     open_log,
     read_global_factors,
     read_modules,
@@ -260,7 +261,6 @@ class _SplitIdentity:
 
     run_id: str
     linked: set[str]  # names of the round files its links point to (the folder part is ignored)
-    written_as: str | None  # the folder name its links were last written with (`rounds_dir`)
 
 
 def _split_identity(path: Path) -> _SplitIdentity | None:
@@ -270,13 +270,9 @@ def _split_identity(path: Path) -> _SplitIdentity | None:
             run_id = handle.attrs.get("run_id")
             if run_id is None or "rounds" not in handle:
                 return None
-            rounds = handle["rounds"]
-            links = [rounds.get(key, getlink=True) for key in rounds.keys()]
-            written_as = handle.attrs.get("rounds_dir")
+            return _SplitIdentity(decode_str(run_id), linked_round_files(handle["rounds"]))
     except (OSError, KeyError):
         return None
-    linked = {PurePosixPath(link.filename).name for link in links if isinstance(link, h5py.ExternalLink)}
-    return _SplitIdentity(decode_str(run_id), linked, None if written_as is None else decode_str(written_as))
 
 
 def _stale_links(rounds: h5py.Group, folder_name: str) -> dict[str, h5py.ExternalLink]:
@@ -362,7 +358,7 @@ class RoundWriter:
         self.split = identity is not None
         if self.split:
             if not self.folder.is_dir():
-                raise LogError(logfiles.missing_folder_message(path, identity.written_as))
+                raise LogError(logfiles.missing_folder_message(path, identity.linked))
             self.run_id = identity.run_id
             logfiles.settle(self.folder, self.run_id, identity.linked)  # orphans of killed writers of this log
             self._open_round_file()

@@ -10,9 +10,13 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
+import sys
 
 import h5py
+import numpy as np
 import pytest
+from conftest import REPO, mpi_env
 from test_log_layout import digests
 from test_storage import header, record
 
@@ -156,13 +160,18 @@ def test_a_log_file_moved_without_its_folder_is_refused_in_one_line_and_nothing_
 
 
 def test_a_folder_moved_without_its_log_file_is_refused_and_an_overwrite_leaves_it_alone(tmp_path):
-    log, elsewhere = tmp_path / "a.h5", tmp_path / "n.h5"
+    log, elsewhere, alone = tmp_path / "a.h5", tmp_path / "n.h5", tmp_path / "far" / "a.h5"
     make_log(log)
+    alone.parent.mkdir()
+    shutil.copy2(log, alone)  # a log file with no round folder anywhere beside it
     rounds_folder(log).rename(rounds_folder(elsewhere))
     before = digests(tmp_path)
+    fix = r"which is missing \(moved or renamed\?\); 'n.h5.rounds' beside it holds its round files .*: rename"
     for read_or_write in (lambda: analysis.open_run(log), lambda: storage.append_round(log, record(2))):
-        with pytest.raises(LogError, match=r"which is missing \(moved or renamed\?\): put the folder back"):
+        with pytest.raises(LogError, match=fix):
             read_or_write()
+    with pytest.raises(LogError, match=r"which is missing \(moved or renamed\?\): put the folder back"):
+        analysis.open_run(alone)
     with pytest.raises(LogError, match="holds 2 round file"):  # a new log where the folder now is
         storage.create_log(elsewhere, header(), first_round=record(0))
     assert digests(tmp_path) == before
@@ -252,3 +261,151 @@ def test_an_error_before_the_link_leaves_nothing_behind(tmp_path):
     with pytest.raises(RuntimeError):
         storage.create_log(path, header(), replace=True, first_round=record(0), before_link=fail)
     assert whole_log(path) == before
+
+
+# ------------------------------------------------------------------ end to end: `florist-mpi run` on one rank
+
+# configs/demo.yaml shrunk to seconds a run: 2 clients, one local step, no evaluation
+TINY = {
+    "federation.num_clients": 2, "federation.clients_per_round": 2, "lora.ranks": "[2,2]",
+    "lora.target_modules": "[q_proj,v_proj]", "train.local_steps": 1, "eval.every": 0,
+    "data.synthetic.examples_per_client": 8, "model.tiny.hidden_size": 16, "model.tiny.intermediate_size": 32,
+    "model.tiny.num_hidden_layers": 1,
+}
+
+
+def florist_run(log, rounds, *flags, kill_at=None):
+    """`python -m florist_mpi.cli run configs/demo.yaml` with TINY, as a user would start it on one process."""
+    sets = [f"{key}={value}" for key, value in {**TINY, "run.output": log, "run.rounds": rounds}.items()]
+    argv = [sys.executable, "-m", "florist_mpi.cli", "run", "configs/demo.yaml", *flags]
+    argv += [arg for item in sets for arg in ("--set", item)]
+    env = mpi_env()
+    if kill_at:
+        env["FLORIST_MPI_KILL_AT"] = kill_at
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    if kill_at:
+        assert result.returncode == -signal.SIGKILL, (result.returncode, result.stderr[-2000:])
+    else:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def global_factors(log):
+    """Every round's global (B, A) as florist_mpi reads it back."""
+    with storage.open_log(log) as handle:
+        return {r: storage.read_global_factors(handle, r) for r in storage.completed_rounds(handle)}
+
+
+def assert_same_rounds(log, reference, rounds):
+    got, want = global_factors(log), global_factors(reference)
+    for r in rounds:
+        assert got[r].keys() == want[r].keys()
+        for module, (B, A) in want[r].items():
+            assert np.array_equal(got[r][module][0], B) and np.array_equal(got[r][module][1], A), (log, r, module)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A 1-round log (`base`) and the same run continued to 2 rounds (`reference`), each by a real run."""
+    tmp = tmp_path_factory.mktemp("runs")
+    base, reference = tmp / "base.h5", tmp / "reference.h5"
+    florist_run(base, 1)
+    copy_pair(base, reference)
+    florist_run(reference, 2, "--resume")
+    return base, reference
+
+
+@pytest.mark.mpi
+def test_run_copies_overwritten_or_resumed_leave_the_other_side_byte_identical(tmp_path, runs):
+    base, reference = runs
+    original, copy, third = tmp_path / "a.h5", tmp_path / "b.h5", tmp_path / "c.h5"
+    copy_pair(base, original)
+    copy_pair(original, copy)
+
+    kept = whole_log(original)
+    florist_run(copy, 2, "--resume")  # the copy resumed: the original does not change
+    assert whole_log(original) == kept
+    kept = whole_log(copy)
+    florist_run(original, 2, "--resume")  # the original resumed: the copy does not change
+    assert whole_log(copy) == kept
+    for log in (original, copy):  # each resumed from its own files: the same as the uninterrupted run
+        assert_same_rounds(log, reference, [0, 1])
+        assert folder_holds_only_its_rounds(log)
+
+    copy_pair(original, third)
+    kept = whole_log(original) | whole_log(copy)
+    florist_run(third, 1, "--overwrite")  # the copy overwritten
+    assert whole_log(original) | whole_log(copy) == kept
+    kept = whole_log(copy) | whole_log(third)
+    florist_run(original, 1, "--overwrite")  # the original overwritten
+    assert whole_log(copy) | whole_log(third) == kept
+    for log in (original, third):  # a fresh round 0, the same as the first run's
+        assert_same_rounds(log, base, [0])
+        assert len(losses(log)) == 1 and folder_holds_only_its_rounds(log)
+    assert cli.main(["report", str(copy)]) == 0 and len(losses(copy)) == 2
+
+
+@pytest.mark.mpi
+def test_run_a_renamed_pair_and_a_packed_copy_resume_like_the_uninterrupted_run(tmp_path, runs, capsys):
+    base, reference = runs
+    staged, renamed, packed = tmp_path / "staged.h5", tmp_path / "renamed.h5", tmp_path / "packed.h5"
+    copy_pair(base, staged)
+    rename_pair(staged, renamed)
+    assert cli.main(["report", str(renamed)]) == 0
+    florist_run(renamed, 2, "--resume")
+    assert_same_rounds(renamed, reference, [0, 1])
+    assert folder_holds_only_its_rounds(renamed)  # links re-pointed: plain h5py reads it too
+    with h5py.File(renamed, "r") as handle:
+        assert sorted(handle["rounds"]) == ["00000", "00001"] and "global" in handle["rounds/00000"]
+
+    assert cli.main(["pack", str(base), str(packed)]) == 0
+    florist_run(packed, 2, "--resume")
+    assert_same_rounds(packed, reference, [0, 1])
+    assert not rounds_folder(packed).exists()
+    capsys.readouterr()
+
+
+@pytest.mark.mpi
+def test_run_refuses_a_file_or_folder_moved_alone_in_one_line_and_touches_nothing(tmp_path, runs, capsys):
+    base, _ = runs
+    moved_file, moved_folder = tmp_path / "file.h5", tmp_path / "folder.h5"
+    copy_pair(base, moved_file)
+    copy_pair(base, moved_folder)
+    moved_file.rename(tmp_path / "file-renamed.h5")  # its folder stays as file.h5.rounds
+    rounds_folder(moved_folder).rename(tmp_path / "elsewhere.h5.rounds")  # the file stays
+    cases = [
+        (tmp_path / "file-renamed.h5", ["--resume"], "rename or copy that folder to 'file-renamed.h5.rounds'"),
+        (tmp_path / "file.h5", [], "holds 1 round file(s) of another log"),  # a new run beside the left folder
+        (moved_folder, ["--resume"], "which is missing (moved or renamed?)"),
+        (tmp_path / "elsewhere.h5", [], "holds 1 round file(s) of another log"),
+        (tmp_path / "elsewhere.h5", ["--overwrite"], "holds 1 round file(s) of another log"),
+    ]
+    before = digests(tmp_path)
+    for log, flags, fragment in cases:
+        argv = ["run", str(REPO / "configs" / "demo.yaml"), *flags, "--set", f"run.output={log}"]
+        code = cli.main(argv)
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.startswith("florist-mpi: error:") and "\n" not in err and fragment in err, (log, err)
+    assert digests(tmp_path) == before
+
+
+@pytest.mark.mpi
+def test_run_killed_at_every_write_point_keeps_a_whole_log_and_the_next_run_cleans_up(tmp_path, runs):
+    base, reference = runs
+    log, sibling = tmp_path / "a.h5", tmp_path / "b.h5"
+    copy_pair(base, log)
+    copy_pair(base, sibling)
+    sibling_kept, log_kept = whole_log(sibling), whole_log(log)
+    for point in ("write@0", "link@0"):  # a replacement killed: the old log exactly as it was, plus leftovers
+        florist_run(log, 1, "--overwrite", kill_at=point)
+        now = whole_log(log)
+        assert {k: now[k] for k in log_kept} == log_kept and any(k.endswith(".pending") for k in now), point
+    for point in ("write@1", "link@1"):  # an append killed: the log file and its rounds as they were
+        florist_run(log, 2, "--resume", kill_at=point)
+        now = whole_log(log)
+        assert {k: now[k] for k in log_kept} == log_kept, point
+        assert analysis.open_run(log).round_indices == [0]
+    florist_run(log, 2, "--resume")  # the next run that owns the log
+    assert folder_holds_only_its_rounds(log)  # every leftover gone: claims, unpublished and orphaned files
+    assert_same_rounds(log, reference, [0, 1])
+    assert whole_log(sibling) == sibling_kept
