@@ -107,7 +107,7 @@ def test_a_copied_pair_and_its_original_never_touch_each_other(tmp_path, action,
         assert [handle[f"rounds/{k}"].attrs["eval_loss"] for k in sorted(handle["rounds"])] == pytest.approx(expected)
 
 
-def test_a_renamed_pair_reads_as_itself_and_is_relinked_by_its_next_write(tmp_path):
+def test_a_renamed_pair_reads_as_itself_and_is_relinked_by_its_next_write(tmp_path, capsys):
     first, second, third = tmp_path / "a.h5", tmp_path / "b.h5", tmp_path / "c.h5"
     make_log(first)
     rename_pair(first, second)
@@ -115,7 +115,9 @@ def test_a_renamed_pair_reads_as_itself_and_is_relinked_by_its_next_write(tmp_pa
     with h5py.File(second, "r") as handle:  # plain h5py still follows the stored names: a.h5.rounds is gone
         with pytest.raises(KeyError):
             handle["rounds/00000"]
-    assert storage.relink_log(second) == 2 and storage.relink_log(second) == 0
+    kept_rounds = digests(rounds_folder(second))
+    assert cli.main(["relink", str(second)]) == 0 and "relinked 2 rounds" in capsys.readouterr().out
+    assert storage.relink_log(second) == 0 and digests(rounds_folder(second)) == kept_rounds  # the log file only
     assert folder_holds_only_its_rounds(second)
     with h5py.File(second, "r") as handle:
         assert handle["rounds/00001"].attrs["eval_loss"] == 0.5
