@@ -82,7 +82,7 @@ def scan(folder: Path) -> FolderContents:
     return contents
 
 
-def foreign_files_message(folder: Path, foreign: dict[str, list[str]], action: str) -> str:
+def _foreign_files_message(folder: Path, foreign: dict[str, list[str]], action: str) -> str:
     count = sum(len(names) for names in foreign.values())
     ids = ", ".join(sorted(foreign))
     return (
@@ -92,20 +92,18 @@ def foreign_files_message(folder: Path, foreign: dict[str, list[str]], action: s
     )
 
 
-def check_creatable(log_path: Path, own_id: str | None, action: str) -> FolderContents:
+def check_creatable(log_path: Path, own_id: str | None, action: str) -> None:
     """Refuse to create a log (or replace the one of run id `own_id`) whose folder holds another log's
-    round files; returns what the folder holds."""
+    round files, or whose folder's name is taken by a file. `action` names the writer in the message."""
     folder = rounds_folder(log_path)
     if folder.exists() and not folder.is_dir():
         raise LogError(
             f"'{folder}' is a file, but the log keeps its round files in a folder of that name: "
             "move the file away or choose another run.output"
         )
-    contents = scan(folder)
-    foreign = contents.foreign(own_id)
+    foreign = scan(folder).foreign(own_id)
     if foreign:
-        raise LogError(foreign_files_message(folder, foreign, action))
-    return contents
+        raise LogError(_foreign_files_message(folder, foreign, action))
 
 
 def _unlink(folder: Path, names: Iterable[str]) -> None:
