@@ -67,12 +67,19 @@ class RoundOutcome:
 
 
 def no_client_left(round_index: int, excluded: list[tuple[int, str]]) -> str:
-    """One line: the round and why each of its clients was left out (the same reasons grouped)."""
-    by_reason: dict[str, list[int]] = {}
+    """One line: the round and why its clients were left out, grouped by the kind of reason (the text
+    before its first colon), with the first client's details, e.g.
+    "clients 0, 1, 2: straggler (client 0: simulated 6.51s exceeds system.deadline_s 1s)"."""
+    by_kind: dict[str, list[tuple[int, str]]] = {}
     for client, why in sorted(excluded):
-        by_reason.setdefault(why, []).append(client)
-    reasons = "; ".join(f"{_clients(ids)}: {why}" for why, ids in by_reason.items())
-    return f"round {round_index} has no client left to aggregate ({reasons or 'no client was sampled'})"
+        by_kind.setdefault(why.split(":")[0], []).append((client, why))
+    parts = []
+    for kind, members in by_kind.items():
+        first, why = members[0]
+        detail = why[len(kind) + 1:].strip()
+        example = f" (client {first}: {detail})" if detail else ""
+        parts.append(f"{_clients([c for c, _ in members])}: {kind}{example}")
+    return f"round {round_index} has no client left to aggregate ({'; '.join(parts) or 'no client was sampled'})"
 
 
 def _clients(ids: list[int], shown: int = 8) -> str:

@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "sweep-tau": ("florist_mpi.sweep", "recompute FLoRIST's global rank and size for many tau from a log"),
     "export": ("florist_mpi.export", "write a round's cumulative global update as a PEFT LoRA adapter"),
     "pack": ("florist_mpi.pack", "copy a run log (file + round folder) into one self-contained HDF5 file"),
+    "relink": ("florist_mpi.relink", "point a renamed or copied log's round links at the folder beside it"),
 }
 
 

@@ -3,7 +3,8 @@
 FLORIST_MPI_FAULT  = 'KIND@ROUND:CLIENT,...'  client faults: nan, raise, crash, exit
 FLORIST_MPI_KILL_AT = 'POINT@ROUND'           rank 0 SIGKILLs itself at a point of a round:
                                               train, gather, aggregate, write (round written,
-                                              not published), link (round file in place, not linked)
+                                              not published), link (round file in place, not linked),
+                                              clean (a replacing log published, the old files not yet deleted)
 FLORIST_MPI_DIVERGE = 'ROUND:RANK'            that rank perturbs its base weights after the merge
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ import signal
 FAULT_ENV = "FLORIST_MPI_FAULT"
 KILL_ENV = "FLORIST_MPI_KILL_AT"
 DIVERGE_ENV = "FLORIST_MPI_DIVERGE"
-KILL_POINTS = ("train", "gather", "aggregate", "write", "link")
+KILL_POINTS = ("train", "gather", "aggregate", "write", "link", "clean")
 
 
 def client_fault(client_id: int, round_index: int) -> str | None:

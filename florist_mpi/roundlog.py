@@ -171,7 +171,8 @@ class RoundLog:
         if not self.started:
             header = self.header(initial_eval_loss)
             header.extra.update(launch)
-            storage.create_log(self.output, header, replace=self.overwrite, first_round=record, **hooks)
+            storage.create_log(self.output, header, replace=self.overwrite, first_round=record, **hooks,
+                               before_cleanup=lambda: kill_point("clean", round_index))
             self.started = True
         else:
             # The first round after a resume also records the config it was resumed with and where this

@@ -119,22 +119,19 @@ def _preflight(args) -> Plan:
         )
     if output.exists() and output.is_dir():
         raise UserError(f"run.output '{output}' is a directory: give a file path such as runs/demo.h5")
-    _check_rounds_folder(output)
+    if not args.resume:
+        _check_rounds_folder(output, replace=bool(args.overwrite))
     check_run_settings(cfg)
     check_inputs(cfg)
     return plan
 
 
-def _check_rounds_folder(output: Path) -> None:
-    """The log keeps its round files in `<run.output>.rounds/`: that name must be free for a folder."""
+def _check_rounds_folder(output: Path, replace: bool) -> None:
+    """The log keeps its round files in `<run.output>.rounds/`: that name must be free for a folder,
+    and a folder there must hold no other log's round files (the run would have to write beside them)."""
     from florist_mpi import storage
 
-    folder = storage.rounds_folder(output)
-    if folder.exists() and not folder.is_dir():
-        raise UserError(
-            f"'{folder}' is a file, but the log keeps its round files in a folder of that name: "
-            "move the file away or choose another run.output"
-        )
+    storage.check_new_log(output, replace=replace)
 
 
 def _check_resumable(output: Path, cfg: ExperimentConfig) -> int:

@@ -8,6 +8,11 @@ link, so `h5py.File(log)["rounds/00003/global/..."]` reads through to the round 
 `pack_log` turns a log into one self-contained file (round groups copied in, no links);
 logs of format_version 1 are such single files too. Every reader here handles both forms.
 
+Ownership (florist_mpi/logfiles.py): the round folder is always the one derived from the log
+file's own path, never a name stored inside it, and a log writes and deletes only its own files
+there. Readers open round files from that folder (`SplitLog`), so a pair copied or renamed as a
+whole reads as itself; every write re-points the links at it (`relink_log` does only that).
+
 Crash safety (docs/crash-safety.md): nothing visible is ever opened for writing.
 
 - A round is written to `<folder>/<r>-<run id>.h5.tmp`, fsynced and renamed to
@@ -15,10 +20,12 @@ Crash safety (docs/crash-safety.md): nothing visible is ever opened for writing.
   links), the round's link is added, and the copy is fsynced and renamed over the index.
   The index rename is the commit: a round is visible only once it is linked, and a
   round file that is not linked (a kill between the two renames) is never read; the
-  resumed run rewrites it. The cost of a round is its own data plus the small index.
-- A new log writes its header with round 0; `replace` swaps an old log out only at the
-  index rename (the new run's files carry a new run id, so they never touch the old
-  run's), and the old run's round files are deleted after that.
+  next write of the log deletes it.
+- A new log writes its header with round 0 under a new run id, claimed in the folder
+  (`<run id>.pending`) before any of its files exist; `replace` swaps an old log out only at
+  the index rename (the new run's files carry the new run id, so they never touch the old
+  run's), and the old run's round files and the claim are deleted after that. Files of a claim
+  that never got published are deleted by the next write at that path.
 - Single-file logs (format 1, or packed) are appended as before: the whole file is
   copied beside itself, the round written into the copy, which is fsynced and renamed over.
 
@@ -42,21 +49,38 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import secrets
 import shutil
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import h5py
 import numpy as np
 
-FORMAT_VERSION = 2
-ROUND_DIGITS = 5
-ROUNDS_SUFFIX = ".rounds"  # the round files' folder: run.output + this suffix
-PACK_HINT = "florist-mpi pack LOG OUT.h5 makes a single-file copy"
+from florist_mpi import logfiles
+from florist_mpi.logfiles import FORMAT_VERSION, ROUND_DIGITS, ROUNDS_SUFFIX, LogError, round_key, rounds_folder
+from florist_mpi.logread import (
+    LogHandle,
+    SplitLog,
+    completed_rounds,
+    decode_str,
+    is_split,
+    linked_round_files,
+    open_log,
+    read_global_factors,
+    read_modules,
+    round_is_empty,
+)
+
+__all__ = [  # the log's public API (with the names it takes from logfiles and logread)
+    "FORMAT_VERSION", "ROUND_DIGITS", "ROUNDS_SUFFIX", "LogError", "LogHandle", "RoundRecord", "RoundWriter",
+    "RunHeader", "SplitLog", "append_round", "begin_round", "check_new_log", "completed_rounds", "create_log",
+    "decode_str", "is_split", "legacy_create_log", "open_log", "pack_log", "read_global_factors", "read_modules",
+    "relink_log", "round_is_empty", "round_key", "rounds_folder", "RANK_COLUMNS",
+]
+
 
 # The ranks/ group of a round: one dataset per figure, one value per MPI rank (docs/log-format.md).
 RANK_COLUMNS = ("time_train", "time_wait", "clients", "peak_rss_bytes", "mpi_bytes_sent", "mpi_bytes_received",
@@ -65,20 +89,6 @@ Factors = tuple[np.ndarray, np.ndarray]  # (B m x r, A r x n)
 ClientModule = Mapping[int, Factors]  # one module's factors of every logged client: client id -> (B, A)
 ClientAdapters = Mapping[int, Mapping[str, Factors]] | Iterable[tuple[str, ClientModule]]
 Hook = Callable[[], None] | None
-
-
-class LogError(ValueError):
-    """A user-facing problem with a log file; the message is one line."""
-
-
-def round_key(round_index: int) -> str:
-    return f"{round_index:0{ROUND_DIGITS}d}"
-
-
-def rounds_folder(path: str | Path) -> Path:
-    """The folder that holds a log's round files: `runs/demo.h5` -> `runs/demo.h5.rounds`."""
-    path = Path(path)
-    return path.with_name(path.name + ROUNDS_SUFFIX)
 
 
 @dataclass
@@ -125,19 +135,6 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems refuse fsync on directories; rename is still atomic
-    finally:
-        os.close(fd)
-
-
 def _copy_file(source: Path, target: Path) -> None:
     """Copy a file; copy_file_range lets file systems that can share extents (XFS, btrfs)
     or copy server-side (NFS 4.2) do so."""
@@ -177,7 +174,7 @@ class _Shadow:
         if before_rename is not None:
             before_rename()
         os.replace(self.temp, self.path)
-        _fsync_dir(self.path.parent)
+        logfiles.fsync_dir(self.path.parent)
 
     def discard(self) -> None:
         try:
@@ -267,32 +264,57 @@ def _new_run_id() -> str:
     return secrets.token_hex(4)
 
 
-def _split_info(path: Path) -> tuple[Path, str] | None:
-    """(round-file folder, run id) of the split log at `path`, or None (absent, single-file, not a log)."""
+@dataclass
+class _SplitIdentity:
+    """What a split log's file says about its round files."""
+
+    run_id: str
+    linked: set[str]  # names of the round files its links point to (the folder part is ignored)
+
+
+def _split_identity(path: Path) -> _SplitIdentity | None:
+    """The identity of the split log at `path`, or None (absent, single-file, not a log)."""
     try:
         with h5py.File(path, "r") as handle:
-            folder, run_id = handle.attrs.get("rounds_dir"), handle.attrs.get("run_id")
+            run_id = handle.attrs.get("run_id")
+            if run_id is None or "rounds" not in handle:
+                return None
+            return _SplitIdentity(decode_str(run_id), linked_round_files(handle["rounds"]))
     except (OSError, KeyError):
         return None
-    if folder is None or run_id is None:
-        return None
-    return path.parent / decode_str(folder), decode_str(run_id)
 
 
-def _remove_run_files(folder: Path, run_id: str) -> None:
-    """Delete one run's round files (after a replacing run published its index)."""
-    pattern = re.compile(rf"\d{{{ROUND_DIGITS},}}-{re.escape(run_id)}\.h5(\.tmp)?")
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return
-    for name in names:
-        if pattern.fullmatch(name):
-            (folder / name).unlink(missing_ok=True)
-    try:
-        folder.rmdir()  # only if nothing else is left in it
-    except OSError:
-        pass
+def _stale_links(rounds: h5py.Group, folder_name: str) -> dict[str, h5py.ExternalLink]:
+    """Round links that do not point into `folder_name`, each with the link it should be."""
+    stale = {}
+    for key in rounds.keys():
+        link = rounds.get(key, getlink=True)
+        if isinstance(link, h5py.ExternalLink):
+            wanted = f"{folder_name}/{PurePosixPath(link.filename).name}"
+            if link.filename != wanted:
+                stale[key] = h5py.ExternalLink(wanted, link.path)
+    return stale
+
+
+def _relink(rounds: h5py.Group, folder_name: str) -> int:
+    """Point every round link at `folder_name/<its round file>` (after the pair was renamed or copied)."""
+    stale = _stale_links(rounds, folder_name)
+    for key, link in stale.items():
+        del rounds[key]
+        rounds[key] = link
+    return len(stale)
+
+
+def _creating(path: Path, replace: bool) -> str:
+    return f"the run replacing log '{path}'" if replace and path.exists() else f"a new log '{path}'"
+
+
+def check_new_log(path: str | Path, replace: bool) -> None:
+    """Refuse up front a new log at `path` (or, with `replace`, a replacement of the log there) that
+    could not be written without touching another log's round files (see florist_mpi/logfiles.py)."""
+    path = Path(path)
+    old = _split_identity(path) if replace else None
+    logfiles.check_creatable(path, old.run_id if old else None, _creating(path, replace))
 
 
 class RoundWriter:
@@ -300,12 +322,16 @@ class RoundWriter:
 
     Obtain with `begin_round`. Between that and `commit`, call `write_client_module` for
     each module whose client factors arrive (streaming; see the module docstring).
+    Every file it writes or deletes is in the round folder derived from `path` and is owned by
+    the log there (florist_mpi/logfiles.py), whatever folder name the log file stores.
     """
 
     def __init__(self, path: Path, index: int, header: RunHeader | None, replace: bool):
         self.path, self.index, self.header, self.replace = path, index, header, replace
+        self.folder = rounds_folder(path)
         self._done = False
-        self._old: tuple[Path, str] | None = None
+        self.replaced: str | None = None  # the run id of the log a new log replaces
+        self.made_folder = False
         if header is not None:
             self._start_new_log()
         else:
@@ -314,44 +340,44 @@ class RoundWriter:
     # ------------------------------------------------------------------ opening
 
     def _start_new_log(self) -> None:
-        path = self.path
+        path, folder = self.path, self.folder
         if path.exists() and not self.replace:
             raise LogError(
                 f"log '{path}' already exists: pass --resume to continue it, --overwrite to replace it, "
                 "or choose another run.output"
             )
+        old = _split_identity(path) if path.exists() else None
+        self.replaced = old.run_id if old else None
+        logfiles.check_creatable(path, self.replaced, _creating(path, self.replace))
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._old = _split_info(path) if path.exists() else None
-        self.folder_name = rounds_folder(path).name
-        self.run_id = _new_run_id()
-        folder = path.parent / self.folder_name
-        if folder.exists() and not folder.is_dir():
-            raise LogError(f"'{folder}' exists and is not a folder: the log keeps its rounds there; "
-                           "move that file away or choose another run.output")
+        self.made_folder = not folder.exists()
         folder.mkdir(exist_ok=True)
-        for stale in folder.glob("*.h5.tmp"):  # a killed writer's unpublished round
-            stale.unlink(missing_ok=True)
+        logfiles.settle(folder, self.replaced, old.linked if old else set())  # earlier interrupted writers
+        self.run_id = _new_run_id()
+        logfiles.claim(folder, self.run_id, self.replaced)  # before any file of the new run id exists
         self.split = True
-        self._open_round_file(folder)
+        self._open_round_file()
 
     def _start_append(self) -> None:
         path = self.path
         with open_log(path, check_files=False) as handle:
             if round_key(self.index) in handle["rounds"]:
                 raise LogError(f"log '{path}' already holds round {self.index}")
-            info = _split_info(path)
-        self.split = info is not None
+        identity = _split_identity(path)
+        self.split = identity is not None
         if self.split:
-            folder, self.run_id = info
-            self.folder_name = folder.name
-            self._open_round_file(folder)
+            if not self.folder.is_dir():
+                raise LogError(logfiles.missing_folder_message(path, identity.linked))
+            self.run_id = identity.run_id
+            logfiles.settle(self.folder, self.run_id, identity.linked)  # orphans of killed writers of this log
+            self._open_round_file()
         else:  # single file (format 1 or packed): the round goes into a copy of the whole file
             self.shadow = _Shadow(path, start_from_existing=True)
             self.group = self.shadow.handle.require_group("rounds").create_group(round_key(self.index))
 
-    def _open_round_file(self, folder: Path) -> None:
-        self.round_name = f"{round_key(self.index)}-{self.run_id}.h5"
-        self.round_path = folder / self.round_name
+    def _open_round_file(self) -> None:
+        self.round_name = logfiles.round_file_name(self.index, self.run_id)
+        self.round_path = self.folder / self.round_name
         self.round_temp = _shadow_path(self.round_path)
         self.round_temp.unlink(missing_ok=True)
         self.round_handle = h5py.File(self.round_temp, "w")
@@ -363,12 +389,14 @@ class RoundWriter:
         """Write one module's factors of the given clients (client id -> (B m x r_k, A r_k x n))."""
         _write_client_module(self.group, module, factors)
 
-    def commit(self, record: RoundRecord, *, root_attrs: dict | None = None,
-               before_publish: Hook = None, before_link: Hook = None) -> None:
+    def commit(self, record: RoundRecord, *, root_attrs: dict | None = None, before_publish: Hook = None,
+               before_link: Hook = None, before_cleanup: Hook = None) -> None:
         """Write the rest of the round and make it visible atomically.
 
-        `before_publish` (tests): called with the round written and flushed, nothing published.
-        `before_link` (tests, split logs): called with the round file in place, not yet linked.
+        Test hooks: `before_publish` is called with the round written and flushed, nothing published;
+        `before_link` (split logs) with the round file in place, not yet linked; `before_cleanup`
+        (a new split log) with the log file published, the replaced run's files and the claim not
+        yet deleted.
         """
         if record.index != self.index:
             raise ValueError(f"record of round {record.index} committed to the writer of round {self.index}")
@@ -378,50 +406,59 @@ class RoundWriter:
                 self.write_client_module(module, factors)
                 del factors  # let this module's factors go before the next module is produced
         if self.split:
-            self._commit_split(root_attrs, before_publish, before_link)
+            self._commit_split(root_attrs, before_publish, before_link, before_cleanup)
         else:
             for key, value in (root_attrs or {}).items():
                 self.shadow.handle.attrs[key] = value
             self.shadow.publish(before_rename=before_publish)
-        self._done = True
+            self._done = True
 
-    def _commit_split(self, root_attrs: dict | None, before_publish: Hook, before_link: Hook) -> None:
+    def _commit_split(self, root_attrs: dict | None, before_publish: Hook, before_link: Hook,
+                      before_cleanup: Hook) -> None:
         self.round_handle.close()
         _fsync_file(self.round_temp)
         if before_publish is not None:
             before_publish()
         os.replace(self.round_temp, self.round_path)  # in place, but not visible until linked
-        _fsync_dir(self.round_path.parent)
+        logfiles.fsync_dir(self.folder)
         if before_link is not None:
             before_link()
-        link = h5py.ExternalLink(f"{self.folder_name}/{self.round_name}", "/")
         with _atomic_update(self.path, start_from_existing=self.header is None) as index:
             if self.header is not None:
                 _write_header(index, self.header)
-                index.attrs["rounds_dir"] = self.folder_name
                 index.attrs["run_id"] = self.run_id
+            index.attrs["rounds_dir"] = self.folder.name
             for key, value in (root_attrs or {}).items():
                 index.attrs[key] = value
-            index.require_group("rounds")[round_key(self.index)] = link
-        if self._old is not None and self._old[1] != self.run_id:
-            _remove_run_files(*self._old)  # the replaced run's rounds; its index is gone already
+            rounds = index.require_group("rounds")
+            _relink(rounds, self.folder.name)  # earlier rounds of a pair renamed or copied since its last write
+            rounds[round_key(self.index)] = h5py.ExternalLink(f"{self.folder.name}/{self.round_name}", "/")
+        self._done = True  # published: from here on nothing of it may be discarded
+        if self.header is not None:
+            if before_cleanup is not None:
+                before_cleanup()
+            logfiles.release(self.folder, self.run_id, self.replaced)  # the replaced run's files, then the claim
 
     def discard(self) -> None:
+        """Undo an unpublished round (an error, not a kill): delete what this writer wrote."""
         if self._done:
             return
         self._done = True
-        if self.split:
-            try:
-                self.round_handle.close()
-            finally:
-                self.round_temp.unlink(missing_ok=True)
-            if self.header is not None:  # a new log's folder that holds nothing: leave no trace
-                try:
-                    self.round_path.parent.rmdir()
-                except OSError:
-                    pass
-        else:
+        if not self.split:
             self.shadow.discard()
+            return
+        try:
+            self.round_handle.close()
+        finally:
+            self.round_temp.unlink(missing_ok=True)
+            self.round_path.unlink(missing_ok=True)  # renamed into the folder but never linked
+            if self.header is not None:
+                logfiles.abandon(self.folder, self.run_id)
+                if self.made_folder:
+                    try:
+                        self.folder.rmdir()  # a new log's folder that holds nothing: leave no trace
+                    except OSError:
+                        pass
 
     def __enter__(self) -> "RoundWriter":
         return self
@@ -439,7 +476,7 @@ def begin_round(path: str | Path, index: int, *, header: RunHeader | None = None
 
 def create_log(
     path: str | Path, header: RunHeader, *, replace: bool = False, first_round: RoundRecord,
-    before_publish: Hook = None, before_link: Hook = None,
+    before_publish: Hook = None, before_link: Hook = None, before_cleanup: Hook = None,
 ) -> None:
     """Create a log with its first round in one atomic step.
 
@@ -447,7 +484,8 @@ def create_log(
     once the new log is complete on disk, so a failed run never costs the old one.
     """
     with begin_round(path, first_round.index, header=header, replace=replace) as writer:
-        writer.commit(first_round, before_publish=before_publish, before_link=before_link)
+        writer.commit(first_round, before_publish=before_publish, before_link=before_link,
+                      before_cleanup=before_cleanup)
 
 
 def append_round(path: str | Path, record: RoundRecord, before_publish: Hook = None,
@@ -475,6 +513,23 @@ def legacy_create_log(path: str | Path, header: RunHeader, first_round: RoundRec
             _write_client_module(group, module, factors)
 
 
+def relink_log(path: str | Path) -> int:
+    """Point a split log's links at the round folder beside it (after the pair was renamed or copied),
+    so that plain h5py reads them too; returns the number of links rewritten (0: nothing to do).
+
+    Every florist_mpi reader, and every write, already uses that folder; this is for other readers.
+    """
+    path = Path(path)
+    folder_name = rounds_folder(path).name
+    with open_log(path) as handle:  # every linked round file must be there under the folder's new name
+        if not is_split(handle) or not _stale_links(handle.index["rounds"], folder_name):
+            return 0
+    with _atomic_update(path, start_from_existing=True) as index:
+        index.attrs["rounds_dir"] = folder_name
+        changed = _relink(index["rounds"], folder_name)
+    return changed
+
+
 def pack_log(source: str | Path, target: str | Path) -> int:
     """Copy a log into one self-contained file (round groups copied in, no links); returns the rounds.
 
@@ -494,114 +549,6 @@ def pack_log(source: str | Path, target: str | Path) -> int:
             dst.attrs["format_version"] = FORMAT_VERSION
             rounds = dst.create_group("rounds")
             keys = sorted(src["rounds"].keys())
-            for key in keys:  # follows the link: the round file's content becomes a group here
-                src.copy(src["rounds"][key], rounds, name=key)
+            for key in keys:  # the round file's root group (split log) becomes a group here
+                rounds.copy(src["rounds"][key], rounds, name=key)
     return len(keys)
-
-
-# ------------------------------------------------------------------------ reading
-
-
-@contextmanager
-def open_log(path: str | Path, verify: bool = False, check_files: bool = True):
-    """Open a log read-only (either form), turning anything that is not one into a LogError.
-
-    Checks that every linked round file exists (~50 us a round; `check_files=False` skips
-    it, for the writer, which reads no round); `verify` also opens each one (catches
-    truncated copies; ~0.3 ms a round).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise LogError(_missing_message(path))
-    try:
-        handle = h5py.File(path, "r")
-    except OSError:
-        raise LogError(f"'{path}' is not a readable HDF5 file (truncated or not a log): check the path") from None
-    try:
-        version = handle.attrs.get("format_version")
-        if version is None or "rounds" not in handle or "config" not in handle.attrs:
-            raise LogError(f"'{path}' is an HDF5 file but not a florist_mpi run log: check the path")
-        if int(version) > FORMAT_VERSION:
-            raise LogError(
-                f"log '{path}' has format_version {int(version)}, newer than this florist_mpi "
-                f"understands ({FORMAT_VERSION}): upgrade florist_mpi"
-            )
-        if check_files:
-            _check_round_files(handle, path, verify)
-        yield handle
-    finally:
-        handle.close()
-
-
-def _missing_message(path: Path) -> str:
-    if path.is_dir():
-        if path.name.endswith(ROUNDS_SUFFIX):
-            return (f"'{path}' is the round folder of log '{path.name.removesuffix(ROUNDS_SUFFIX)}': "
-                    "give the path of the log file (run.output)")
-        return f"'{path}' is a directory, not a run log: give the path of a run's .h5 file (run.output)"
-    if rounds_folder(path).is_dir():
-        return (f"log '{path}' not found, but its round folder '{rounds_folder(path)}' is there "
-                "(was the log file moved or renamed?): keep the two together")
-    return f"log '{path}' not found: give the path of a run's .h5 log (run.output)"
-
-
-def _check_round_files(handle: h5py.File, path: Path, verify: bool) -> None:
-    """One-line LogError if a linked round file is missing (or, with `verify`, unreadable)."""
-    folder = handle.attrs.get("rounds_dir")
-    if folder is None:
-        return  # a single-file log
-    folder_path = path.parent / decode_str(folder)
-    if not folder_path.is_dir():
-        raise LogError(
-            f"log '{path}' keeps its rounds in the folder '{folder_path}', which is missing (moved or renamed?): "
-            f"put the folder back beside the log ({PACK_HINT})"
-        )
-    rounds = handle["rounds"]
-    for key in rounds.keys():
-        link = rounds.get(key, getlink=True)
-        if not isinstance(link, h5py.ExternalLink):
-            continue
-        target = path.parent / link.filename
-        problem = None
-        if not target.is_file():
-            problem = "is missing"
-        elif verify:
-            try:
-                h5py.File(target, "r").close()
-            except OSError:
-                problem = "is truncated or damaged"
-        if problem:
-            raise LogError(
-                f"log '{path}': the file of round {int(key)}, '{target}', {problem} (folder copied only in part?): "
-                f"copy the whole folder '{folder_path.name}' again, or use an intact copy of the log"
-            )
-
-
-def is_split(handle: h5py.File) -> bool:
-    """True for an index + round folder log, False for a single-file (format 1 or packed) one."""
-    return "rounds_dir" in handle.attrs
-
-
-def completed_rounds(handle: h5py.File) -> list[int]:
-    return sorted(int(key) for key in handle["rounds"].keys())
-
-
-def round_is_empty(handle: h5py.File, round_index: int) -> bool:
-    """True for a round that aggregated no client (federation.empty_round: skip): its global
-    factors are rank 0 and the global model did not change. Logs from before the attribute
-    `clients_aggregated` existed hold no such round."""
-    attrs = handle["rounds"][round_key(round_index)].attrs
-    return int(attrs.get("clients_aggregated", 1)) == 0
-
-
-def read_global_factors(handle: h5py.File, round_index: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    group = handle["rounds"][round_key(round_index)]["global"]
-    return {module: (group[module]["B"][()], group[module]["A"][()]) for module in group.keys()}
-
-
-def read_modules(handle: h5py.File) -> list[str]:
-    return [m.decode() if isinstance(m, bytes) else str(m) for m in handle.attrs["modules"]]
-
-
-def decode_str(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
