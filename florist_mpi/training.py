@@ -96,8 +96,8 @@ def deepspeed_config(train: TrainConfig, device: torch.device) -> dict:
         "bf16": {"enabled": on_gpu and train.precision == "bf16"},
         "fp16": {"enabled": on_gpu and train.precision == "fp16"},
     }
-    if train.gradient_clipping:
-        config["gradient_clipping"] = train.gradient_clipping
+    # DeepSpeed clips at 1.0 when the key is absent: null (no clipping) must say 0
+    config["gradient_clipping"] = train.gradient_clipping or 0.0
     return config
 
 
@@ -158,16 +158,23 @@ def _initialise_lora(layers, job: ClientJob, scaling: float, adapter: str = "def
     for name, layer in layers.items():
         A = layer.lora_A[adapter].weight
         B = layer.lora_B[adapter].weight
-        if job.init_factors is not None:
-            B_eff, A_init = job.init_factors[name]
-            # Rows beyond the global rank keep PEFT's random A with a zero B: no effect yet.
-            r = min(job.rank, B_eff.shape[1])
-            B.zero_()
-            B[:, :r] = torch.from_numpy(B_eff[:, :r] / scaling).to(B)
-            A[:r] = torch.from_numpy(A_init[:r]).to(A)
+        start_factors_(A, B, name, job, scaling)
         if job.frozen_A is not None:
-            A.copy_(torch.from_numpy(job.frozen_A[name][: job.rank]).to(A))
             A.requires_grad_(False)
+
+
+@torch.no_grad()
+def start_factors_(A: torch.Tensor, B: torch.Tensor, name: str, job: ClientJob, scaling: float) -> None:
+    """Overwrite one module's freshly drawn A (r, n) and B (m, r) with the method's start, in place."""
+    if job.init_factors is not None:
+        B_eff, A_init = job.init_factors[name]
+        # Rows beyond the global rank keep PEFT's random A with a zero B: no effect yet.
+        r = min(job.rank, B_eff.shape[1])
+        B.zero_()
+        B[:, :r] = torch.from_numpy(B_eff[:, :r] / scaling).to(B)
+        A[:r] = torch.from_numpy(A_init[:r]).to(A)
+    if job.frozen_A is not None:
+        A.copy_(torch.from_numpy(job.frozen_A[name][: job.rank]).to(A))
 
 
 def _extract_factors(layers, scaling: float, adapter: str = "default") -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -315,13 +322,17 @@ def _redraw_as_fresh_wrap(slot: _Slot) -> None:
     """
     for layer in slot.layers.values():
         A, B = layer.lora_A[slot.adapter].weight, layer.lora_B[slot.adapter].weight
-        (r, n), m = A.shape, B.shape[0]
-        fresh = torch.empty(r, n)
-        torch.nn.init.kaiming_uniform_(fresh, a=math.sqrt(5))  # nn.Linear(n, r)'s own init (PEFT's lora_A)
-        torch.nn.init.kaiming_uniform_(torch.empty(m, r), a=math.sqrt(5))  # nn.Linear(r, m)'s (lora_B)
-        torch.nn.init.kaiming_uniform_(fresh, a=math.sqrt(5))  # PEFT's reset_lora_parameters
-        A.copy_(fresh)
+        A.copy_(fresh_lora_A(*A.shape, B.shape[0]))
         B.zero_()
+
+
+def fresh_lora_A(r: int, n: int, m: int) -> torch.Tensor:
+    """A fresh wrapper's A (r, n) of one layer, drawn from the global generator as PEFT draws it."""
+    fresh = torch.empty(r, n)
+    torch.nn.init.kaiming_uniform_(fresh, a=math.sqrt(5))  # nn.Linear(n, r)'s own init (PEFT's lora_A)
+    torch.nn.init.kaiming_uniform_(torch.empty(m, r), a=math.sqrt(5))  # nn.Linear(r, m)'s (lora_B)
+    torch.nn.init.kaiming_uniform_(fresh, a=math.sqrt(5))  # PEFT's reset_lora_parameters
+    return fresh
 
 
 def _clear_training_state(slot: _Slot) -> None:
