@@ -33,21 +33,38 @@ from torch import nn
 
 from florist_mpi import data as data_lib
 from florist_mpi.config import ExperimentConfig
+from florist_mpi.errors import UserError
 from florist_mpi.exchange import ClientUpdate
 from florist_mpi.grouped_attention import per_client_attention
-from florist_mpi.grouped_lora import GroupedLora, RowLayout
+from florist_mpi.grouped_lora import GroupedLora, RowLayout, default_generator
 from florist_mpi.seeding import Stream, derive_seed
 from florist_mpi.training import (
     ClientJob,
     ClientTrainingError,
-    _clear_training_state,
-    _client_update,
-    _engine,
-    _optimizer,
+    build_engine,
+    build_optimizer,
+    clear_training_state,
+    client_update,
     fresh_lora_A,
     local_batches,
     start_factors_,
 )
+
+
+def own_dropout(model: nn.Module) -> float:
+    """The largest dropout probability the base model itself applies in training (its nn.Dropout modules,
+    its attention dropout); LoRA's own dropout is not part of the base."""
+    rates = [module.p for module in model.modules() if isinstance(module, nn.Dropout)]
+    rates.append(float(getattr(model.config, "attention_dropout", 0.0) or 0.0))
+    return max(rates)
+
+
+def seed_generators(seed: int, device: torch.device) -> None:
+    """torch.manual_seed(seed) for the generators a client's training draws from: the CPU one (its LoRA
+    init) and its device's (its dropout masks), without queueing seeds for every other device."""
+    torch.default_generator.manual_seed(seed)
+    if device.type != "cpu":
+        default_generator(device).manual_seed(seed)
 
 
 def group_key(job: ClientJob) -> tuple:
@@ -135,6 +152,13 @@ class GroupTrainer:
 
     def __init__(self, base_model: nn.Module, shapes: dict[str, tuple[int, int]], cfg: ExperimentConfig,
                  device: torch.device, group_size: int):
+        rate = own_dropout(base_model)
+        if rate > 0:
+            raise UserError(
+                f"train.client_batch {cfg.train.client_batch} needs a base model without dropout of its own (this "
+                f"one drops with p = {rate:g} in training): its masks would be drawn for the whole group, not per "
+                "client; set train.client_batch: 1"
+            )
         self.base_model, self.cfg, self.device, self.group_size = base_model, cfg, device, group_size
         order = [name for name, _ in base_model.named_modules() if name in shapes]  # forward (model) order
         self.shapes = {name: tuple(shapes[name]) for name in order}
@@ -164,7 +188,7 @@ class GroupTrainer:
             for member in members:
                 member.result = member.result or err
         finally:
-            _clear_training_state(slot)
+            clear_training_state(slot)
         return {member.job.client_id: member.result for member in members}
 
     def _start(self, lora: GroupedLora, group: list[ClientJob]) -> None:
@@ -175,7 +199,8 @@ class GroupTrainer:
                 A.zero_()
                 B.zero_()
         for j, job in enumerate(group):
-            torch.manual_seed(derive_seed(self.cfg.run.seed, job.round_index, job.client_id, Stream.LORA_INIT))
+            seed_generators(derive_seed(self.cfg.run.seed, job.round_index, job.client_id, Stream.LORA_INIT),
+                            self.device)
             for name, (A, B) in lora.factors(j).items():
                 A.copy_(fresh_lora_A(*A.shape, B.shape[0]))
                 start_factors_(A, B, name, job, lora.scaling)
@@ -209,7 +234,7 @@ class GroupTrainer:
         factors = {name: ((B.float() * lora.scaling).cpu().numpy().copy(), A.float().cpu().numpy().copy())
                    for name, (A, B) in lora.factors(j).items()}
         try:
-            return _client_update(member.job, factors, float(np.mean(member.losses)))
+            return client_update(member.job, factors, float(np.mean(member.losses)))
         except ClientTrainingError as err:
             return err
 
@@ -220,10 +245,10 @@ class GroupTrainer:
         if key not in self._slots:
             lora = GroupedLora(self.shapes, self._capacity(job), job.rank, job.alpha / job.rank,
                                self.cfg.lora.dropout, self.device, train_A=job.frozen_A is None)
-            optimizer = _optimizer([p for p in lora.parameters() if p.requires_grad], self.cfg.train)
+            optimizer = build_optimizer([p for p in lora.parameters() if p.requires_grad], self.cfg.train)
             # DeepSpeed's own clipping would take one norm across the group: off, clipped per client instead
             unclipped = self.cfg.train.model_copy(update={"gradient_clipping": None})
-            engine = _engine(_GroupModel(self.base_model, lora), optimizer, unclipped, self.device)
+            engine = build_engine(_GroupModel(self.base_model, lora), optimizer, unclipped, self.device)
             if engine.optimizer is not optimizer or engine.gradient_clipping():
                 raise RuntimeError("DeepSpeed wrapped the optimizer of a client group, or clips across its clients: "
                                    "set train.client_batch: 1")

@@ -92,7 +92,7 @@ class LocalClients:
         jobs = [self._job(client_id, round_index, init_factors) for client_id in client_ids]
         start = time.perf_counter()
         results = self.groups.train(jobs)
-        seconds = time.perf_counter() - start
+        seconds = (time.perf_counter() - start) / max(1, len(jobs))  # trained together: the mean per client
         return [self._outcome(job, results[job.client_id], seconds) for job in jobs]
 
     def _job(self, client_id: int, round_index: int, init_factors: GlobalFactors | None) -> ClientJob:
@@ -119,5 +119,5 @@ class LocalClients:
             return ClientUpdate(job.client_id, len(job.encoded), job.rank, math.nan, error=str(result))
         if self.verbose:
             print(f"[rank {self.world.rank}] round {job.round_index} client {job.client_id}: r={job.rank} "
-                  f"n={len(job.encoded)} loss={result.train_loss:.4f} ({seconds:.1f}s)", flush=True)
+                  f"n={len(job.encoded)} loss={result.train_loss:.4f} ({seconds:.2f}s)", flush=True)
         return result

@@ -36,15 +36,21 @@ def per_client_attention(model: torch.nn.Module, layout: RowLayout) -> Iterator[
 
     def split_sdpa(module, query, key, value, attention_mask, **kwargs):
         """query (g·b, heads, L, d), key/value (g·b, kv heads, L, d), mask (g·b or 1, 1, L, L) or None
-        -> ((g·b, L, heads, d), None), client by client."""
+        -> ((g·b, L, heads, d), None): each client's rows at its own length; clients of one length and
+        mask kind share a call (rows of a batch are computed independently)."""
         width = query.shape[2]
-        outputs = []
-        chunks = zip(query.split(layout.rows), key.split(layout.rows), value.split(layout.rows))
-        for j, (q, k, v) in enumerate(chunks):
-            length = layout.lengths[j]
-            mask = _own_mask(attention_mask, layout, j)
-            out, _ = sdpa(module, q[:, :, :length], k[:, :, :length], v[:, :, :length], mask, **kwargs)
-            outputs.append(F.pad(out, (0, 0, 0, 0, 0, width - length)))  # (b, L, heads, d)
+        pieces = list(zip(query.split(layout.rows), key.split(layout.rows), value.split(layout.rows)))
+        masks = [_own_mask(attention_mask, layout, j) for j in range(layout.clients)]
+        buckets: dict[tuple[int, bool], list[int]] = {}
+        for j, mask in enumerate(masks):
+            buckets.setdefault((layout.lengths[j], mask is None), []).append(j)
+        outputs: list[torch.Tensor | None] = [None] * layout.clients
+        for (length, causal), members in buckets.items():
+            q, k, v = (torch.cat([pieces[j][t][:, :, :length] for j in members]) for t in range(3))
+            mask = None if causal else torch.cat([masks[j] for j in members])
+            out, _ = sdpa(module, q, k, v, mask, **kwargs)  # (len(members)·b, length, heads, d)
+            for j, own in zip(members, out.split(layout.rows)):
+                outputs[j] = F.pad(own, (0, 0, 0, 0, 0, width - length))
         return torch.cat(outputs), None
 
     ALL_ATTENTION_FUNCTIONS["sdpa"] = split_sdpa

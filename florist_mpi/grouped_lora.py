@@ -202,19 +202,20 @@ class GroupedLora(nn.Module):
     # ------------------------------------------------------------------ gradients
 
     @torch.no_grad()
-    def clip_per_client_(self, max_norm: float) -> list[float]:
-        """Clip each slot's gradients by its own norm, exactly as DeepSpeed's clip_grad_norm_ clips one
-        client's: the norm of each factor's gradient, in PEFT's parameter order (per module A, then B),
-        combined as sqrt(Σ norm²); coefficient min(1, max_norm / (norm + 1e-6)). No norm is taken across
-        clients. Returns the active slots' coefficients (the others have no gradient this step)."""
+    def clip_per_client_(self, max_norm: float) -> torch.Tensor:
+        """Clip each active slot's gradients by its own norm, as DeepSpeed's clip_grad_norm_ clips one
+        client's: the norm of each factor's gradient in PEFT's parameter order (per module A, then B),
+        combined as (Σ norm²)^(1/2); coefficient min(1, max_norm / (norm + 1e-6)). No norm is taken
+        across clients. Returns the (active,) coefficients; slots without a batch this step keep theirs."""
         grads = [p.grad for pair in zip(self.A, self.B) for p in pair if p.grad is not None]
-        coefficients = []
-        for slot in self.active:
-            norms = [g[slot].float().norm(2) for g in grads]
-            total = torch.stack(norms).pow(2.0).sum().float().pow(1.0 / 2.0) if norms else torch.zeros(())
-            coefficient = torch.tensor([float(max_norm)], device=total.device) / (total + CLIP_EPSILON)
-            coefficient = torch.min(torch.tensor([1.0], device=total.device), coefficient)
-            for g in grads:
-                g[slot].mul_(coefficient.to(g.dtype))
-            coefficients.append(float(coefficient))
+        if not grads:
+            return torch.ones(len(self.active))
+        index = torch.tensor(self.active, device=grads[0].device)
+        rows = [g.index_select(0, index) for g in grads]  # each (g, ...): the active clients' gradients
+        norms = torch.stack([r.float().flatten(1).norm(2, dim=1) for r in rows], dim=1)  # (g, factors)
+        total = norms.pow(2.0).sum(dim=1).float().pow(1.0 / 2.0)  # (g,)
+        coefficients = torch.tensor([float(max_norm)], device=total.device) / (total + CLIP_EPSILON)
+        coefficients = torch.min(torch.tensor([1.0], device=total.device), coefficients)
+        for g, r in zip(grads, rows):
+            g.index_copy_(0, index, r * coefficients.view(-1, *([1] * (r.dim() - 1))).to(r.dtype))
         return coefficients

@@ -406,3 +406,10 @@ def _local_steps(engine, job: ClientJob, cfg: ExperimentConfig, device: torch.de
         engine.step()
         losses.append(float(loss.detach()))
     return float(np.mean(losses)) if losses else float("nan")
+
+
+# What client batching (client_groups) shares with the one-at-a-time path, under public names.
+build_engine = _engine
+build_optimizer = _optimizer
+client_update = _client_update
+clear_training_state = _clear_training_state
