@@ -374,3 +374,25 @@ def test_logged_client_adapters_at_G8_equal_G1(acceptance_runs, method):
 def test_batched_results_do_not_depend_on_the_number_of_ranks(acceptance_runs):
     worst_factor, worst_loss, _ = _compare_clients(acceptance_runs("florist", 8, 3), acceptance_runs("florist", 1, 1))
     assert worst_factor <= TOLERANCE and worst_loss <= TOLERANCE, (worst_factor, worst_loss)
+
+
+@pytest.mark.mpi
+def test_a_failing_client_leaves_its_group_and_the_round_goes_on(tmp_path):
+    """Injected faults in a group of 4: the failed and the NaN client are left out; the others, in the
+    same group, aggregate as usual."""
+    from florist_mpi.analysis import open_run
+    from florist_mpi.exchange import REASON_FAILED, REASON_NONFINITE
+
+    output = tmp_path / "faults.h5"
+    settings = ["federation.num_clients=6", "federation.clients_per_round=6", "run.rounds=1", "train.local_steps=2",
+                "lora.ranks=null", "lora.rank=4", "eval.every=0", "train.client_batch=4", f"run.output={output}"]
+    env = dict(mpi_env(), FLORIST_MPI_FAULT="raise@0:1,nan@0:2")
+    result = run_mpi(1, [*florist_cli(), "run", "configs/demo.yaml", *[x for s in settings for x in ("--set", s)]],
+                     env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "client 1 failed in round 0" in result.stderr
+    clients = open_run(str(output)).clients(0)
+    reasons = dict(zip(clients["id"], clients["excluded_reason"]))
+    assert reasons[1] == REASON_FAILED and reasons[2] == REASON_NONFINITE
+    assert [c for c, why in reasons.items() if not why] == [0, 3, 4, 5]
+    assert np.isfinite(clients["train_loss"][clients["id"] != 1]).all()
