@@ -4,22 +4,24 @@ A group is up to G clients of one LoRA rank, alpha and start state (fresh LoRA, 
 carried-over truncation, FFA-LoRA's frozen A). Each micro-batch step runs the shared frozen
 base once over the group's stacked micro-batches, each client's adapter on its own rows
 (grouped_lora.GroupedLora), in one DeepSpeed engine over the group's stacked adapter
-parameters. What keeps the clients apart (docs: README, "Client batching"):
+parameters. What keeps the clients apart (README, "Many clients: client batching"):
 
 - DeepSpeed: a private torch.distributed world of one (training.isolate_torch_distributed),
   ZeRO stage 0 and fp32 (config validation refuses the rest), its own gradient clipping off.
-- Loss: each client's is the mean over its own tokens (HF's causal-LM loss of its rows); the
-  step minimises their sum, so client g's gradient is exactly its own loss's gradient.
+- Loss: each client's is the model's causal-LM loss of its rows cut back to its own length (the
+  mean over its own tokens); the step minimises their sum, so each client's gradient is its own.
 - Clipping: per client, by that client's own gradient norm (DeepSpeed's rule), before the step.
 - Optimizer: Adam/AdamW/SGD are elementwise, so one over the stacked (G, ...) tensors is one per
   client; every client of a group starts together, so the shared step count is each client's.
 - Start: each client's LoRA is drawn from its own seed exactly as a fresh PEFT wrapper draws
   it, and its dropout masks continue that generator state (bitwise the sequential path's).
+- Padding: attention runs per client at its own length (grouped_attention), and a client's
+  weight gradients sum over its own positions only, so the group's extra padding never shows.
 - Clients with fewer local micro-batches leave the group when done: their factors and loss are
   taken after their last step, and their rows leave the batch.
 
-Each client's factors and loss equal the one-at-a-time path's to float rounding
-(tests/test_client_batch.py).
+Each client's factors and loss equal the one-at-a-time path's to float rounding (bitwise on
+the development machine; tests/test_client_batch.py).
 """
 from __future__ import annotations
 
