@@ -396,3 +396,30 @@ def test_a_failing_client_leaves_its_group_and_the_round_goes_on(tmp_path):
     assert reasons[1] == REASON_FAILED and reasons[2] == REASON_NONFINITE
     assert [c for c, why in reasons.items() if not why] == [0, 3, 4, 5]
     assert np.isfinite(clients["train_loss"][clients["id"] != 1]).all()
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("method", ["fedit", "flora", "flexlora"])
+def test_other_methods_runs_at_G4_equal_G1(tmp_path, method):
+    """The remaining methods end to end (FlexLoRA's clients start round 1 from their truncation of the
+    global update): 6 clients of two ranks, 2 local steps, 2 rounds, LoRA dropout 0.1."""
+    from florist_mpi.analysis import open_run
+
+    logs = {}
+    for client_batch in (1, 4):
+        output = tmp_path / f"g{client_batch}.h5"
+        settings = ["federation.num_clients=6", "federation.clients_per_round=6", "run.rounds=2", "train.local_steps=2",
+                    "lora.ranks=[8,8,4,4,8,4]", "lora.dropout=0.1", "eval.every=0", f"federation.method={method}",
+                    f"train.client_batch={client_batch}", f"run.output={output}"]
+        result = run_mpi(1, [*florist_cli(), "run", "configs/demo.yaml", *[x for s in settings for x in ("--set", s)]],
+                         timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        logs[client_batch] = open_run(str(output))
+    worst = 0.0
+    for r in (0, 1):
+        ones, fours = logs[1].client_adapters(r), logs[4].client_adapters(r)
+        assert ones.keys() == fours.keys() and len(ones) == 6
+        for client, modules in ones.items():
+            for name, pair in modules.items():
+                worst = max(worst, *(relative(a, b) for a, b in zip(fours[client][name], pair)))
+    assert worst <= TOLERANCE, worst
