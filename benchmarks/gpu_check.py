@@ -115,7 +115,7 @@ def check_env(ctx: Context) -> Result:
     from packaging.version import Version
 
     import florist_mpi
-    from florist_mpi.federation import library_versions
+    from florist_mpi.roundlog import library_versions
 
     figures = {**library_versions(), "python": sys.version.split()[0], "cuda": torch.version.cuda,
                "cuda_available": torch.cuda.is_available(), "mpiexec": mpiexec_path()}
@@ -383,7 +383,7 @@ def check_llama7b(ctx: Context) -> Result:
     host_build = _host_rss_mb() - host_start
     model_gb = torch.cuda.memory_allocated(device) / 1e9
     cfg, shapes, job = _client_setup(model, device, gradient_accumulation_steps=1, micro_batch_size=4)
-    engine_s, build_engine = [], training._engine
+    engine_s, build_engine = [], training.build_engine
 
     def timed_engine(*args):  # engine set-up: DeepSpeed broadcasts all 6.7B weights in the private world
         begin = time.perf_counter()
@@ -392,7 +392,7 @@ def check_llama7b(ctx: Context) -> Result:
         engine_s.append(time.perf_counter() - begin)
         return engine
 
-    training._engine = timed_engine
+    training.build_engine = timed_engine
     torch.cuda.reset_peak_memory_stats(device)
     host_before = _host_rss_mb()
     start = time.perf_counter()

@@ -16,6 +16,7 @@ import torch
 
 from florist_mpi import comm, methods
 from florist_mpi import data as data_lib
+from florist_mpi.client_groups import GroupTrainer
 from florist_mpi.config import ExperimentConfig
 from florist_mpi.exchange import ClientUpdate
 from florist_mpi.seeding import Stream, derive_seed, rng
@@ -72,6 +73,7 @@ class LocalClients:
         self.records = client_data(cfg)  # less the warm-up's share when it is set aside; made when needed
         self._encoded: dict[int, list] = {}
         self.trainer = ClientTrainer(model, shapes, cfg, device)
+        self.groups = self._group_trainer(model, shapes, device) if cfg.train.client_batch > 1 else None
         self.frozen_A = frozen_A(cfg, shapes) if methods.get(cfg.federation.method).frozen_A else None
 
     def num_samples(self, client_id: int) -> int:
@@ -96,17 +98,28 @@ class LocalClients:
         """The clients of `training` (ascending ids) this rank trains: every world.size-th one."""
         return training[self.world.rank :: self.world.size]
 
+    def _group_trainer(self, model, shapes: dict[str, tuple[int, int]], device: torch.device) -> GroupTrainer:
+        """Client batching: groups of at most G, and never more than a rank can host in one round."""
+        per_rank = -(-self.cfg.federation.sampled_per_round() // self.world.size)
+        return GroupTrainer(model, shapes, self.cfg, device, min(self.cfg.train.client_batch, per_rank))
+
     def train(self, client_ids: list[int], round_index: int, init_factors: GlobalFactors | None,
               progress: Callable[[int], None] | None = None) -> list[ClientUpdate]:
-        """Train each client in turn; `init_factors` is the kept global update clients start from
-        (FlexLoRA), None for methods whose clients start from a fresh LoRA; `progress(done)` is told
-        how many are done after each."""
-        updates = []
-        for client_id in client_ids:
-            updates.append(self._train_one(client_id, round_index, init_factors))
-            if progress is not None:
-                progress(len(updates))
-        return updates
+        """Train the clients, one after another or (train.client_batch > 1) in groups; `init_factors` is the
+        kept global update clients start from (FlexLoRA), None for methods whose clients start from a fresh
+        LoRA; `progress(done)` is told how many are done after each client (each group when batched)."""
+        if self.groups is None:
+            updates = []
+            for client_id in client_ids:
+                updates.append(self._train_one(client_id, round_index, init_factors))
+                if progress is not None:
+                    progress(len(updates))
+            return updates
+        jobs = [self._job(client_id, round_index, init_factors) for client_id in client_ids]
+        start = time.perf_counter()
+        results = self.groups.train(jobs, progress)
+        seconds = (time.perf_counter() - start) / max(1, len(jobs))  # trained together: the mean per client
+        return [self._outcome(job, results[job.client_id], seconds) for job in jobs]
 
     def _job(self, client_id: int, round_index: int, init_factors: GlobalFactors | None) -> ClientJob:
         lora = self.cfg.lora
@@ -121,10 +134,16 @@ class LocalClients:
         try:
             update = self.trainer.train(job)
         except ClientTrainingError as err:  # incl. an out-of-memory client under train.on_out_of_memory: exclude
-            print(f"florist-mpi: warning (rank {self.world.rank}): client {client_id} failed in round "
-                  f"{round_index} and is left out: {err}", file=sys.stderr, flush=True)
-            return ClientUpdate(client_id, len(job.encoded), job.rank, math.nan, error=str(err))
+            update = err
+        return self._outcome(job, update, time.perf_counter() - start)
+
+    def _outcome(self, job: ClientJob, result: ClientUpdate | Exception, seconds: float) -> ClientUpdate:
+        """The client's update, or (a recoverable failure) a warning and an update that records the error."""
+        if isinstance(result, Exception):
+            print(f"florist-mpi: warning (rank {self.world.rank}): client {job.client_id} failed in round "
+                  f"{job.round_index} and is left out: {result}", file=sys.stderr, flush=True)
+            return ClientUpdate(job.client_id, len(job.encoded), job.rank, math.nan, error=str(result))
         if self.verbose:
-            print(f"[rank {self.world.rank}] round {round_index} client {client_id}: r={job.rank} "
-                  f"n={len(job.encoded)} loss={update.train_loss:.4f} ({time.perf_counter() - start:.1f}s)", flush=True)
-        return update
+            print(f"[rank {self.world.rank}] round {job.round_index} client {job.client_id}: r={job.rank} "
+                  f"n={len(job.encoded)} loss={result.train_loss:.4f} ({seconds:.2f}s)", flush=True)
+        return result

@@ -369,6 +369,16 @@ class TrainConfig(_Section):
         "what a client's local training that runs out of GPU memory does: `error` stops the run with one line "
         "naming the client and what to lower; `exclude` leaves that client out of the round as failed (recorded "
         "in the log's exclusions) and goes on"))
+    client_batch: int = Field(
+        1,
+        description=(
+            "G: clients a rank trains together, in one forward/backward of the shared base over their stacked "
+            "micro-batches, each client's LoRA on its own rows (README, \"Client batching\"). A rank's clients are "
+            "grouped by LoRA rank, alpha and start state, up to G per group; every client gets what training it "
+            "alone gives (to float rounding). 1: one client after another. G > 1 needs zero_stage 0, precision "
+            "fp32 and client_engines auto or reuse; memory grows with G"
+        ),
+    )
 
     @model_validator(mode="after")
     def _one_budget(self):
@@ -380,6 +390,39 @@ class TrainConfig(_Section):
             self.__dict__["local_steps"] = None  # the default 10 steps gives way to epochs
         elif self.local_steps is None:
             raise ValueError("no local work: set train.local_steps or train.local_epochs")
+        return self
+
+    @field_validator("client_batch")
+    @classmethod
+    def _positive_batch(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(
+                "train.client_batch must be at least 1 (1 trains clients one at a time, G > 1 up to G together)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _batchable(self):
+        """Where DeepSpeed would couple a group's clients, client batching is refused."""
+        if self.client_batch == 1:
+            return self
+        if self.zero_stage != 0:
+            raise ValueError(
+                f"train.client_batch {self.client_batch} needs train.zero_stage 0: ZeRO 1-2 keep flat fp32 copies "
+                "of the weights inside their optimizer and clip by one norm over them, across the group's clients; "
+                "set zero_stage: 0 or client_batch: 1"
+            )
+        if self.precision != "fp32":
+            raise ValueError(
+                f"train.client_batch {self.client_batch} needs train.precision fp32: DeepSpeed's bf16/fp16 "
+                "optimizers clip (and fp16 scales the loss) by one figure across the group's clients; set "
+                "precision: fp32 or client_batch: 1"
+            )
+        if self.client_engines == "fresh":
+            raise ValueError(
+                f"train.client_batch {self.client_batch} trains a group on one shared engine, but "
+                "train.client_engines 'fresh' asks for an engine per client: use 'auto' or client_batch: 1"
+            )
         return self
 
     @model_validator(mode="after")
@@ -702,6 +745,7 @@ def _first_difference(a, b, prefix: str) -> str | None:
 # Keys inside RESUME_KEYS that may change on resume: they choose how, not what, is computed.
 RESUME_FREE = (
     "train.client_engines",  # reused and fresh engines give bitwise-equal clients (tests/test_training.py)
+    "train.client_batch",  # grouped clients get what one-at-a-time training gives (tests/test_client_batch.py)
 )
 
 

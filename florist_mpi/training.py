@@ -135,8 +135,8 @@ def deepspeed_config(train: TrainConfig, device: torch.device, trainable_element
         # Sum the micro-batches' gradients in fp32 (DeepSpeed's BF16_Optimizer at stage 1). At stage 0
         # DeepSpeed has no fp32 accumulation: preflight refuses bf16 there with more than one micro-batch.
         config["data_types"] = {"grad_accum_dtype": "fp32"}
-    if train.gradient_clipping:
-        config["gradient_clipping"] = train.gradient_clipping
+    # DeepSpeed clips at 1.0 when the key is absent: null (no clipping) must say 0
+    config["gradient_clipping"] = train.gradient_clipping or 0.0
     return config
 
 
@@ -197,16 +197,23 @@ def _initialise_lora(layers, job: ClientJob, scaling: float, adapter: str = "def
     for name, layer in layers.items():
         A = layer.lora_A[adapter].weight
         B = layer.lora_B[adapter].weight
-        if job.init_factors is not None:
-            B_eff, A_init = job.init_factors[name]
-            # Rows beyond the global rank keep PEFT's random A with a zero B: no effect yet.
-            r = min(job.rank, B_eff.shape[1])
-            B.zero_()
-            B[:, :r] = torch.from_numpy(B_eff[:, :r] / scaling).to(B)
-            A[:r] = torch.from_numpy(A_init[:r]).to(A)
+        start_factors_(A, B, name, job, scaling)
         if job.frozen_A is not None:
-            A.copy_(torch.from_numpy(job.frozen_A[name][: job.rank]).to(A))
             A.requires_grad_(False)
+
+
+@torch.no_grad()
+def start_factors_(A: torch.Tensor, B: torch.Tensor, name: str, job: ClientJob, scaling: float) -> None:
+    """Overwrite one module's freshly drawn A (r, n) and B (m, r) with the method's start, in place."""
+    if job.init_factors is not None:
+        B_eff, A_init = job.init_factors[name]
+        # Rows beyond the global rank keep PEFT's random A with a zero B: no effect yet.
+        r = min(job.rank, B_eff.shape[1])
+        B.zero_()
+        B[:, :r] = torch.from_numpy(B_eff[:, :r] / scaling).to(B)
+        A[:r] = torch.from_numpy(A_init[:r]).to(A)
+    if job.frozen_A is not None:
+        A.copy_(torch.from_numpy(job.frozen_A[name][: job.rank]).to(A))
 
 
 def _extract_factors(layers, scaling: float, adapter: str = "default") -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -253,10 +260,10 @@ def _train_fresh(base_model, module_names, job: ClientJob, cfg: ExperimentConfig
         layers = _lora_layers(peft_model, module_names)
         _initialise_lora(layers, job, scaling)
         trainable = [p for p in peft_model.parameters() if p.requires_grad]
-        engine = _engine(peft_model, _optimizer(trainable, cfg.train), cfg.train, device)
+        engine = build_engine(peft_model, build_optimizer(trainable, cfg.train), cfg.train, device)
         engine.train()
         loss = _local_steps(engine, job, cfg, device, base_model)
-        return _client_update(job, _extract_factors(layers, scaling), loss), _skipped_steps(engine, job)
+        return client_update(job, _extract_factors(layers, scaling), loss), _skipped_steps(engine, job)
     finally:
         if engine is not None:
             engine.destroy()
@@ -335,10 +342,10 @@ class ClientTrainer:
             _initialise_lora(slot.layers, job, scaling, slot.adapter)
             slot.engine.train()
             loss = _local_steps(slot.engine, job, self.cfg, self.device, self.base_model)
-            update = _client_update(job, _extract_factors(slot.layers, scaling, slot.adapter), loss)
+            update = client_update(job, _extract_factors(slot.layers, scaling, slot.adapter), loss)
             return update, _skipped_steps(slot.engine, job)
         finally:
-            _clear_training_state(slot)
+            clear_training_state(slot)
             self._peft_model.base_model.disable_adapter_layers()  # the plain base until the next client
 
     def _slot(self, job: ClientJob) -> _Slot:
@@ -356,8 +363,8 @@ class ClientTrainer:
             self._activate_layers(adapter, frozen_A=job.frozen_A is not None)
             trainable = [p for layer in layers.values()
                          for p in (layer.lora_A[adapter].weight, layer.lora_B[adapter].weight) if p.requires_grad]
-            optimizer = _optimizer(trainable, self.cfg.train)
-            engine = _engine(self._peft_model, optimizer, self.cfg.train, self.device)
+            optimizer = build_optimizer(trainable, self.cfg.train)
+            engine = build_engine(self._peft_model, optimizer, self.cfg.train, self.device)
             if engine.optimizer is not optimizer:
                 raise RuntimeError(
                     "DeepSpeed wrapped the optimizer of a reused engine: set train.client_engines: fresh"
@@ -416,17 +423,22 @@ def _redraw_as_fresh_wrap(slot: _Slot) -> None:
     """
     for layer in slot.layers.values():
         A, B = layer.lora_A[slot.adapter].weight, layer.lora_B[slot.adapter].weight
-        (r, n), m = A.shape, B.shape[0]
-        fresh = torch.empty(r, n)
-        torch.nn.init.kaiming_uniform_(fresh, a=math.sqrt(5))  # nn.Linear(n, r)'s own init (PEFT's lora_A)
-        torch.nn.init.kaiming_uniform_(torch.empty(m, r), a=math.sqrt(5))  # nn.Linear(r, m)'s (lora_B)
-        torch.nn.init.kaiming_uniform_(fresh, a=math.sqrt(5))  # PEFT's reset_lora_parameters
-        base_dtype = layer.get_base_layer().weight.dtype
+        fresh = fresh_lora_A(*A.shape, B.shape[0])
+        base_dtype = layer.get_base_layer().weight.dtype  # a fresh wrap rounds A through the base's dtype
         A.copy_(fresh.to(base_dtype) if base_dtype.is_floating_point else fresh)
         B.zero_()
 
 
-def _clear_training_state(slot: _Slot) -> None:
+def fresh_lora_A(r: int, n: int, m: int) -> torch.Tensor:
+    """A fresh wrapper's A (r, n) of one layer, drawn from the global generator as PEFT draws it."""
+    fresh = torch.empty(r, n)
+    torch.nn.init.kaiming_uniform_(fresh, a=math.sqrt(5))  # nn.Linear(n, r)'s own init (PEFT's lora_A)
+    torch.nn.init.kaiming_uniform_(torch.empty(m, r), a=math.sqrt(5))  # nn.Linear(r, m)'s (lora_B)
+    torch.nn.init.kaiming_uniform_(fresh, a=math.sqrt(5))  # PEFT's reset_lora_parameters
+    return fresh
+
+
+def clear_training_state(slot: _Slot) -> None:
     """Nothing of this client may reach the next one: gradients, optimizer moments, step counts."""
     slot.optimizer.zero_grad(set_to_none=True)
     slot.optimizer.state.clear()
@@ -434,7 +446,7 @@ def _clear_training_state(slot: _Slot) -> None:
     engine.global_steps = engine.global_samples = engine.micro_steps = engine.skipped_steps = 0
 
 
-def _engine(model, optimizer, train: TrainConfig, device: torch.device):
+def build_engine(model, optimizer, train: TrainConfig, device: torch.device):
     """A DeepSpeed engine of a private world of one (see isolate_torch_distributed)."""
     import deepspeed
 
@@ -448,7 +460,7 @@ def _engine(model, optimizer, train: TrainConfig, device: torch.device):
     return engine
 
 
-def _client_update(job: ClientJob, factors: dict, loss: float) -> ClientUpdate:
+def client_update(job: ClientJob, factors: dict, loss: float) -> ClientUpdate:
     """The trained client's upload, after any injected fault (docs/fault-injection.md)."""
     fault = client_fault(job.client_id, job.round_index)
     if fault in ("crash", "exit"):  # the moment of failure, for tests of how fast the job ends
@@ -465,7 +477,7 @@ def _client_update(job: ClientJob, factors: dict, loss: float) -> ClientUpdate:
     return ClientUpdate(job.client_id, len(job.encoded), job.rank, loss, factors)
 
 
-def _optimizer(parameters, train: TrainConfig):
+def build_optimizer(parameters, train: TrainConfig):
     if train.optimizer == "sgd":
         return torch.optim.SGD(parameters, lr=train.lr, weight_decay=train.weight_decay)
     return torch.optim.AdamW(parameters, lr=train.lr, weight_decay=train.weight_decay)
@@ -498,3 +510,4 @@ def _local_steps(engine, job: ClientJob, cfg: ExperimentConfig, device: torch.de
         engine.step()
         losses.append(float(loss.detach()))
     return float(np.mean(losses)) if losses else float("nan")
+

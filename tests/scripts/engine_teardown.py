@@ -20,18 +20,18 @@ isolate_torch_distributed(0)
 prepare_deepspeed()
 device = torch.device("cpu")
 engines, optimizers, lora_weights = [], [], []
-build_engine = training._engine
+original_engine = training.build_engine
 
 
 def recording_engine(model, optimizer, train, device):
-    engine = build_engine(model, optimizer, train, device)
+    engine = original_engine(model, optimizer, train, device)
     engines.append(weakref.ref(engine))
     optimizers.append(weakref.ref(engine.optimizer))
     lora_weights.extend(weakref.ref(p) for group in optimizer.param_groups for p in group["params"])
     return engine
 
 
-training._engine = recording_engine
+training.build_engine = recording_engine
 g = np.random.default_rng(0)
 data = [(ids, ids) for ids in (g.integers(3, 96, size=12).tolist() for _ in range(8))]
 for stage in (0, 1):
