@@ -1,4 +1,4 @@
-"""The key tables of docs/configuration.md, generated from the pydantic models in config.py.
+"""The key tables of docs/configuration.md, generated from the pydantic models in florist_mpi/config/.
 
 Each key's meaning is its `Field(description=...)`; its default and whether it is a
 stable contract (`json_schema_extra=CONTRACT`) come from the same field. The doc keeps
