@@ -96,3 +96,21 @@ def test_no_module_imports_private_names_of_another():
                 private = [a.name for a in node.names if a.name.startswith("_") and not a.name.endswith("__")]
                 offenders += [f"{path.name}: {node.module}.{name}" for name in private]
     assert not offenders, offenders
+
+
+MAX_MODULE_LINES, MAX_CLASS_LINES = 700, 300
+
+
+def test_no_module_or_class_outgrows_its_room():
+    """The package's size limits: no module above 700 lines and no class above 300 (the structure of the
+    round loop and the report keeps one job per room; a room past the limit is the sign to split it)."""
+    too_long = []
+    for path in PACKAGE.rglob("*.py"):
+        text = path.read_text()
+        lines = len(text.splitlines())
+        if lines > MAX_MODULE_LINES:
+            too_long.append(f"{path.relative_to(PACKAGE.parent)}: {lines} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > MAX_CLASS_LINES:
+                too_long.append(f"{path.relative_to(PACKAGE.parent)}:{node.name}: {node.end_lineno - node.lineno + 1}")
+    assert not too_long, too_long
