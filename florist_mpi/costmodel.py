@@ -1,0 +1,108 @@
+"""The one cost model of aggregation: which route a method takes on one module, and its FLOPs.
+
+Pure arithmetic on shapes (no torch). Three users, one answer:
+  * `aggregate()` picks FLoRIST's exact route with `florist_plan(...).route` (florist_mpi.lowrank);
+  * sharded mode balances module owners on `Method.aggregation_cost`, built on `Method.plan`;
+  * the simulated clock charges `Method.server_flops`, which is `Method.plan(...).flops`.
+
+Counts are in GEMM-flop equivalents: 2 FLOPs per multiply-add of a matrix product, and
+LAPACK factorisations weighted by how long they take against float64 GEMM (measured: see the
+constants). A module is m×n (B_k is m×r_k, A_k is r_k×n), K clients, R = Σ r_k, r_max = max r_k,
+r_g the global rank, s = min(m, n), l = max(m, n).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+# A float64 s×s symmetric eigendecomposition (values and vectors) costs this many s³ GEMM
+# flops: torch.linalg.eigh at s = 2048…4096 took 11–15× the time of s³ flops of float64 GEMM
+# (benchmarks/aggregation_routes.py, README "Aggregation at many clients").
+EIGH_FLOPS_PER_CUBE = 13.0
+# The Gram route's small dense work (Cholesky, triangular inverse, the core C_B G_A C_Bᵀ): about 5 R³.
+GRAM_CORE_FLOPS_PER_CUBE = 5.0
+# A thin SVD of a rows×cols matrix (rows ≥ cols, vectors kept) costs this many rows·cols² GEMM
+# flops (torch.linalg.svd, float64; benchmarks/aggregation_routes.py --svd-cost).
+THIN_SVD_FLOPS_PER_ROW_SQUARE = 12.0
+# The Gram route is never chosen once R reaches this fraction of min(m, n): decaying-spectrum client
+# stacks measured there lose their Cholesky factor (at 4096² with rank-16 clients, R = 0.75 s was fine
+# and 0.875 s was not; past R = s the stack is rank-deficient). Where a stack loses it below this fill,
+# the Gram route falls back to the cheaper of the dense route and an m×R SVD (`gram_fallback`).
+GRAM_MAX_FILL = 0.8
+
+
+@dataclass(frozen=True)
+class RoutePlan:
+    """What aggregating one module costs: the route taken and its FLOPs."""
+
+    route: str  # florist: "gram" | "dense"; baselines: "average", "stack", "dense_svd" (a label, no choice)
+    flops: float  # the aggregation itself: what a real server runs (the simulated clock charges this)
+    spectrum_flops: float = 0.0  # the logged spectrum of a baseline's result: work here, not a deployment's
+
+    @property
+    def total_flops(self) -> float:
+        """Everything `aggregate()` computes (what sharded mode balances owners on)."""
+        return self.flops + self.spectrum_flops
+
+
+def gram_flops(rows: int, width: int) -> float:
+    """A symmetric Gram XᵀX of a rows×width X, one triangle formed (half a GEMM's 2·rows·width²)."""
+    return float(rows) * width * width
+
+
+def thin_svd_flops(rows: int, cols: int) -> float:
+    """A thin SVD (values and vectors) of a rows×cols matrix."""
+    tall, short = max(rows, cols), min(rows, cols)
+    return THIN_SVD_FLOPS_PER_ROW_SQUARE * tall * short * short
+
+
+def route_costs(m: int, n: int, R: int) -> dict[str, float]:
+    """FLoRIST's two exact routes on one m×n module with stack width R, before the final products.
+
+    gram:  Grams of both stacks, (m+n)R² (symmetric), then R×R Cholesky, core and eigensolver.
+           inf from R = GRAM_MAX_FILL · min(m, n) on (never chosen there).
+    dense: ΔW = B_s A_s, 2mnR; its smaller Gram, s²l (symmetric); an s×s eigensolver.
+    """
+    small, large = min(m, n), max(m, n)
+    gram = gram_flops(m, R) + gram_flops(n, R) + (EIGH_FLOPS_PER_CUBE + GRAM_CORE_FLOPS_PER_CUBE) * float(R) ** 3
+    dense = 2.0 * m * n * R + gram_flops(large, small) + EIGH_FLOPS_PER_CUBE * float(small) ** 3
+    return {"gram": gram if R < GRAM_MAX_FILL * small else math.inf, "dense": dense}
+
+
+def exact_route(m: int, n: int, R: int) -> str:
+    """The cheaper exact route ("gram" or "dense") for an m×n module with stack width R."""
+    costs = route_costs(m, n, R)
+    return "dense" if costs["dense"] < costs["gram"] else "gram"
+
+
+def final_products_flops(route: str, m: int, n: int, R: int, r_g: int) -> float:
+    """The global factors formed after the truncation to r_g.
+
+    gram:  B_s (m×R) and A_s (R×n) times R×r_g matrices, 2(m+n)R r_g.
+    dense: ΔW (m×n) projected on r_g singular vectors, 2mn r_g.
+    """
+    return 2.0 * (m + n) * R * r_g if route == "gram" else 2.0 * m * n * r_g
+
+
+def florist_plan(m: int, n: int, R: int, r_g: int) -> RoutePlan:
+    """FLoRIST on one module: the cheaper exact route and its FLOPs, final products included."""
+    costs = route_costs(m, n, R)
+    route = "dense" if costs["dense"] < costs["gram"] else "gram"
+    return RoutePlan(route, costs[route] + final_products_flops(route, m, n, R, r_g))
+
+
+def spectrum_flops(m: int, n: int, width: int) -> float:
+    """Singular values of a product B A (B m×width): the cheaper exact route, no products after."""
+    return min(route_costs(m, n, width).values())
+
+
+def gram_fallback(m: int, n: int, R: int) -> str:
+    """Where the Gram route finds no Cholesky factor: "dense" (the dense route from scratch) or
+    "svd_basis" (an exact orthonormal basis of the m×R B stack by a thin SVD), whichever is cheaper.
+
+    Far below the fill limit (R ≪ min(m, n)) the m×R SVD is the cheaper; near it (the cliff the
+    fill limit guards) the dense route is: an m×R SVD at R ≈ s costs about as much as a dense
+    s×s one, more than forming ΔW and taking one s×s eigensolver.
+    """
+    return "dense" if route_costs(m, n, R)["dense"] < thin_svd_flops(m, R) else "svd_basis"
