@@ -2,6 +2,7 @@
 
     python benchmarks/aggregation.py [--modules 64] [--dim 4096] [--repeats 5] [--quick]
                                      [--device cpu|cuda] [--batched]
+    python benchmarks/aggregation.py --many-clients [--clients 10000] [--client-rank 8] [--repeats 5]
 
 (a) this project's FLoRIST (`aggregate_adapter`, float64 Gram route, truncation
     before forming the outputs);
@@ -14,6 +15,9 @@ Also measures GEMM throughput and reports (a) against its FLOP floor, and with
 batched products and batched eigensolvers.
 Factors are random with decaying column scales (trained adapters have decaying
 spectra), 8 clients with ranks [64,32,16,16,8,8,4,4], tau = 0.9.
+
+--many-clients: many tiny clients instead (benchmarks/many_clients.py): `aggregate_adapter`
+on the 15 modules of the demo model against forming every module's ΔW with one batched einsum.
 """
 from __future__ import annotations
 
@@ -153,7 +157,15 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--batched", action="store_true", help="also time the all-modules-batched variant of (a)")
     parser.add_argument("--quick", action="store_true", help="8 modules, 2 repeats: a smoke run")
+    parser.add_argument("--many-clients", action="store_true", help="many tiny clients of the demo model's modules")
+    parser.add_argument("--clients", type=int, default=10_000, help="with --many-clients: K")
+    parser.add_argument("--client-rank", type=int, default=8, help="with --many-clients: every client's rank")
     args = parser.parse_args()
+    if args.many_clients:
+        from many_clients import run_many_clients
+
+        run_many_clients(args.clients, args.client_rank, args.repeats, args.device)
+        return
     if args.quick:
         args.modules, args.repeats = 8, 2
     started = time.perf_counter()

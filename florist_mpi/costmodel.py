@@ -22,9 +22,11 @@ from dataclasses import dataclass
 EIGH_FLOPS_PER_CUBE = 13.0
 # The Gram route's small dense work (Cholesky, triangular inverse, the core C_B G_A C_Bᵀ): about 5 R³.
 GRAM_CORE_FLOPS_PER_CUBE = 5.0
-# A thin SVD of a rows×cols matrix (rows ≥ cols, vectors kept) costs this many rows·cols² GEMM
-# flops (torch.linalg.svd, float64; benchmarks/aggregation_routes.py --svd-cost).
-THIN_SVD_FLOPS_PER_ROW_SQUARE = 12.0
+# A thin SVD (vectors kept) takes this many times the time of its Golub & Van Loan count,
+# 6·rows·cols² + 20·cols³, in float64 GEMM flops: torch.linalg.svd on the 2-core machine measured
+# 2.6–5.4 (4096×512, 4096×1024, 512×384, 1024², 2048²; LAPACK's bidiagonalisation runs at
+# matrix-vector speed).
+THIN_SVD_WEIGHT = 3.5
 # The Gram route is never chosen once R reaches this fraction of min(m, n): decaying-spectrum client
 # stacks measured there lose their Cholesky factor (at 4096² with rank-16 clients, R = 0.75 s was fine
 # and 0.875 s was not; past R = s the stack is rank-deficient). Where a stack loses it below this fill,
@@ -53,8 +55,8 @@ def gram_flops(rows: int, width: int) -> float:
 
 def thin_svd_flops(rows: int, cols: int) -> float:
     """A thin SVD (values and vectors) of a rows×cols matrix."""
-    tall, short = max(rows, cols), min(rows, cols)
-    return THIN_SVD_FLOPS_PER_ROW_SQUARE * tall * short * short
+    tall, short = float(max(rows, cols)), float(min(rows, cols))
+    return THIN_SVD_WEIGHT * (6.0 * tall * short**2 + 20.0 * short**3)
 
 
 def route_costs(m: int, n: int, R: int) -> dict[str, float]:
@@ -101,8 +103,10 @@ def gram_fallback(m: int, n: int, R: int) -> str:
     """Where the Gram route finds no Cholesky factor: "dense" (the dense route from scratch) or
     "svd_basis" (an exact orthonormal basis of the m×R B stack by a thin SVD), whichever is cheaper.
 
-    Far below the fill limit (R ≪ min(m, n)) the m×R SVD is the cheaper; near it (the cliff the
-    fill limit guards) the dense route is: an m×R SVD at R ≈ s costs about as much as a dense
-    s×s one, more than forming ΔW and taking one s×s eigensolver.
+    The Grams already formed are spent either way. Well below the fill limit the m×R SVD is the
+    cheaper; from about R = 0.5 min(m, n) on (square modules) the dense route is: near the fill
+    limit, the cliff it guards, the SVD costs about 4× the whole dense route (measured at 4096²:
+    283 s for the Gram route with the SVD basis at R = 3584, 59 s for the dense route).
     """
-    return "dense" if route_costs(m, n, R)["dense"] < thin_svd_flops(m, R) else "svd_basis"
+    basis = thin_svd_flops(m, R) + (EIGH_FLOPS_PER_CUBE + GRAM_CORE_FLOPS_PER_CUBE) * float(R) ** 3
+    return "dense" if route_costs(m, n, R)["dense"] < basis else "svd_basis"

@@ -62,10 +62,11 @@ ZERO_ENERGY = 1e-12
 # A stack direction whose singular value is below this fraction of the largest is
 # treated as absent (Gram eigenvalues in float64 resolve about 1e-8 in σ).
 STACK_RTOL = 1e-7
-# ΔW is accumulated from column blocks of the stacks of about this many bytes in float64 (at
-# least DENSE_BLOCK_COLUMNS columns): each block is converted and multiplied while in cache.
-DENSE_BLOCK_BYTES = 1 << 21
-DENSE_BLOCK_COLUMNS = 128
+# ΔW is accumulated from column blocks of the stacks of at most this many bytes in float64: it
+# bounds the float64 copies, while blocks stay few and large. Many small blocks measured up to 5×
+# slower on the shared 2-core machine (each op is a parallel region that waits for its slowest
+# thread), and a whole-module conversion as fast as any blocking (benchmarks/many_clients.py).
+DENSE_BLOCK_BYTES = 64 << 20
 # A Cholesky factor is used only while the stack's condition number (Frobenius estimate)
 # stays below this: the Gram route's basis loses orthogonality like eps · cond², so this
 # keeps singular values accurate to ~1e-6 relative.
@@ -330,19 +331,30 @@ def _florist_svd(stack: ClientStack, p, tau, max_rank, out_dtype) -> Aggregation
 def dense_update(stack: ClientStack, p: torch.Tensor) -> torch.Tensor:
     """ΔW = Σ_k p_k B_k A_k = B_s diag(p per column) A_s (m×n, float64).
 
-    Column blocks of about DENSE_BLOCK_BYTES (float64) are converted, weighted and multiplied
-    while in cache: one pass over the inputs, no R-wide float64 copy. Zero-weight clients add
-    exact zeros (their factors are finite: NaN/Inf show up in ΔW).
+    Column blocks of at most DENSE_BLOCK_BYTES (float64) are converted and multiplied, p folded
+    into the smaller factor of the block. Zero-weight clients add exact zeros (their factors are
+    finite: NaN/Inf show up in ΔW).
     """
     (m, n), width = stack.shape, stack.width
     delta = torch.zeros(m, n, dtype=torch.float64, device=stack.B.device)
     p_column = stack.per_column(p)
-    step = max(DENSE_BLOCK_COLUMNS, DENSE_BLOCK_BYTES // (8 * (m + n)))
+    step = max(1, DENSE_BLOCK_BYTES // (8 * (m + n)))
     for start in range(0, width, step):
         stop = min(start + step, width)
-        A_block = torch.mul(stack.A[start:stop], p_column[start:stop, None])  # float64 by promotion
-        delta.addmm_(stack.B[:, start:stop].to(torch.float64), A_block)
+        B_block, A_block = stack.B[:, start:stop], stack.A[start:stop]
+        if m <= n:
+            B_block, A_block = _scaled_float64(B_block, p_column[None, start:stop]), A_block.to(torch.float64)
+        else:
+            B_block, A_block = B_block.to(torch.float64), _scaled_float64(A_block, p_column[start:stop, None])
+        delta.addmm_(B_block, A_block)
     return delta
+
+
+def _scaled_float64(X: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """X * scale in float64 as a new tensor (X may be the caller's: never written)."""
+    if X.dtype == torch.float64:
+        return X * scale
+    return X.to(torch.float64).mul_(scale)  # two passes, but ~10× faster than one mixed-dtype multiply on CPU
 
 
 def _smaller_gram_eigh(X: torch.Tensor, vectors: bool = True):
@@ -448,9 +460,9 @@ def weighted_sum_of_factors(stack: ClientStack, p: torch.Tensor, factor: str) ->
     p_column = stack.per_column(p)
     if factor == "B":
         out = torch.zeros(stack.shape[0], width, dtype=torch.float64, device=stack.B.device)
-        return out.index_add_(1, stack.position, torch.mul(stack.B, p_column[None, :]))
+        return out.index_add_(1, stack.position, _scaled_float64(stack.B, p_column[None, :]))
     out = torch.zeros(width, stack.shape[1], dtype=torch.float64, device=stack.A.device)
-    return out.index_add_(0, stack.position, torch.mul(stack.A, p_column[:, None]))
+    return out.index_add_(0, stack.position, _scaled_float64(stack.A, p_column[:, None]))
 
 
 def fedit(stack: ClientStack, p: torch.Tensor, out_dtype) -> AggregationResult:
@@ -463,7 +475,7 @@ def fedit(stack: ClientStack, p: torch.Tensor, out_dtype) -> AggregationResult:
 
 def flora(stack: ClientStack, p: torch.Tensor, out_dtype) -> AggregationResult:
     B_s = stack.B.to(torch.float64)
-    A_s = torch.mul(stack.A, stack.per_column(p)[:, None])
+    A_s = _scaled_float64(stack.A, stack.per_column(p)[:, None])
     B = stack.B.to(out_dtype, memory_format=torch.contiguous_format, copy=True)  # never the caller's buffer
     return AggregationResult(
         B, A_s.to(out_dtype), stack.width, spectrum_of(B_s, A_s), 1.0, method="flora"
