@@ -32,6 +32,10 @@ THIN_SVD_WEIGHT = 3.5
 # and 0.875 s was not; past R = s the stack is rank-deficient). Where a stack loses it below this fill,
 # the Gram route falls back to the cheaper of the dense route and an m×R SVD (`gram_fallback`).
 GRAM_MAX_FILL = 0.8
+# Torch has no syrk: a symmetric Gram forms its upper triangle in strips of at least GRAM_STRIP
+# columns, at most GRAM_MAX_STRIPS of them (narrower strips run GEMM too slowly to gain).
+GRAM_STRIP = 256
+GRAM_MAX_STRIPS = 4
 
 
 @dataclass(frozen=True)
@@ -48,9 +52,16 @@ class RoutePlan:
         return self.flops + self.spectrum_flops
 
 
+def gram_strips(width: int) -> int:
+    """Strips of columns in which a width-column Gram forms its upper triangle (lowrank.symmetric_gram):
+    one (a plain GEMM) below 2·GRAM_STRIP columns, then up to GRAM_MAX_STRIPS."""
+    return max(1, min(GRAM_MAX_STRIPS, width // GRAM_STRIP))
+
+
 def gram_flops(rows: int, width: int) -> float:
-    """A symmetric Gram XᵀX of a rows×width X, one triangle formed (half a GEMM's 2·rows·width²)."""
-    return float(rows) * width * width
+    """A symmetric Gram XᵀX of a rows×width X formed in b strips: the upper triangle's blocks,
+    rows·width²·(1 + 1/b), between a syrk's rows·width² and a GEMM's 2·rows·width²."""
+    return float(rows) * width * width * (1.0 + 1.0 / gram_strips(width))
 
 
 def thin_svd_flops(rows: int, cols: int) -> float:
@@ -62,9 +73,10 @@ def thin_svd_flops(rows: int, cols: int) -> float:
 def route_costs(m: int, n: int, R: int) -> dict[str, float]:
     """FLoRIST's two exact routes on one m×n module with stack width R, before the final products.
 
-    gram:  Grams of both stacks, (m+n)R² (symmetric), then R×R Cholesky, core and eigensolver.
+    gram:  Grams of both stacks, (m+n)R² to 2(m+n)R² (`gram_flops`), then R×R Cholesky, core and
+           eigensolver.
            inf from R = GRAM_MAX_FILL · min(m, n) on (never chosen there).
-    dense: ΔW = B_s A_s, 2mnR; its smaller Gram, s²l (symmetric); an s×s eigensolver.
+    dense: ΔW = B_s A_s, 2mnR; its smaller Gram (`gram_flops`); an s×s eigensolver.
     """
     small, large = min(m, n), max(m, n)
     gram = gram_flops(m, R) + gram_flops(n, R) + (EIGH_FLOPS_PER_CUBE + GRAM_CORE_FLOPS_PER_CUBE) * float(R) ** 3

@@ -52,6 +52,7 @@ from florist_mpi.costmodel import (  # noqa: F401 - re-exported: the one cost mo
     exact_route,
     florist_plan,
     gram_fallback,
+    gram_strips,
     route_costs,
 )
 
@@ -71,8 +72,6 @@ DENSE_BLOCK_BYTES = 64 << 20
 # stays below this: the Gram route's basis loses orthogonality like eps · cond², so this
 # keeps singular values accurate to ~1e-6 relative.
 CHOLESKY_MAX_COND = 1e5
-# symmetric_gram forms one triangle in strips of columns of this width (at least two strips).
-GRAM_STRIP = 128
 
 
 @dataclass
@@ -149,20 +148,33 @@ def retained(singular_values: torch.Tensor, rank: int) -> float:
 
 
 def symmetric_gram(X: torch.Tensor) -> torch.Tensor:
-    """XᵀX (w×w) for a rows×w X, forming only its upper triangle: about half a GEMM's flops.
+    """XᵀX (w×w) for a rows×w X, forming only its upper triangle when w is wide enough.
 
-    Torch has no syrk, so the triangle is formed by strips of GRAM_STRIP columns: strip i is
-    X_iᵀ [X_i … X_last], one GEMM each; the lower triangle is then mirrored.
+    Torch has no syrk, so the triangle is formed in b = costmodel.gram_strips(w) strips of
+    columns: strip i is X_iᵀ [X_i … X_last], one GEMM each, (1 + 1/b)/2 of a full GEMM's flops;
+    the lower triangle is then mirrored. One strip is the plain GEMM.
     """
     width = X.shape[1]
-    if width < 2 * GRAM_STRIP:
+    strips = gram_strips(width)
+    if strips == 1:
         return X.T @ X
     G = torch.empty(width, width, dtype=X.dtype, device=X.device)
-    for start in range(0, width, GRAM_STRIP):
-        stop = min(start + GRAM_STRIP, width)
-        G[start:stop, start:] = X[:, start:stop].T @ X[:, start:]
+    step = -(-width // strips)
+    for start in range(0, width, step):
+        G[start : start + step, start:] = X[:, start : start + step].T @ X[:, start:]
     upper = G.triu(1)
     return G.triu_().add_(upper.T)
+
+
+def thin_product(X: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """X @ M for a tall X and a thin M (few columns), as (Mᵀ Xᵀ)ᵀ: MKL runs that shape about 3×
+    faster on CPU (4096×152 times 152×28: 1.3 ms against 4.2 ms, one thread). A transposed view."""
+    return (M.T @ X.T).T
+
+
+def _out(X: torch.Tensor, out_dtype) -> torch.Tensor:
+    """A result factor: contiguous, in the results' dtype (one copy at most)."""
+    return X.to(out_dtype, memory_format=torch.contiguous_format)
 
 
 def _client_scales(norm_B: torch.Tensor, norm_A: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -266,13 +278,12 @@ def _florist_gram(stack: ClientStack, p, tau, max_rank, out_dtype) -> Aggregatio
         return _zero_result(m, n, like, out_dtype, "florist", sigma)
     sigma_r = sigma[:rank]
     if cholesky is None:
-        B_g = Q_B @ (U_r * sigma_r)
+        B_g = thin_product(Q_B, U_r * sigma_r)
     else:
-        B_g = B_s @ (w_B[:, None] * (C_B_inv @ (U_r * sigma_r)))
+        B_g = thin_product(B_s, w_B[:, None] * (C_B_inv @ (U_r * sigma_r)))
     A_g = (((U_r / sigma_r).T @ C_B) * w_A) @ A_s
-    return AggregationResult(
-        B_g.to(out_dtype), A_g.to(out_dtype), rank, sigma, retained(sigma, rank), method="florist"
-    )
+    return AggregationResult(_out(B_g, out_dtype), _out(A_g, out_dtype), rank, sigma, retained(sigma, rank),
+                             method="florist")
 
 
 # ------------------------------------------------------- FLoRIST's reference route: three SVDs
@@ -410,9 +421,9 @@ def _florist_dense(stack: ClientStack, p, tau, max_rank, out_dtype) -> Aggregati
     if m <= n:
         B_g, A_g = V_r * (sigma_r * scale), (V_r / sigma_r).T @ X
     else:
-        B_g, A_g = (X @ V_r) * scale, V_r.T
+        B_g, A_g = thin_product(X, V_r) * scale, V_r.T
     return AggregationResult(
-        B_g.to(out_dtype), A_g.contiguous().to(out_dtype), rank, spectrum, retained(spectrum, rank), method="florist"
+        _out(B_g, out_dtype), _out(A_g, out_dtype), rank, spectrum, retained(spectrum, rank), method="florist"
     )
 
 
