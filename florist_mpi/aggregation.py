@@ -2,8 +2,7 @@
 
 `aggregate(method, factors, n_k, tau=...)` aggregates one module's client factors,
 `aggregate_adapter` every module of an adapter. The factors come in either form:
-  * a list of (B_k, A_k) pairs, B_k m×r_k and A_k r_k×n (stacked with one concatenation per factor,
-    converting to float64 on the way: the copy the list form needs anyway);
+  * a list of (B_k, A_k) pairs, B_k m×r_k and A_k r_k×n (stacked with one concatenation per factor);
   * a `ClientStack(B, A, ranks)`: B (m×R, any strides, e.g. the transpose of a contiguous R×m
     exchange buffer), A (R×n), ranks r_k (K,), client k at columns offset_k … offset_k + r_k - 1
     in client order. Nothing is copied for it and the buffers are never written.
@@ -14,8 +13,6 @@ florist_mpi.lowrank (see its docstring for FLoRIST's routes and their accuracy).
 """
 
 from __future__ import annotations
-
-import torch
 
 from florist_mpi import methods
 from florist_mpi.lowrank import (  # noqa: F401 - re-exported: the public names of the math
@@ -57,16 +54,16 @@ def aggregate(
     """
     method = methods.get(method)
     check_options(tau, max_rank, route)
-    stack, out_dtype = stack_factors(factors, torch.float64)
+    stack = stack_factors(factors)
     p = weight_vector(weights, stack.count, stack.B.device)
-    return _aggregate_module(method, stack, p, tau, max_rank, route, out_dtype)
+    return _aggregate_module(method, stack, p, tau, max_rank, route)
 
 
-def _aggregate_module(method: methods.Method, stack: ClientStack, p, tau, max_rank, route: str, out_dtype):
+def _aggregate_module(method: methods.Method, stack: ClientStack, p, tau, max_rank, route: str):
     if method.checks_finite(route):
         check_finite(stack)
-    result = method.aggregate(stack, p, tau=tau, max_rank=max_rank, route=route, out_dtype=out_dtype)
-    methods.check_result(method, result, stack, out_dtype)
+    result = method.aggregate(stack, p, tau=tau, max_rank=max_rank, route=route, out_dtype=stack.B.dtype)
+    methods.check_result(method, result, stack)
     return result
 
 
@@ -92,10 +89,10 @@ def aggregate_adapter(
     results, p = {}, None
     for name, factors in adapter_factors.items():
         try:
-            stack, out_dtype = stack_factors(factors, torch.float64)
+            stack = stack_factors(factors)
             if p is None or p.numel() != stack.count or p.device != stack.B.device:
                 p = weight_vector(weights, stack.count, stack.B.device)
-            results[name] = _aggregate_module(method, stack, p, tau, max_rank, route, out_dtype)
+            results[name] = _aggregate_module(method, stack, p, tau, max_rank, route)
         except ValueError as err:
             raise ValueError(f"module {name}: {err}") from None
     return results

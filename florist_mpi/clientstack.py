@@ -128,13 +128,13 @@ def check_factors(factors: Factors) -> tuple[int, int]:
     return m, n
 
 
-def stack_factors(factors: Factors | ClientStack, dtype: torch.dtype | None = None) -> tuple[ClientStack, torch.dtype]:
-    """(stack, the factors' dtype) for a list of (B_k, A_k) pairs: one concatenation per factor, straight
-    into `dtype` when given (the aggregation passes float64, its working precision: the copy converts
-    on the way). A ClientStack passes through, checked. A ValueError names the first bad client."""
+def stack_factors(factors: Factors | ClientStack) -> ClientStack:
+    """The stack of a list of (B_k, A_k) pairs: one concatenation per factor, in the pairs' dtype (a
+    native-dtype concatenation is the fast one; the kernels convert to float64 as they go). A
+    ClientStack passes through, checked. A ValueError names the first bad client."""
     if isinstance(factors, ClientStack):
         check_stack(factors)
-        return factors, factors.B.dtype
+        return factors
     if isinstance(factors, (str, bytes)) or not isinstance(factors, Sequence):
         raise ValueError("client factors must be a list of (B, A) pairs or a ClientStack")
     if not factors:
@@ -142,14 +142,11 @@ def stack_factors(factors: Factors | ClientStack, dtype: torch.dtype | None = No
     try:  # the common case without a Python check per client: any failure goes to the careful check
         Bs, As = zip(*factors)
         ranks = [B.shape[1] for B in Bs]
-        out_dtype = Bs[0].dtype  # the results' dtype: client 0's
-        if ranks == [A.shape[0] for A in As] and Bs[0].dim() == 2 and As[0].dim() == 2 and out_dtype.is_floating_point:
-            device, width = Bs[0].device, sum(ranks)
-            B = torch.empty(Bs[0].shape[0], width, dtype=dtype or out_dtype, device=device)
-            A = torch.empty(width, As[0].shape[1], dtype=dtype or out_dtype, device=device)
-            torch.cat(Bs, 1, out=B)  # raises on a client of another shape, rank or device
-            torch.cat(As, 0, out=A)
-            return ClientStack(B, A, torch.tensor(ranks, dtype=torch.int64)), out_dtype
+        if ranks == [A.shape[0] for A in As]:
+            B, A = torch.cat(Bs, 1), torch.cat(As, 0)  # raises on a client of another shape or device
+            if B.dim() == 2 and A.dim() == 2 and B.dtype.is_floating_point and A.dtype.is_floating_point:
+                common = torch.promote_types(B.dtype, A.dtype)  # one dtype for both stacks
+                return ClientStack(B.to(common), A.to(common), torch.tensor(ranks, dtype=torch.int64))
     except (TypeError, ValueError, RuntimeError, IndexError, AttributeError):
         pass
     check_factors(factors)  # raises, naming the client

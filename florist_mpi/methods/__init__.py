@@ -44,9 +44,9 @@ def get(name: str | Method) -> Method:
         raise ValueError(f"unknown method '{name}': use one of {', '.join(_REGISTRY)}") from None
 
 
-def check_result(method: Method, result, stack, out_dtype) -> None:
+def check_result(method: Method, result, stack) -> None:
     """A ValueError naming the method when its result breaks the contract of methods/base.py."""
-    breach = contract_breach(result, stack, out_dtype)
+    breach = contract_breach(result, stack, stack.B.dtype)
     if breach is not None:
         raise ValueError(
             f"method '{method.name}' broke the aggregation contract: {breach} (see florist_mpi/methods/base.py)"
