@@ -205,7 +205,7 @@ def _zero_result(m, n, like: torch.Tensor, out_dtype, method, spectrum=None) -> 
 
 def _positive_width(stack: ClientStack, p: torch.Tensor) -> int:
     """Σ r_k over the clients with p_k > 0."""
-    return int(stack.ranks[(p > 0).cpu()].sum())
+    return int(torch.dot(stack.ranks, (p > 0).cpu().to(torch.int64)))
 
 
 # ------------------------------------------------------- FLoRIST's Gram route
@@ -381,7 +381,7 @@ def _live_width(stack: ClientStack, p: torch.Tensor) -> int:
     """Σ r_k over the clients that add something (p_k > 0, B_k and A_k nonzero): ΔW's rank bound."""
     nonzero_B = stack.segment_sum((stack.B != 0).any(dim=0).to(torch.int64)) > 0
     nonzero_A = stack.segment_sum((stack.A != 0).any(dim=1).to(torch.int64)) > 0
-    return int(stack.ranks[(nonzero_B & nonzero_A & (p > 0)).cpu()].sum())
+    return int(torch.dot(stack.ranks, (nonzero_B & nonzero_A & (p > 0)).cpu().to(torch.int64)))
 
 
 def _florist_dense(stack: ClientStack, p, tau, max_rank, out_dtype) -> AggregationResult:
