@@ -25,7 +25,7 @@ GRAM_CORE_FLOPS_PER_CUBE = 5.0
 # A thin SVD (vectors kept) takes this many times the time of its Golub & Van Loan count,
 # 6·rows·cols² + 20·cols³, in float64 GEMM flops: torch.linalg.svd on the 2-core machine measured
 # 2.6–5.4 (4096×512, 4096×1024, 512×384, 1024², 2048²; LAPACK's bidiagonalisation runs at
-# matrix-vector speed).
+# matrix-vector speed; `benchmarks/aggregation_routes.py --lapack-weights`).
 THIN_SVD_WEIGHT = 3.5
 # The Gram route is never chosen once R reaches this fraction of min(m, n): decaying-spectrum client
 # stacks measured there lose their Cholesky factor (at 4096² with rank-16 clients, R = 0.75 s was fine
