@@ -1,7 +1,7 @@
 """Aggregation benchmark at Llama-7B shapes, routes side by side in one process.
 
     python benchmarks/aggregation.py [--modules 64] [--dim 4096] [--repeats 5] [--quick]
-                                     [--device cpu|cuda] [--batched]
+                                     [--device cpu|cuda] [--batched] [--threads N]
     python benchmarks/aggregation.py --many-clients [--clients 10000] [--client-rank 8] [--repeats 5]
 
 (a) this project's FLoRIST (`aggregate_adapter`, float64 Gram route, truncation
@@ -170,10 +170,13 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--batched", action="store_true", help="also time the all-modules-batched variant of (a)")
     parser.add_argument("--quick", action="store_true", help="8 modules, 2 repeats: a smoke run")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--many-clients", action="store_true", help="many tiny clients of the demo model's modules")
     parser.add_argument("--clients", type=int, default=10_000, help="with --many-clients: K")
     parser.add_argument("--client-rank", type=int, default=8, help="with --many-clients: every client's rank")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.many_clients:
         from many_clients import run_many_clients
 
