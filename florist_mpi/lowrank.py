@@ -173,7 +173,10 @@ def thin_product(X: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
 
 
 def _out(X: torch.Tensor, out_dtype) -> torch.Tensor:
-    """A result factor: contiguous, in the results' dtype (one copy at most)."""
+    """A result factor: contiguous, in the results' dtype (one copy at most; `to` alone keeps a
+    transposed layout when the dtype already matches)."""
+    if X.dtype == out_dtype:
+        return X.contiguous()
     return X.to(out_dtype, memory_format=torch.contiguous_format)
 
 
@@ -327,8 +330,8 @@ def _florist_svd(stack: ClientStack, p, tau, max_rank, out_dtype) -> Aggregation
     if rank == 0:
         return _zero_result(m, n, B_s, out_dtype, "florist", spectrum)
     return AggregationResult(
-        (U_B @ left).to(out_dtype),
-        (right @ V_A.T).to(out_dtype),
+        _out(U_B @ left, out_dtype),
+        _out(right @ V_A.T, out_dtype),
         rank,
         spectrum,
         retained(spectrum, rank),
@@ -480,7 +483,7 @@ def fedit(stack: ClientStack, p: torch.Tensor, out_dtype) -> AggregationResult:
     B, A = weighted_sum_of_factors(stack, p, "B"), weighted_sum_of_factors(stack, p, "A")
     padded = bool((stack.ranks != stack.ranks[0]).any())
     return AggregationResult(
-        B.to(out_dtype), A.to(out_dtype), B.shape[1], spectrum_of(B, A), 1.0, padded=padded, method="fedit"
+        _out(B, out_dtype), _out(A, out_dtype), B.shape[1], spectrum_of(B, A), 1.0, padded=padded, method="fedit"
     )
 
 
@@ -489,7 +492,7 @@ def flora(stack: ClientStack, p: torch.Tensor, out_dtype) -> AggregationResult:
     A_s = _scaled_float64(stack.A, stack.per_column(p)[:, None])
     B = stack.B.to(out_dtype, memory_format=torch.contiguous_format, copy=True)  # never the caller's buffer
     return AggregationResult(
-        B, A_s.to(out_dtype), stack.width, spectrum_of(B_s, A_s), 1.0, method="flora"
+        B, _out(A_s, out_dtype), stack.width, spectrum_of(B_s, A_s), 1.0, method="flora"
     )
 
 
@@ -500,8 +503,8 @@ def flexlora(stack: ClientStack, p: torch.Tensor, out_dtype) -> AggregationResul
     U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
     width = min(int(stack.ranks.max()), S.numel())
     root = S[:width].sqrt()
-    B = (U[:, :width] * root).to(out_dtype)
-    A = (root[:, None] * Vh[:width]).to(out_dtype)
+    B = _out(U[:, :width] * root, out_dtype)
+    A = _out(root[:, None] * Vh[:width], out_dtype)
     # Splitting √S on both sides makes every client's rank-r_k truncation a prefix.
     return AggregationResult(
         B, A, width, S, retained(S, width), client_ranks=stack.ranks.clamp(max=width), method="flexlora"
@@ -532,4 +535,4 @@ def ffa(stack: ClientStack, p: torch.Tensor, out_dtype) -> AggregationResult:
     _check_shared_A(stack, shared_A)
     B = weighted_sum_of_factors(stack, p, "B")
     A = shared_A.to(out_dtype, memory_format=torch.contiguous_format, copy=True)  # never the caller's buffer
-    return AggregationResult(B.to(out_dtype), A, width, spectrum_of(B, shared_A.double()), 1.0, method="ffa")
+    return AggregationResult(_out(B, out_dtype), A, width, spectrum_of(B, shared_A.double()), 1.0, method="ffa")

@@ -259,13 +259,16 @@ def test_a_result_that_breaks_the_contract_is_refused_with_the_method_named(meth
         methods.unregister(method.name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("method", METHODS)
-def test_every_builtin_result_keeps_the_contract(method):
+def test_every_builtin_result_keeps_the_contract(method, dtype):
     for ranks, weights, m, n in CASES.values():
-        pairs = clients(ranks, m, n, shared_A=method == "ffa")
-        result = aggregate(method, stack_of(pairs, transposed=True), weights, tau=0.9)
-        assert result.rank == result.B.shape[1] == result.A.shape[0]  # what sharded mode slices by
-        assert methods.base.contract_breach(result, stack_of(pairs), torch.float32) is None
+        pairs = clients(ranks, m, n, dtype=dtype, shared_A=method == "ffa")
+        for route in ("auto", "gram", "dense", "svd"):
+            result = aggregate(method, stack_of(pairs, transposed=True), weights, tau=0.9, route=route)
+            assert result.rank == result.B.shape[1] == result.A.shape[0]  # what sharded mode slices by
+            assert methods.base.contract_breach(result, stack_of(pairs), dtype) is None
+            assert result.B.is_contiguous() and result.A.is_contiguous()  # export and storage take them as is
 
 
 # ------------------------------------------------------------------ Gram route: fallback without a Cholesky factor
