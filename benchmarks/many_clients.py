@@ -6,7 +6,7 @@
 K clients of rank r on the 15 adapted modules of the demo model (configs/demo.yaml: hidden 64,
 intermediate 128, vocab 512, 2 layers; q/k/v/o 64×64, gate/up 128×64, down 64×128, lm_head 512×64),
 float32 factors with decaying column scales, sample counts 100…499, τ = 0.9. Timed side by side in
-one process, interleaved, medians:
+one process, interleaved rounds; the ratios are the medians of the rounds' ratios:
   einsum  every module's ΔW = Σ_k p_k B_k A_k with one batched einsum ("k,kmr,krn->mn") on
           K×m×r and K×r×n tensors (float32): the arithmetic floor of any exact method;
   stack   aggregate_adapter("florist", {module: ClientStack}, n_k): B as the transpose of a
@@ -127,7 +127,12 @@ def run_many_clients(clients: int, rank: int, repeats: int, device: str) -> None
         raise SystemExit(f"stack and pairs forms disagree: ranks equal {same_ranks}, probe difference {difference:.1e}")
     print(f"global ranks: {sorted({r.rank for r in stack.values()})}; stack vs pairs probe difference {difference:.0e}")
     print()
-    print(f"| {repeats} interleaved runs | median (s) | all runs (s) | vs einsum |")
+    # each round runs the three one after another: the median of the rounds' ratios pairs like with like
+    ratio = {
+        name: statistics.median(t / e for t, e in zip(times[name], times["einsum"])) for name in ("stack", "pairs")
+    }
+    ratio["einsum"] = 1.0
+    print(f"| {repeats} interleaved rounds | median (s) | all rounds (s) | vs einsum (median of the rounds' ratios) |")
     print("| --- | --- | --- | --- |")
     for name, label in (
         ("einsum", "every module's ΔW, one batched einsum (float32)"),
@@ -135,9 +140,9 @@ def run_many_clients(clients: int, rank: int, repeats: int, device: str) -> None
         ("pairs", f"aggregate_adapter, {clients} (B, A) pairs per module"),
     ):
         spread = ", ".join(f"{t:.2f}" for t in times[name])
-        print(f"| {label} | {median[name]:.3f} | {spread} | {median[name] / median['einsum']:.2f}x |")
+        print(f"| {label} | {median[name]:.3f} | {spread} | {ratio[name]:.2f}x |")
     print()
-    verdict = {name: "met" if median[name] <= 3 * median["einsum"] else "NOT met" for name in ("stack", "pairs")}
+    verdict = {name: "met" if ratio[name] <= 3 else "NOT met" for name in ("stack", "pairs")}
     print(f"target <= 3x the einsum: stack {verdict['stack']}, pairs {verdict['pairs']}")
     print(f"(benchmark wall time {time.perf_counter() - started:.0f} s)")
 
