@@ -63,11 +63,14 @@ ZERO_ENERGY = 1e-12
 # A stack direction whose singular value is below this fraction of the largest is
 # treated as absent (Gram eigenvalues in float64 resolve about 1e-8 in σ).
 STACK_RTOL = 1e-7
-# ΔW is accumulated from column blocks of the stacks of at most this many bytes in float64: it
-# bounds the float64 copies, while blocks stay few and large. Many small blocks measured up to 5×
-# slower on the shared 2-core machine (each op is a parallel region that waits for its slowest
-# thread), and a whole-module conversion as fast as any blocking (benchmarks/many_clients.py).
-DENSE_BLOCK_BYTES = 64 << 20
+# ΔW is accumulated from column blocks of the stacks of about this many bytes in float64 (and at
+# least DENSE_BLOCK_COLUMNS columns, so that each GEMM stays wide): a block is converted and
+# multiplied while it sits in the cache. On the quiet 2-core machine 8 MiB blocks ran 10,000 rank-8
+# clients of the demo model in 0.35 s against 0.45 s for 64 MiB blocks (benchmarks/many_clients.py);
+# under heavy load from other processes fewer, larger blocks fare better (each op is a parallel
+# region that waits for its slowest thread), but every timing is then several times slower anyway.
+DENSE_BLOCK_BYTES = 8 << 20
+DENSE_BLOCK_COLUMNS = 512
 # A Cholesky factor is used only while the stack's condition number (Frobenius estimate)
 # stays below this: the Gram route's basis loses orthogonality like eps · cond², so this
 # keeps singular values accurate to ~1e-6 relative.
@@ -345,14 +348,14 @@ def _florist_svd(stack: ClientStack, p, tau, max_rank, out_dtype) -> Aggregation
 def dense_update(stack: ClientStack, p: torch.Tensor) -> torch.Tensor:
     """ΔW = Σ_k p_k B_k A_k = B_s diag(p per column) A_s (m×n, float64).
 
-    Column blocks of at most DENSE_BLOCK_BYTES (float64) are converted and multiplied, p folded
+    Column blocks of about DENSE_BLOCK_BYTES (float64) are converted and multiplied, p folded
     into the smaller factor of the block. Zero-weight clients add exact zeros (their factors are
     finite: NaN/Inf show up in ΔW).
     """
     (m, n), width = stack.shape, stack.width
     delta = torch.zeros(m, n, dtype=torch.float64, device=stack.B.device)
     p_column = stack.per_column(p)
-    step = max(1, DENSE_BLOCK_BYTES // (8 * (m + n)))
+    step = max(DENSE_BLOCK_COLUMNS, DENSE_BLOCK_BYTES // (8 * (m + n)))
     for start in range(0, width, step):
         stop = min(start + step, width)
         B_block, A_block = stack.B[:, start:stop], stack.A[start:stop]
