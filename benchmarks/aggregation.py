@@ -130,8 +130,8 @@ def gemm_rate(dim: int, width: int, dtype, device: str) -> float:
 def fast_route_flops(modules: int, dim: int, rank: float, symmetric_grams: bool = False) -> float:
     """GEMM work of (a): two Gram products over the stacks, two output products.
 
-    The Grams as (a) forms them (costmodel.gram_flops: a plain GEMM, 2mR², below 512 columns,
-    else the upper triangle in strips), or as a BLAS syrk would, mR² (torch offers no syrk).
+    The Grams as (a) forms them (costmodel.gram_flops: the upper triangle in b strips,
+    mR²(1 + 1/b); b = 2 at R = 152), or as a BLAS syrk would, mR² (torch offers no syrk).
     The R×R work (Cholesky, eigensolver) is not counted.
     """
     R = sum(RANKS)

@@ -31,8 +31,8 @@ def florist_flops(m, n, R, r_g):
     """docs/simulated-clock.md: FLoRIST's cheaper exact route for one m×n module, final products included."""
     small, large = min(m, n), max(m, n)
 
-    def strips(width):  # the Gram's upper triangle in strips of ≥ 256 columns, at most 4
-        return max(1, min(4, width // 256))
+    def strips(width):  # the Gram's upper triangle in strips of ≥ 64 columns, at most 4
+        return max(1, min(4, width // 64))
 
     gram = (m + n) * R**2 * (1 + 1 / strips(R)) + 18 * R**3
     dense = 2 * m * n * R + large * small**2 * (1 + 1 / strips(small)) + 13 * small**3
