@@ -64,12 +64,13 @@ ZERO_ENERGY = 1e-12
 # treated as absent (Gram eigenvalues in float64 resolve about 1e-8 in σ).
 STACK_RTOL = 1e-7
 # ΔW is accumulated from column blocks of the stacks of about this many bytes in float64 (and at
-# least DENSE_BLOCK_COLUMNS columns, so that each GEMM stays wide): a block is converted and
-# multiplied while it sits in the cache. On the quiet 2-core machine 8 MiB blocks ran 10,000 rank-8
-# clients of the demo model in 0.35 s against 0.45 s for 64 MiB blocks (benchmarks/many_clients.py);
-# under heavy load from other processes fewer, larger blocks fare better (each op is a parallel
-# region that waits for its slowest thread), but every timing is then several times slower anyway.
-DENSE_BLOCK_BYTES = 8 << 20
+# least DENSE_BLOCK_COLUMNS columns, so that each GEMM stays wide): it bounds the float64 copies.
+# Measured on the shared 2-core machine with 10,000 rank-8 clients of the demo model
+# (benchmarks/many_clients.py), against the batched einsum: quiet, 8 MiB blocks (cache-resident)
+# took 1.0× its time and 64 MiB 1.3×; under load from other processes, 8 MiB took 6.9×, 16 MiB
+# 4.4×, 64 MiB 3.3–3.4× and 128–512 MiB 3.1× (every op is a parallel region that waits for its
+# slowest thread, so fewer ops win). Large blocks are the robust choice.
+DENSE_BLOCK_BYTES = 128 << 20
 DENSE_BLOCK_COLUMNS = 512
 # A Cholesky factor is used only while the stack's condition number (Frobenius estimate)
 # stays below this: the Gram route's basis loses orthogonality like eps · cond², so this
