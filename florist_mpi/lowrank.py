@@ -349,21 +349,26 @@ def _florist_svd(stack: ClientStack, p, tau, max_rank, out_dtype) -> Aggregation
 def dense_update(stack: ClientStack, p: torch.Tensor) -> torch.Tensor:
     """ΔW = Σ_k p_k B_k A_k = B_s diag(p per column) A_s (m×n, float64).
 
-    Column blocks of about DENSE_BLOCK_BYTES (float64) are converted and multiplied, p folded
-    into the smaller factor of the block. Zero-weight clients add exact zeros (their factors are
-    finite: NaN/Inf show up in ΔW).
+    Column blocks of about DENSE_BLOCK_BYTES are copied into two float64 buffers allocated once
+    (converting on the way; a fresh large allocation per block costs its page faults every time),
+    p folded into the smaller factor, and multiplied into ΔW. Zero-weight clients add exact zeros
+    (their factors are finite: NaN/Inf show up in ΔW).
     """
     (m, n), width = stack.shape, stack.width
     delta = torch.zeros(m, n, dtype=torch.float64, device=stack.B.device)
     p_column = stack.per_column(p)
-    step = max(DENSE_BLOCK_COLUMNS, DENSE_BLOCK_BYTES // (8 * (m + n)))
+    step = min(width, max(DENSE_BLOCK_COLUMNS, DENSE_BLOCK_BYTES // (8 * (m + n))))
+    # buffers in the stacks' own layout, so that each copy is a plain conversion
+    B_buffer = torch.empty_like(stack.B[:, :step], dtype=torch.float64)
+    A_buffer = torch.empty_like(stack.A[:step], dtype=torch.float64)
     for start in range(0, width, step):
         stop = min(start + step, width)
-        B_block, A_block = stack.B[:, start:stop], stack.A[start:stop]
+        B_block = B_buffer[:, : stop - start].copy_(stack.B[:, start:stop])
+        A_block = A_buffer[: stop - start].copy_(stack.A[start:stop])
         if m <= n:
-            B_block, A_block = _scaled_float64(B_block, p_column[None, start:stop]), A_block.to(torch.float64)
+            B_block.mul_(p_column[None, start:stop])
         else:
-            B_block, A_block = B_block.to(torch.float64), _scaled_float64(A_block, p_column[start:stop, None])
+            A_block.mul_(p_column[start:stop, None])
         delta.addmm_(B_block, A_block)
     return delta
 
