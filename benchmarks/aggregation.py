@@ -16,7 +16,7 @@ batched products and batched eigensolvers.
 Factors are random with decaying column scales (trained adapters have decaying
 spectra), 8 clients with ranks [64,32,16,16,8,8,4,4], tau = 0.9.
 
---many-clients: many tiny clients instead (benchmarks/many_clients.py): `aggregate_adapter`
+--many-clients: many tiny clients instead (benchmarks/aggregation_many.py): `aggregate_adapter`
 on the 15 modules of the demo model against forming every module's ΔW with one batched einsum.
 """
 from __future__ import annotations
@@ -180,7 +180,7 @@ def main() -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.many_clients:
-        from many_clients import run_many_clients
+        from aggregation_many import run_many_clients
 
         run_many_clients(args.clients, args.client_rank, args.repeats, args.device)
         return

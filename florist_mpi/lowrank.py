@@ -66,7 +66,7 @@ STACK_RTOL = 1e-7
 # ΔW is accumulated from column blocks of the stacks of about this many bytes in float64 (and at
 # least DENSE_BLOCK_COLUMNS columns, so that each GEMM stays wide): it bounds the float64 copies.
 # Measured on the shared 2-core machine with 10,000 rank-8 clients of the demo model
-# (benchmarks/many_clients.py), against the batched einsum: quiet, 8 MiB blocks (cache-resident)
+# (benchmarks/aggregation_many.py), against the batched einsum: quiet, 8 MiB blocks (cache-resident)
 # took 1.0× its time and 64 MiB 1.3×; under load from other processes, 8 MiB took 6.9×, 16 MiB
 # 4.4×, 64 MiB 3.3–3.4× and 128–512 MiB 3.1× (every op is a parallel region that waits for its
 # slowest thread, so fewer ops win). Large blocks are the robust choice.

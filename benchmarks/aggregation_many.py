@@ -1,7 +1,7 @@
 """Many tiny clients: FLoRIST's server side against forming every module's ΔW with one einsum.
 
     python benchmarks/aggregation.py --many-clients [--clients 10000] [--client-rank 8] [--repeats 5]
-    python benchmarks/many_clients.py [--clients 10000] [--client-rank 8] [--repeats 5]
+    python benchmarks/aggregation_many.py [--clients 10000] [--client-rank 8] [--repeats 5]
 
 K clients of rank r on the 15 adapted modules of the demo model (configs/demo.yaml: hidden 64,
 intermediate 128, vocab 512, 2 layers; q/k/v/o 64×64, gate/up 128×64, down 64×128, lm_head 512×64),
