@@ -12,6 +12,12 @@ choose the same rank and agree on ΔW_global (probe vector).
 Then, side by side at K = --side-by-side clients: `aggregate` against the plain dense
 baseline (form ΔW = Σ p_k B_k A_k in float64, one full SVD, truncate to the same rule).
 Gram timings beyond --gram-max are skipped (that route takes minutes there).
+
+    python benchmarks/aggregation_routes.py --lapack-weights
+
+measures the cost model's LAPACK weights instead (florist_mpi.costmodel): torch.linalg.eigh of
+s×s (EIGH_FLOPS_PER_CUBE, in s³ GEMM flops) and torch.linalg.svd of rows×cols (THIN_SVD_WEIGHT, in
+units of 6·rows·cols² + 20·cols³), each against float64 GEMM timed right beside it.
 """
 
 from __future__ import annotations
@@ -64,6 +70,31 @@ def probe_difference(a, b, dim: int) -> float:
     return float((ya - yb).norm() / yb.norm())
 
 
+def lapack_weights(repeats: int) -> None:
+    """Time eigh and thin SVDs against float64 GEMM measured beside each (best of `repeats`)."""
+    square = torch.randn(2048, 2048, dtype=torch.float64)
+
+    def gemm_rate() -> float:
+        seconds, _ = timed(lambda: square @ square, repeats)
+        return 2 * 2048**3 / seconds
+
+    print("| call | time (s) | GEMM GFLOP/s beside it | weight |")
+    print("| --- | --- | --- | --- |")
+    for s in (512, 1024, 2048):
+        X = torch.randn(s, s, dtype=torch.float64)
+        G = X @ X.T
+        seconds, _ = timed(lambda: torch.linalg.eigh(G), repeats)
+        rate = gemm_rate()
+        print(f"| eigh {s}x{s} | {seconds:.3f} | {rate / 1e9:.1f} | {seconds * rate / s**3:.1f} s^3 |", flush=True)
+    for rows, cols in ((4096, 512), (4096, 1024), (1024, 1024), (2048, 2048)):
+        X = torch.randn(rows, cols, dtype=torch.float64) * torch.logspace(0, -3, cols, dtype=torch.float64)
+        seconds, _ = timed(lambda: torch.linalg.svd(X, full_matrices=False), repeats)
+        rate = gemm_rate()
+        count = 6 * rows * cols**2 + 20 * cols**3
+        print(f"| svd {rows}x{cols} | {seconds:.3f} | {rate / 1e9:.1f} | {seconds * rate / count:.1f}x the count |",
+              flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dim", type=int, default=4096)
@@ -73,7 +104,11 @@ def main() -> None:
     parser.add_argument("--side-by-side", type=int, default=320, help="clients K for aggregate vs ΔW + SVD")
     parser.add_argument("--tau", type=float, default=0.9)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--lapack-weights", action="store_true", help="measure the cost model's LAPACK weights")
     args = parser.parse_args()
+    if args.lapack_weights:
+        lapack_weights(max(args.repeats, 3))
+        return
     started = time.perf_counter()
     stacks = [int(x) for x in args.stacks.split(",") if x]
     largest = max(stacks + [args.side_by_side * args.rank]) // args.rank

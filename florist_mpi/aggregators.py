@@ -25,7 +25,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from florist_mpi import comm, exchange, methods, sharding
 from florist_mpi.config import FederationConfig
@@ -160,12 +159,9 @@ class RootAggregation(Aggregation):
             return outcome
         fed = self.federation
         start = time.perf_counter()
-        per_module = {
-            name: [(torch.from_numpy(B), torch.from_numpy(A)) for B, A in stacks.client_factors(name).values()]
-            for name in self.shapes
-        }
         results = aggregate_adapter(
-            self.method, per_module, [c.num_samples for c in stacks.clients], tau=fed.tau, max_rank=fed.max_rank
+            self.method, stacks.client_stacks(), [c.num_samples for c in stacks.clients],
+            tau=fed.tau, max_rank=fed.max_rank,
         )
         outcome.time_aggregate = time.perf_counter() - start
         outcome.results = results

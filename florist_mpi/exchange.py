@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
+import torch
 
 from florist_mpi import comm
+from florist_mpi.clientstack import ClientStack
 
 STATUS_OK, STATUS_FAILED, STATUS_NONFINITE = 0, 1, 2
 META_WIDTH = 6  # client id, num_samples, rank, train_loss, status, payload floats
@@ -79,6 +81,15 @@ class ClientStacks:
     @cached_property
     def offsets(self) -> np.ndarray:
         return np.cumsum(self.ranks) - self.ranks
+
+    def client_stacks(self) -> dict[str, ClientStack]:
+        """Every module as the aggregation's ClientStack: B_s is the transposed view of the received
+        Bᵀ_s buffer and A_s the buffer itself; nothing is copied or split per client."""
+        ranks = torch.from_numpy(self.ranks)
+        return {
+            name: ClientStack(torch.from_numpy(Bt).T, torch.from_numpy(A), ranks)
+            for name, (Bt, A) in self.modules.items()
+        }
 
     def client_factors(self, module: str) -> dict[int, Pair]:
         """client id -> (B m×r_k, A r_k×n) views of one module (B is a transposed view of Bᵀ's rows)."""

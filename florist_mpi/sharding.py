@@ -5,7 +5,9 @@ A round, every step a collective over all ranks:
    per client (id, samples, rank, loss, status): every rank learns every client and the
    same exclusion verdict root mode reaches (same clients, same reasons).
 2. Owners. Modules go to ranks by greedy longest-processing-time on their estimated
-   aggregation cost (`Method.aggregation_cost` from m, n and R): the same on every rank.
+   aggregation cost (`Method.aggregation_cost` from m, n, K and R, the method's one cost plan;
+   no global rank is known yet, so the final products are priced at r_g = min(R, m, n)): the
+   same on every rank.
 3. Scatter. Each rank sends each kept client's factors of module M to M's owner (all-to-all
    in int-safe steps). An owner holds its modules' factors of every kept client; no rank
    holds every module's factors of every client.
@@ -78,9 +80,10 @@ def assign_owners(costs: dict[str, float], size: int) -> dict[str, int]:
 
 
 def module_costs(method: str, shapes: dict[str, tuple[int, int]], ranks: list[int]) -> dict[str, float]:
-    """Estimated aggregation work of each module for the kept clients' LoRA ranks."""
+    """Estimated aggregation FLOPs of each module for the kept clients' LoRA ranks: the method's one
+    cost plan (florist_mpi.costmodel), with the final products priced at r_g = min(R, m, n)."""
     total, widest = sum(ranks), max(ranks)
-    return {name: aggregation_cost(method, m, n, total, widest) for name, (m, n) in shapes.items()}
+    return {name: aggregation_cost(method, m, n, len(ranks), total, widest) for name, (m, n) in shapes.items()}
 
 
 # ------------------------------------------------------------------ metadata

@@ -221,17 +221,23 @@ def schedule(times: Mapping[int, ClientTimes], target: int, deadline_s: float | 
 def aggregation_flops(
     method: str, shapes: Mapping[str, tuple[int, int]], client_ranks: list[int], global_ranks: Mapping[str, int]
 ) -> float:
-    """Multiply-adds (×2 FLOPs) of aggregating the clients' factors, summed over modules.
+    """FLOPs of aggregating the clients' factors, summed over modules: each method's one cost plan
+    (`Method.server_flops` = `Method.plan(...).flops`, florist_mpi.costmodel), the same plan that picks
+    FLoRIST's route in `aggregate()` and balances sharded owners.
 
-    Dense linear-algebra counts (Golub & Van Loan, Matrix Computations, 4th ed.), with K
-    clients, R = Σ r_k, r_max = max r_k and r_g the module's global rank:
-      fedit     2 K r_max (m + n)             weighted sums of zero-padded B and A
-      ffa       2 K r_max m                   weighted sum of B
+    With K clients, R = Σ r_k, r_max = max r_k, r_g the module's global rank, s = min(m, n),
+    l = max(m, n) (docs/simulated-clock.md):
+      fedit     2 R (m + n)                   weighted sums of B and A over the stack columns
+      ffa       2 R m                         weighted sum of B
       flora     R (m + n)                     scaling while stacking
-      florist   2 (m + n) R² + 14 R³ + 2 (m + n) R r_g   Gram matrices of the stacks, Cholesky
-                                              factors and an R × R eigenproblem, then the stacks
-                                              times R × r_g (florist_mpi.lowrank, gram route)
-      flexlora  2 m n R + 6 a b² + 20 b³      forming ΔW, then its thin SVD (a = max(m, n), b = min)
+      florist   the cheaper exact route, as aggregate() picks it (costmodel.florist_plan):
+                gram   Grams of both stacks (m + n) R² (1 + 1/b), then 18 R³ (Cholesky, core,
+                       eigensolver), then the stacks times R × r_g: 2 (m + n) R r_g
+                dense  ΔW 2 m n R, its Gram s² l (1 + 1/b), an s × s eigensolver 13 s³, then ΔW
+                       projected on r_g vectors: 2 m n r_g
+                (b: the strips a Gram's triangle is formed in, costmodel.gram_strips)
+      flexlora  2 m n R + 6 l s² + 20 s³      forming ΔW, then its thin SVD
+    A logged spectrum (fedit, ffa, flora) is the simulator's work, not a server's: not charged.
     """
     K, R, r_max = len(client_ranks), sum(client_ranks), max(client_ranks, default=0)
     method = methods.get(method)

@@ -27,6 +27,20 @@ def stream_rng(seed, client, stream):
     )
 
 
+def florist_flops(m, n, R, r_g):
+    """docs/simulated-clock.md: FLoRIST's cheaper exact route for one m×n module, final products included."""
+    small, large = min(m, n), max(m, n)
+
+    def strips(width):  # the Gram's upper triangle in strips of ≥ 64 columns, at most 4
+        return max(1, min(4, width // 64))
+
+    gram = (m + n) * R**2 * (1 + 1 / strips(R)) + 18 * R**3
+    dense = 2 * m * n * R + large * small**2 * (1 + 1 / strips(small)) + 13 * small**3
+    if gram < dense and R < 0.8 * small:
+        return gram + 2 * (m + n) * R * r_g
+    return dense + 2 * m * n * r_g
+
+
 def test_profiles_resolve_per_client_from_seed_and_client():
     cfg = config_from_tree(
         {
@@ -291,10 +305,7 @@ def test_every_simulated_figure_recomputed_from_the_log(clock_runs):
         assert math.isnan(c["train_loss"][ids.index(order[2])])
         kept = order[:2]
         R = sum(ranks_of[k] for k in kept)
-        flops = sum(
-            2 * (m + n) * R**2 + 14 * R**3 + 2 * (m + n) * R * rnd["global_ranks"][mod]
-            for mod, (m, n) in shapes.items()
-        )
+        flops = sum(florist_flops(m, n, R, rnd["global_ranks"][mod]) for mod, (m, n) in shapes.items())
         assert a["sim_server_s"] == pytest.approx(flops / SYSTEM["server_flops"], rel=1e-12)
         assert a["sim_time_s"] == pytest.approx(a["sim_server_s"] + max(totals[k] for k in kept), rel=1e-12)
         clock += a["sim_time_s"]
@@ -383,7 +394,7 @@ def test_sweep_tau_adds_the_simulated_round_time(clock_runs, capsys):
     for _, row in table.iterrows():
         r_g = {m: int(row[f"rank:{m}"]) for m in shapes}
         R = sum(ranks_of[k] for k in kept)
-        server = sum(2 * (m + n) * R**2 + 14 * R**3 + 2 * (m + n) * R * r_g[mod] for mod, (m, n) in shapes.items())
+        server = sum(florist_flops(m, n, R, r_g[mod]) for mod, (m, n) in shapes.items())
         slowest = 0.0
         for k in kept:
             j = c["id"].tolist().index(k)

@@ -9,7 +9,7 @@ methods up here. Adding a method = one module with a `Method` subclass (see base
 from __future__ import annotations
 
 from florist_mpi.methods import fedit, ffa, flexlora, flora, florist
-from florist_mpi.methods.base import Method
+from florist_mpi.methods.base import Method, contract_breach
 
 _REGISTRY: dict[str, Method] = {}
 
@@ -44,7 +44,16 @@ def get(name: str | Method) -> Method:
         raise ValueError(f"unknown method '{name}': use one of {', '.join(_REGISTRY)}") from None
 
 
+def check_result(method: Method, result, stack) -> None:
+    """A ValueError naming the method when its result breaks the contract of methods/base.py."""
+    breach = contract_breach(result, stack, stack.B.dtype)
+    if breach is not None:
+        raise ValueError(
+            f"method '{method.name}' broke the aggregation contract: {breach} (see florist_mpi/methods/base.py)"
+        )
+
+
 for _builtin in (florist.Florist(), fedit.FedIT(), flora.FLoRA(), flexlora.FlexLoRA(), ffa.FFALoRA()):
     register(_builtin)
 
-__all__ = ["Method", "get", "names", "register", "unregister"]
+__all__ = ["Method", "check_result", "get", "names", "register", "unregister"]

@@ -3,8 +3,21 @@
 A method is everything that differs between FLoRIST and its baselines, in one object:
 its aggregation (calling the pure math in florist_mpi.lowrank), what a client uploads
 and downloads, what clients start from, whether the global update is merged into the
-base, and its cost on the simulated clock. The round loop, replay, export, report and
-sweep ask the method instead of testing its name.
+base, and its cost (one `plan`, which route selection, owner balancing and the simulated
+clock all read). The round loop, replay, export, report and sweep ask the method instead of
+testing its name.
+
+The contract of `aggregate` (checked by `check_result` at the aggregation entry point, so a
+method added from outside hears of a breach at once, with its name):
+  * it returns a lowrank.AggregationResult for the module it was given (m×n);
+  * `B` is m×rank and `A` is rank×n: `result.rank == B.shape[1] == A.shape[0]`. Sharded mode
+    relies on it: owners all-gather rank, then rank·(m + n) floats of B and A per module, and
+    every rank slices the buffer by that rank;
+  * B and A are in `out_dtype` on the inputs' device, `singular_values` is a 1-D tensor and
+    `energy` a number in [0, 1];
+  * `client_ranks`, when set (FlexLoRA), holds one prefix rank ≤ rank per client;
+  * it never writes into the stack's B and A (the caller's, often an exchange buffer) and
+    never returns them as B or A (copy instead).
 
 `lowrank` is imported inside the functions that use it, so that reading a config (which
 validates the method name against the registry) does not import torch.
@@ -12,14 +25,19 @@ validates the method name against the registry) does not import torch.
 
 from __future__ import annotations
 
+import numbers
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from florist_mpi.costmodel import RoutePlan
+
 if TYPE_CHECKING:
-    from florist_mpi.lowrank import AggregationResult, Factors
+    import torch
+
+    from florist_mpi.lowrank import AggregationResult, ClientStack
 
 
 class Method:
-    """One aggregation method; subclasses set `name` and implement `aggregate` and `server_flops`."""
+    """One aggregation method; subclasses set `name` and implement `aggregate` and `plan`."""
 
     name: ClassVar[str] = ""
     # τ and federation.max_rank shape its global rank (FLoRIST); the other methods ignore them.
@@ -33,9 +51,10 @@ class Method:
     # ------------------------------------------------------------------ math
 
     def aggregate(
-        self, factors: Factors, p: list[float], *, tau: float, max_rank: int | None, route: str, out_dtype
+        self, stack: ClientStack, p: torch.Tensor, *, tau: float, max_rank: int | None, route: str, out_dtype
     ) -> AggregationResult:
-        """Global factors of one module from the clients' (B_k, A_k) and weights p_k (Σ p_k = 1)."""
+        """Global factors of one module from its clients' stacked factors (lowrank.ClientStack: B m×R,
+        A R×n, ranks r_k) and the weights p (float64 tensor of K, Σ p_k = 1), under the contract above."""
         raise NotImplementedError
 
     def checks_finite(self, route: str) -> bool:
@@ -57,18 +76,21 @@ class Method:
         """Rank of the global factors one client receives."""
         return global_rank
 
-    def aggregation_cost(self, m: int, n: int, R: int, width: int) -> float:
-        """Estimated work of aggregating one m×n module (for spreading modules over workers); R = Σ r_k,
-        `width` the largest client rank. Default: weighted sums of the factors, then the spectrum of a
-        width-`width` product."""
-        from florist_mpi.lowrank import route_costs
-
-        return 2.0 * (m + n) * R + min(route_costs(m, n, width).values())
+    def plan(self, m: int, n: int, K: int, R: int, r_max: int, r_g: int) -> RoutePlan:
+        """The route `aggregate` takes on one m×n module and its FLOPs (florist_mpi.costmodel): K clients,
+        R = Σ r_k, r_max = max r_k, r_g the module's global rank. The one cost function of a method."""
+        raise NotImplementedError
 
     def server_flops(self, m: int, n: int, K: int, R: int, r_max: int, r_g: int) -> float:
-        """FLOPs of aggregating one m×n module on the simulated server (docs/simulated-clock.md):
-        K clients, R = Σ r_k, r_max = max r_k, r_g the module's global rank."""
-        raise NotImplementedError
+        """FLOPs of aggregating one m×n module on the simulated server (docs/simulated-clock.md): the
+        plan's aggregation FLOPs (a logged spectrum, work of this simulator only, is not charged)."""
+        return self.plan(m, n, K, R, r_max, r_g).flops
+
+    def aggregation_cost(self, m: int, n: int, K: int, R: int, r_max: int) -> float:
+        """Estimated work of aggregating one m×n module, for spreading modules over workers: the plan's
+        total FLOPs (logged spectrum included). Owners are chosen before any r_g is known, so the final
+        products are priced at the largest global rank possible, r_g = min(R, m, n)."""
+        return self.plan(m, n, K, R, r_max, min(R, m, n)).total_flops
 
     # ------------------------------------------------------------- analysis
 
@@ -76,3 +98,30 @@ class Method:
         """How a run's logged global factors hold the exact ΔW = Σ p_k B_k A_k, or None if they do not
         (sweep-tau then re-aggregates the logged client adapters)."""
         return None
+
+
+def contract_breach(result: Any, stack: ClientStack, out_dtype) -> str | None:
+    """What in `result` breaks the contract (module docstring) for this stack, or None."""
+    from florist_mpi.lowrank import AggregationResult
+
+    if not isinstance(result, AggregationResult):
+        return f"returned {type(result).__name__}, not an AggregationResult"
+    (m, n), B, A, rank = stack.shape, result.B, result.A, result.rank
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
+        return f"rank is {rank!r}, not an integer"
+    if B.dim() != 2 or A.dim() != 2 or B.shape != (m, rank) or A.shape != (rank, n):
+        return (
+            f"rank {rank} but B is {tuple(B.shape)} and A is {tuple(A.shape)}; "
+            f"B must be {m}×rank and A rank×{n} (rank == B.shape[1] == A.shape[0])"
+        )
+    if B.dtype != out_dtype or A.dtype != out_dtype or B.device != stack.B.device or A.device != stack.B.device:
+        return f"B and A must be {out_dtype} on {stack.B.device} (got {B.dtype} on {B.device}, {A.dtype} on {A.device})"
+    if result.singular_values.dim() != 1:
+        return "singular_values must be a 1-D tensor"
+    if not 0.0 <= float(result.energy) <= 1.0 + 1e-9:
+        return f"energy {result.energy!r} is not a fraction in [0, 1]"
+    if result.client_ranks is not None and (
+        result.client_ranks.shape != (stack.count,) or bool((result.client_ranks > rank).any())
+    ):
+        return f"client_ranks must hold {stack.count} prefix ranks of at most {rank}"
+    return None

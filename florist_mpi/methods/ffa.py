@@ -5,6 +5,7 @@ Only B travels (A is frozen and derived from the shared seed).
 
 from __future__ import annotations
 
+from florist_mpi import costmodel
 from florist_mpi.methods.base import Method
 
 
@@ -12,10 +13,10 @@ class FFALoRA(Method):
     name = "ffa"
     frozen_A = True
 
-    def aggregate(self, factors, p, *, tau, max_rank, route, out_dtype):
+    def aggregate(self, stack, p, *, tau, max_rank, route, out_dtype):
         from florist_mpi import lowrank
 
-        return lowrank.ffa(factors, p, out_dtype)
+        return lowrank.ffa(stack, p, out_dtype)
 
     def wire_floats(self, rank: int, m: int, n: int) -> int:
         return rank * m
@@ -23,8 +24,9 @@ class FFALoRA(Method):
     def trainable_weights(self, rank: int, m: int, n: int) -> int:
         return rank * m
 
-    def server_flops(self, m, n, K, R, r_max, r_g):
-        return 2.0 * K * r_max * m  # weighted sum of B
+    def plan(self, m, n, K, R, r_max, r_g):
+        # weighted sum of B over the R stack columns; the logged spectrum of the rank-r_max product
+        return costmodel.RoutePlan("average", 2.0 * R * m, costmodel.spectrum_flops(m, n, r_max))
 
     def exact_global_update(self, run):
         return "ffa's logged global update (averaged B times the shared A, exact)"

@@ -6,6 +6,7 @@ from their prefix of it, and the global model is base + the update.
 
 from __future__ import annotations
 
+from florist_mpi import costmodel
 from florist_mpi.methods.base import Method
 
 
@@ -13,17 +14,15 @@ class FlexLoRA(Method):
     name = "flexlora"
     keeps_base = True
 
-    def aggregate(self, factors, p, *, tau, max_rank, route, out_dtype):
+    def aggregate(self, stack, p, *, tau, max_rank, route, out_dtype):
         from florist_mpi import lowrank
 
-        return lowrank.flexlora(factors, p, out_dtype)
+        return lowrank.flexlora(stack, p, out_dtype)
 
     def download_rank(self, global_rank: int, client_rank: int) -> int:
         return min(global_rank, client_rank)
 
-    def aggregation_cost(self, m, n, R, width):
-        return 2.0 * m * n * R + 20.0 * min(m, n) ** 2 * max(m, n)  # forming ΔW, then its full SVD
-
-    def server_flops(self, m, n, K, R, r_max, r_g):
+    def plan(self, m, n, K, R, r_max, r_g):
         a, b = max(m, n), min(m, n)
-        return 2.0 * m * n * R + 6.0 * a * b**2 + 20.0 * b**3  # forming ΔW, then its thin SVD
+        # forming ΔW, then its thin SVD (Golub & Van Loan: 6ab² + 20b³ with the vectors)
+        return costmodel.RoutePlan("dense_svd", 2.0 * m * n * R + 6.0 * a * b**2 + 20.0 * b**3)

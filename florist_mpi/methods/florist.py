@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from florist_mpi import costmodel
 from florist_mpi.methods.base import Method
 
 
@@ -9,23 +10,18 @@ class Florist(Method):
     name = "florist"
     uses_tau = True
 
-    def aggregate(self, factors, p, *, tau, max_rank, route, out_dtype):
+    def aggregate(self, stack, p, *, tau, max_rank, route, out_dtype):
         from florist_mpi import lowrank
 
-        return lowrank.florist(factors, p, tau, max_rank, route, out_dtype)
+        return lowrank.florist(stack, p, tau, max_rank, route, out_dtype)
 
     def checks_finite(self, route: str) -> bool:
         return route == "svd"  # the Gram and dense routes detect NaN/Inf from their own products
 
-    def aggregation_cost(self, m, n, R, width):
-        from florist_mpi.lowrank import route_costs
-
-        return min(route_costs(m, n, R).values())  # the cheaper exact route
-
-    def server_flops(self, m, n, K, R, r_max, r_g):
-        # Gram matrices of the stacks, Cholesky factors and an R × R eigenproblem, then the stacks
-        # times R × r_g (florist_mpi.lowrank, gram route)
-        return 2.0 * (m + n) * R**2 + 14.0 * R**3 + 2.0 * (m + n) * R * r_g
+    def plan(self, m, n, K, R, r_max, r_g):
+        # the cheaper exact route ("gram" or "dense"), its final products at r_g included; the same
+        # plan picks the route in aggregate(route="auto")
+        return costmodel.florist_plan(m, n, R, r_g)
 
     def exact_global_update(self, run):
         cap = run.config.federation.max_rank
