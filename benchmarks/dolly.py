@@ -39,8 +39,13 @@ from launch import run_labelled
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "dolly-8clients"
-README_BEGIN, README_END = "<!-- dolly-benchmark:begin -->", "<!-- dolly-benchmark:end -->"
+SECTION = "dolly-benchmark"  # README markers <!-- SECTION:begin --> ... <!-- SECTION:end -->
 FIGURE_IN_DOCS = REPO / "docs" / "dolly_loss_vs_downlink.png"
+
+
+def figure_in_docs(section: str) -> Path:
+    """Where --readme copies the figure: the main section's historical name, else docs/<section>.png."""
+    return FIGURE_IN_DOCS if section == SECTION else REPO / "docs" / f"{section}.png"
 
 # (label, federation.method, federation.tau)
 METHODS = [
@@ -52,7 +57,10 @@ METHODS = [
     ("FLoRA", "flora", 1.0),
     ("FlexLoRA", "flexlora", 1.0),
     ("FFA-LoRA", "ffa", 1.0),
+    ("FedEx-LoRA", "fedex", 1.0),
+    ("HetLoRA", "hetlora", 1.0),
 ]
+REFERENCES = ("fedit", "flora")  # every table's paired differences are taken against these
 VARIANTS = {
     "heterogeneous": {"lora.ranks": "[16,8,8,4,4,4,2,2]", "lora.alpha": "2r"},
     "homogeneous": {"lora.ranks": "null", "lora.rank": 8, "lora.alpha": "2r"},
@@ -304,14 +312,15 @@ def plot(results: dict[str, dict[str, list[RunSummary]]], path: Path) -> None:
     plt.close(fig)
 
 
-def replace_readme_section(markdown: str) -> None:
+def replace_readme_section(markdown: str, section: str) -> None:
     readme = REPO / "README.md"
     text = readme.read_text()
-    if README_BEGIN not in text or README_END not in text:
-        sys.exit(f"README.md lacks the {README_BEGIN} ... {README_END} markers: add them where the table goes")
-    head, rest = text.split(README_BEGIN, 1)
-    tail = rest.split(README_END, 1)[1]
-    readme.write_text(f"{head}{README_BEGIN}\n{markdown}\n{README_END}{tail}")
+    begin, end = f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
+    if begin not in text or end not in text:
+        sys.exit(f"README.md lacks the {begin} ... {end} markers: add them where the table goes")
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    readme.write_text(f"{head}{begin}\n{markdown}\n{end}{tail}")
 
 
 def command_line(args, parser: argparse.ArgumentParser) -> str:
@@ -319,7 +328,7 @@ def command_line(args, parser: argparse.ArgumentParser) -> str:
     changed = [
         f"--{name.replace('_', '-')} {value}"
         for name, value in sorted(vars(args).items())
-        if name not in ("out", "readme", "quick") and value != parser.get_default(name)
+        if name not in ("out", "readme", "quick", "section") and value != parser.get_default(name)
     ]
     return " ".join([".venv/bin/python benchmarks/dolly.py", *changed])
 
@@ -327,7 +336,7 @@ def command_line(args, parser: argparse.ArgumentParser) -> str:
 def report(args, parser, results, minutes: float) -> str:
     """The markdown the benchmark prints, writes to table.md and (with --readme) puts in README.md."""
     lines = [
-        f"Measured with `{command_line(args, parser)}` ({len(results) * len(METHODS) * args.seeds} runs on "
+        f"Measured with `{command_line(args, parser)}` ({len(results) * len(args.rows) * args.seeds} runs on "
         f"{args.ranks} MPI rank(s), {minutes:.0f} minutes summed over the runs on the 2-core CPU machine). A figure "
         "is the mean ± sample standard deviation over run seeds (one base model throughout); a paired difference is "
         "taken seed by seed before its mean and spread; a target is met when the 95% t interval of the mean over "
@@ -336,10 +345,12 @@ def report(args, parser, results, minutes: float) -> str:
     ]
     for variant, runs in results.items():
         lines += [*variant_table(variant, runs), ""]
-    lines += ["Targets for FLoRIST at τ = 0.9:", ""]
-    for variant, runs in results.items():
-        lines += verdict_lines(variant, runs)
-    lines += ["", f"![eval loss vs cumulative downlink]({FIGURE_IN_DOCS.relative_to(REPO)})"]
+    if any(label == TARGET for label, _, _ in args.rows):
+        lines += ["Targets for FLoRIST at τ = 0.9:", ""]
+        for variant, runs in results.items():
+            lines += verdict_lines(variant, runs)
+        lines += [""]
+    lines += [f"![eval loss vs cumulative downlink]({figure_in_docs(args.section).relative_to(REPO)})"]
     return "\n".join(lines)
 
 
@@ -359,7 +370,11 @@ def parse_args():
     parser.add_argument("--warmup-steps", type=int, default=1000, help="central warm-up steps of the proxy model")
     parser.add_argument("--warmup-fraction", type=float, default=0.2, help="share of client data set aside for it")
     parser.add_argument("--out", default="runs/bench-dolly")
+    parser.add_argument("--methods", default="", help="comma-separated federation.method names to run (default: all; "
+                        "FedIT and FLoRA, the paired references, are always included)")
     parser.add_argument("--readme", action="store_true", help="put the tables into README.md, the figure into docs/")
+    parser.add_argument("--section", default=SECTION,
+                        help="README section (between <!-- SECTION:begin/end --> markers) that --readme replaces")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 1 seed, 2 rounds, 5 local steps")
     args = parser.parse_args()
     if args.quick and args.readme:
@@ -372,6 +387,11 @@ def parse_args():
         parser.error(f"unknown variant(s) {sorted(unknown)}: choose from {sorted(VARIANTS)}")
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
+    chosen = set(args.methods.split(",")) - {""} if args.methods else {method for _, method, _ in METHODS}
+    unknown = chosen - {method for _, method, _ in METHODS}
+    if unknown:
+        parser.error(f"unknown method(s) {sorted(unknown)}: choose from {sorted({m for _, m, _ in METHODS})}")
+    args.rows = [row for row in METHODS if row[1] in chosen | set(REFERENCES)]
     return args, parser
 
 
@@ -396,11 +416,11 @@ def main() -> None:
         (variant, label, seed): run_or_reuse(args, variant, label, method, tau, seed, out_dir)
         for seed in range(args.seeds)
         for variant in variants
-        for label, method, tau in METHODS
+        for label, method, tau in args.rows
     }
     for variant in variants:
         results[variant] = {
-            label: [summarise(done[variant, label, seed][0]) for seed in range(args.seeds)] for label, _, _ in METHODS
+            label: [summarise(done[variant, label, seed][0]) for seed in range(args.seeds)] for label, _, _ in args.rows
         }
     # the runs' own wall times, so that a resumed benchmark still states what all of it cost
     minutes = sum(wall for _, wall in done.values()) / 60
@@ -412,9 +432,10 @@ def main() -> None:
     ))
     print("\n" + markdown)
     if args.readme:
-        shutil.copyfile(out_dir / "loss_vs_downlink.png", FIGURE_IN_DOCS)
-        replace_readme_section(markdown)
-        print(f"\nREADME.md and {FIGURE_IN_DOCS.relative_to(REPO)} updated")
+        figure = figure_in_docs(args.section)
+        shutil.copyfile(out_dir / "loss_vs_downlink.png", figure)
+        replace_readme_section(markdown, args.section)
+        print(f"\nREADME.md and {figure.relative_to(REPO)} updated")
     print(f"(benchmark time {minutes:.1f} min summed over its runs, {args.ranks} MPI rank(s); outputs in {out_dir})")
 
 
