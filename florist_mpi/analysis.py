@@ -36,10 +36,10 @@ from florist_mpi.storage import LogError
 
 # Round attributes in the order the frames show them (docs/log-format.md).
 PHASES = ("time_train", "time_gather", "time_aggregate", "time_broadcast", "time_merge", "time_eval")
-# time_round: rank 0's wall time of the round; time_wait: the longest wait of a rank for the slowest one
-# at the exchange (NaN in logs written before they existed).
-ROUND_ATTRS = ("eval_loss", "eval_accuracy", "tau", *PHASES, "time_wait", "time_round", "bytes_up", "bytes_down",
-               "world_size")
+# time_round: rank 0's wall time of the round, time_log (its write to the log) included; time_wait: the longest wait
+# of a rank for the slowest one at the exchange (NaN in logs written before they existed).
+ROUND_ATTRS = ("eval_loss", "eval_accuracy", "tau", *PHASES, "time_wait", "time_log", "time_round", "bytes_up",
+               "bytes_down", "world_size")
 INTEGER_ATTRS = ("bytes_up", "bytes_down", "world_size")
 # Columns `Run.rounds` derives from the log on top of the round attributes.
 DERIVED_COLUMNS = (

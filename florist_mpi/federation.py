@@ -153,7 +153,8 @@ class Federation:
             global_ranks = {name: int(result.rank) for name, result in outcome.results.items()}
             clock = (self.clock.columns(participants),
                      self.clock.close_round([c.client_id for c in outcome.kept], global_ranks))
-        timings = {**timings, "time_round": time.perf_counter() - started}  # up to the commit below
+        # up to the log write below; the write adds its own time (time_log) to it before the round is committed
+        timings = {**timings, "time_round": time.perf_counter() - started}
         record = self.log.record(round_index, outcome, participants, timings, evaluation, clock, ranks)
         seconds = self.log.write(record, client_adapters, self.initial_eval, self._kill_point)
         line = console.round_line(round_index, self.cfg.run.rounds, record.attrs, outcome, participants)

@@ -167,17 +167,24 @@ class RoundLog:
             "before_link": lambda: kill_point("link", round_index),
         }
         start = time.perf_counter()
+        round_so_far = float(record.attrs.get("time_round", 0.0))
+
+        def finish(attrs) -> None:
+            # the round's own write, up to its file's close, fsync and link (milliseconds), which follow it
+            attrs["time_log"] = time.perf_counter() - start
+            attrs["time_round"] = round_so_far + attrs["time_log"]
+
         launch = {} if self._launch_logged else self._launch_attrs()
         if not self.started:
             header = self.header(initial_eval_loss)
             header.extra.update(launch)
             storage.create_log(self.output, header, replace=self.overwrite, first_round=record, **hooks,
-                               before_cleanup=lambda: kill_point("clean", round_index))
+                               before_cleanup=lambda: kill_point("clean", round_index), finish=finish)
             self.started = True
         else:
             # The first round after a resume also records the config it was resumed with and where this
             # launch ran (the root world_size stays the creating run's; every round holds its own).
             root = {"config": self.cfg.to_yaml(), **launch} if not self._launch_logged else None
-            storage.append_round(self.output, record, root_attrs=root, **hooks)
+            storage.append_round(self.output, record, root_attrs=root, finish=finish, **hooks)
         self._launch_logged = True
         return time.perf_counter() - start

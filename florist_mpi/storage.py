@@ -89,6 +89,7 @@ Factors = tuple[np.ndarray, np.ndarray]  # (B m x r, A r x n)
 ClientModule = Mapping[int, Factors]  # one module's factors of every logged client: client id -> (B, A)
 ClientAdapters = Mapping[int, Mapping[str, Factors]] | Iterable[tuple[str, ClientModule]]
 Hook = Callable[[], None] | None
+Finish = Callable[[h5py.AttributeManager], None] | None  # sets a round's last attributes (RoundWriter.commit)
 
 
 @dataclass
@@ -390,8 +391,12 @@ class RoundWriter:
         _write_client_module(self.group, module, factors)
 
     def commit(self, record: RoundRecord, *, root_attrs: dict | None = None, before_publish: Hook = None,
-               before_link: Hook = None, before_cleanup: Hook = None) -> None:
+               before_link: Hook = None, before_cleanup: Hook = None, finish: Finish = None) -> None:
         """Write the rest of the round and make it visible atomically.
+
+        `finish(attrs)`, when given, is called with the round's attributes once everything else of the
+        round is written, just before its file is closed and published: the last attributes (the
+        round's own write time, `time_log`) are set there.
 
         Test hooks: `before_publish` is called with the round written and flushed, nothing published;
         `before_link` (split logs) with the round file in place, not yet linked; `before_cleanup`
@@ -405,6 +410,8 @@ class RoundWriter:
             for module, factors in _client_modules(record.client_adapters):
                 self.write_client_module(module, factors)
                 del factors  # let this module's factors go before the next module is produced
+        if finish is not None:
+            finish(self.group.attrs)
         if self.split:
             self._commit_split(root_attrs, before_publish, before_link, before_cleanup)
         else:
@@ -476,7 +483,7 @@ def begin_round(path: str | Path, index: int, *, header: RunHeader | None = None
 
 def create_log(
     path: str | Path, header: RunHeader, *, replace: bool = False, first_round: RoundRecord,
-    before_publish: Hook = None, before_link: Hook = None, before_cleanup: Hook = None,
+    before_publish: Hook = None, before_link: Hook = None, before_cleanup: Hook = None, finish: Finish = None,
 ) -> None:
     """Create a log with its first round in one atomic step.
 
@@ -485,14 +492,15 @@ def create_log(
     """
     with begin_round(path, first_round.index, header=header, replace=replace) as writer:
         writer.commit(first_round, before_publish=before_publish, before_link=before_link,
-                      before_cleanup=before_cleanup)
+                      before_cleanup=before_cleanup, finish=finish)
 
 
 def append_round(path: str | Path, record: RoundRecord, before_publish: Hook = None,
-                 root_attrs: dict | None = None, before_link: Hook = None) -> None:
+                 root_attrs: dict | None = None, before_link: Hook = None, finish: Finish = None) -> None:
     """Add one completed round (and update root attributes); it becomes visible atomically."""
     with begin_round(path, record.index) as writer:
-        writer.commit(record, root_attrs=root_attrs, before_publish=before_publish, before_link=before_link)
+        writer.commit(record, root_attrs=root_attrs, before_publish=before_publish, before_link=before_link,
+                      finish=finish)
 
 
 def legacy_create_log(path: str | Path, header: RunHeader, first_round: RoundRecord,
