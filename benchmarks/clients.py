@@ -42,10 +42,9 @@ REPO = Path(__file__).resolve().parents[1]
 MODES = ("fresh", "reuse")
 
 
-def time_train(out: Path, mode: str, clients: int, steps: int, ranks: int) -> list[float]:
-    """time_train of each round of one run (seconds)."""
-    output = out / f"{mode}_{clients}c_{steps}s_{ranks}r.h5"
-    settings = {
+def two_rounds(output: Path, clients: int, steps: int) -> dict:
+    """Settings of a 2-round demo run in which every client trains `steps` steps of a rank-8 LoRA, no eval."""
+    return {
         "run.rounds": 2,
         "run.output": output,
         "federation.num_clients": clients,
@@ -53,10 +52,15 @@ def time_train(out: Path, mode: str, clients: int, steps: int, ranks: int) -> li
         "lora.ranks": "null",
         "lora.rank": 8,
         "train.local_steps": steps,
-        "train.client_engines": mode,
         "eval.every": 0,
         "log.client_adapters": "false",
     }
+
+
+def time_train(out: Path, mode: str, clients: int, steps: int, ranks: int) -> list[float]:
+    """time_train of each round of one run (seconds)."""
+    output = out / f"{mode}_{clients}c_{steps}s_{ranks}r.h5"
+    settings = {**two_rounds(output, clients, steps), "train.client_engines": mode}
     command = run_command("configs/demo.yaml", settings, ranks)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONWARNINGS="ignore")
     subprocess.run(command, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
@@ -71,16 +75,8 @@ def batched_run(out: Path, clients: int, steps: int, client_batch: int, threads:
     """One 2-round run on one rank: round 1's time_train (s) and model FLOPs, the process's peak RSS (MB)."""
     output = out / f"batch_g{client_batch}_{clients}c_{steps}s.h5"
     settings = {
-        "run.rounds": 2,
-        "run.output": output,
-        "federation.num_clients": clients,
-        "federation.clients_per_round": clients,
-        "lora.ranks": "null",
-        "lora.rank": 8,
-        "train.local_steps": steps,
+        **two_rounds(output, clients, steps),
         "train.client_batch": client_batch,
-        "eval.every": 0,
-        "log.client_adapters": "false",
         # a reference device of 1 FLOP/s: the clock's per-client compute seconds are the model FLOPs
         "system.reference_flops": 1.0,
     }
