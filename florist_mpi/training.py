@@ -83,6 +83,28 @@ def _quiet_deepspeed() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+@contextlib.contextmanager
+def _ninja_beside_python():
+    """Run torch's extension builds with the `ninja` installed beside this interpreter, when there is one.
+
+    torch calls whichever `ninja` is first on PATH, and ninja versions hash the commands in their build
+    log differently (1.11 and 1.13 do): processes that alternate between a system ninja and the
+    environment's own see each other's builds as out of date and recompile the op every start-up
+    (about 10 s on an idle 2-core machine, a minute under load). One ninja per environment, whatever
+    the PATH, builds once.
+    """
+    here = Path(sys.executable).parent
+    if not (here / "ninja").is_file():
+        yield
+        return
+    before = os.environ.get("PATH", "")
+    os.environ["PATH"] = os.pathsep.join([str(here), before]) if before else str(here)
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = before
+
+
 def prepare_deepspeed(verbose: bool = False) -> None:
     """Import DeepSpeed and build its JIT ops one process at a time.
 
@@ -102,7 +124,7 @@ def prepare_deepspeed(verbose: bool = False) -> None:
         if builder is None:
             return
         extensions = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
-        with file_lock(extensions / "florist_mpi_build.lock"):
+        with file_lock(extensions / "florist_mpi_build.lock"), _ninja_beside_python():
             for stale in extensions.glob(f"*/{builder.NAME}/lock"):
                 stale.unlink(missing_ok=True)
             import deepspeed.ops

@@ -49,3 +49,24 @@ def test_engines_are_reused_only_where_deepspeed_trains_the_weights_in_place():
     assert not engines_reusable(_train(client_engines="fresh"), cpu)
     with pytest.raises(ConfigError, match="client_engines"):
         _train(client_engines="reuse", zero_stage=2)
+
+
+def test_extension_builds_use_the_ninja_beside_the_interpreter(tmp_path, monkeypatch):
+    """Whatever the PATH, torch's op builds run the environment's own ninja (two ninja versions alternating
+    rebuild the op at every start-up), and the PATH is given back afterwards."""
+    import os
+    import shutil
+
+    from florist_mpi import training
+
+    bin_dir = tmp_path / "env" / "bin"
+    bin_dir.mkdir(parents=True)
+    monkeypatch.setattr(sys, "executable", str(bin_dir / "python"))
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    with training._ninja_beside_python():  # no ninja there: the PATH stays as it is
+        assert os.environ["PATH"] == "/usr/bin:/bin"
+    (bin_dir / "ninja").write_text("#!/bin/sh\n")
+    (bin_dir / "ninja").chmod(0o755)
+    with training._ninja_beside_python():
+        assert shutil.which("ninja") == str(bin_dir / "ninja")
+    assert os.environ["PATH"] == "/usr/bin:/bin"
