@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 FLOP_UNITS = ((1e12, "TFLOP"), (1e9, "GFLOP"), (1e6, "MFLOP"), (1e3, "kFLOP"))
+MARKERS = "osD^vP*Xh<>p"
 ERROR_FLOOR = 1e-12  # relative errors below it are drawn at it on the log axis
 
 
@@ -125,14 +126,15 @@ def write_plots(document: dict, folder: Path) -> list[Path]:
             fig, ax = plt.subplots(figsize=(7.5, 4.5))
             for i, (x, y, label) in enumerate(points):
                 y = max(y, ERROR_FLOOR) if key == "relative_error" else y
-                ax.plot([x], [y], marker="o", ls="none", color=plt.cm.tab10(i % 10), label=label)
-                ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+                # one legend entry per point (labels next to points overlap where methods send alike)
+                ax.plot([x], [y], marker=MARKERS[i % len(MARKERS)], ms=7, ls="none", color=plt.cm.tab10(i % 10),
+                        label=label)
             if key == "relative_error":
                 ax.set_yscale("log")
             ax.set_xlabel(f"downlink per round ({unit}, fp32, {document['num_clients']} clients)")
             ax.set_ylabel(ylabel)
             ax.grid(True, alpha=0.3)
-            ax.legend(fontsize=7, loc="best")
+            ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
             ax.set_title(f"{Path(document['log']).stem}, round {document['round']}: every method on the same updates")
             path = Path(folder) / name
             fig.savefig(path)
