@@ -215,6 +215,66 @@ def test_exact_update_distances_match_dense_numpy():
         assert exact.distances(torch.zeros(m, 0), torch.zeros(0, n))[0] == pytest.approx(np.linalg.norm(delta))
 
 
+class AveragedWithResidual(methods.Method):
+    """A method registered from outside, with FedEx-LoRA's shape of result: FedIT's averaged factors plus
+    a `residual` (low-rank factors of ΔW − B̄Ā: [B_s, −B̄][p-scaled A_s; Ā]) and a downlink hook."""
+
+    name = "test_residual"
+
+    def aggregate(self, stack, p, *, tau, max_rank, route, out_dtype):
+        from florist_mpi import lowrank
+
+        result = lowrank.fedit(stack, p, out_dtype)
+        B_bar, A_bar = result.B.double(), result.A.double()
+        scaled_A = stack.per_column(p)[:, None] * stack.A.double()
+        result.residual = (torch.cat([stack.B.double(), -B_bar], dim=1).to(out_dtype),
+                           torch.cat([scaled_A, A_bar], dim=0).to(out_dtype))
+        return result
+
+    def plan(self, m, n, K, R, r_max, r_g):
+        from florist_mpi import costmodel
+
+        return costmodel.RoutePlan("average", 2.0 * R * (m + n))
+
+    def downlink_floats(self, global_rank, client_rank, m, n, residual_rank=0):
+        return (global_rank + residual_rank) * (m + n) + 1  # +1: tells the hook's count from the fallback's
+
+
+class ResidualWithoutHook(AveragedWithResidual):
+    name = "test_residual_plain"
+    downlink_floats = None  # the fallback: wire_floats at download_rank, plus the residual's
+
+
+@pytest.fixture
+def residual_methods():
+    registered = [methods.register(AveragedWithResidual()), methods.register(ResidualWithoutHook())]
+    yield registered
+    for method in registered:
+        methods.unregister(method.name)
+
+
+def test_a_method_with_a_residual_and_a_downlink_hook(logs, capsys, residual_methods):
+    """A registered method appears with no change to the command; its residual is part of the global
+    update (exact here), its rank is reported, and its downlink comes from the hook where it has one."""
+    path, written = logs["florist"]
+    document = compare_json(capsys, path, "--round", str(ROUND))
+    rows = rows_of(document)
+    kept = written["rounds"][ROUND]["kept"]
+    ranks = [CLIENT_RANKS[c] for c in kept]
+    residual_rank = sum(ranks) + max(ranks)
+    for name in ("test_residual", "test_residual_plain"):
+        row = rows[(name, None)]
+        assert row["relative_error"] <= 1e-5, name
+        assert row["residual_rank"] == {m: residual_rank for m in MODULES}
+        assert row["global_rank"] == {m: max(ranks) for m in MODULES}
+    floats = sum((max(ranks) + residual_rank) * (m + n) for m, n in SHAPES)
+    assert rows[("test_residual", None)]["bytes_down"] == 4 * len(CLIENT_RANKS) * (floats + len(SHAPES))
+    assert rows[("test_residual_plain", None)]["bytes_down"] == 4 * len(CLIENT_RANKS) * floats
+    assert rows[("fedit", None)]["relative_error"] > 1e-2  # the same B̄Ā without its residual
+    code, out, err = run_cli(capsys, ["compare-methods", str(path), "--round", str(ROUND)])
+    assert code == 0 and "residual rank" in out.splitlines()[1]
+
+
 # ------------------------------------------------------------------ the command
 
 
