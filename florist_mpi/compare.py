@@ -28,7 +28,8 @@ aggregation requires the shared frozen A).
 Output: a table (default), `--json` (one object, fields in docs/analysis.md), `--plots DIR`
 (compare_methods.png: error versus downlink, one labelled point per row; with --eval also
 compare_methods_eval.png), `--eval` (each row's global model evaluated as sweep-tau --eval
-does: replay.evaluate_updates). The table, JSON and plots live in compare_output.py.
+does: replay.evaluate_updates). The JSON document is built here (comparison_document); the table
+and the plots, read from it, live in compare_output.py.
 """
 
 from __future__ import annotations
