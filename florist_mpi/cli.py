@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "validate": ("florist_mpi.validate", "check a config (and its data paths) without running it"),
     "report": ("florist_mpi.report", "summarise one or more run logs, with optional plots"),
     "sweep-tau": ("florist_mpi.sweep", "recompute FLoRIST's global rank and size for many tau from a log"),
+    "compare-methods": ("florist_mpi.compare", "re-aggregate one logged round with every method and compare them"),
     "export": ("florist_mpi.export", "write a round's cumulative global update as a PEFT LoRA adapter"),
     "pack": ("florist_mpi.pack", "copy a run log (file + round folder) into one self-contained HDF5 file"),
     "relink": ("florist_mpi.relink", "point a renamed or copied log's round links at the folder beside it"),

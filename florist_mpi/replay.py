@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from typing import Iterable, Mapping
 
 import torch
 
@@ -95,3 +96,29 @@ class Evaluator:
             return math.nan, correct / total if total else math.nan
         total, count = evaluation.loss_sums(self.model, self.items, self.cfg.eval.batch_size, self.device)
         return evaluation.mean_loss(total, count), math.nan
+
+
+def evaluate_updates(log_path, round_index: int, updates: Iterable[Mapping], device: str | None = None,
+                     ) -> list[tuple[float, float]]:
+    """(eval loss, accuracy) of each global model base + update, evaluated as the run evaluated (one process).
+
+    The base is the run's base before `round_index` (the initial base plus the logged updates of the
+    earlier rounds; the initial base for methods that keep it); each update (module -> (B, A), B @ A
+    the module's ΔW) is merged into it in turn and taken out again. `device`: auto, cuda or cpu
+    (default: the run's run.device). Used by `sweep-tau --eval` (one update per τ) and
+    `compare-methods --eval` (one per method and τ).
+    """
+    from florist_mpi.devices import select_device
+    from florist_mpi.model import adapted_modules
+
+    cfg = logged_config(log_path)
+    where = select_device(0, device or cfg.run.device, setting="the --eval device", fix="pass --device cpu (or auto)")
+    model, tokenizer = load_initial_base(cfg, where)
+    modules = adapted_modules(model, cfg.lora.target_modules)
+    masters = merge_rounds_before(modules, log_path, cfg, round_index)
+    evaluate = Evaluator(cfg, model, tokenizer, where)
+    results = []
+    for factors in updates:
+        with temporarily_merged(modules, factors, masters):
+            results.append(evaluate())
+    return results

@@ -189,7 +189,8 @@ def florist_basis(run_path: str | Path | Run, round_index: int | None = None) ->
     if not weights:
         raise LogError(f"round {r} of log '{run.path}' aggregated no client: pick another --round")
     if run.has_client_adapters(r):
-        per_module, client_weights, source = _client_stacks(run, r, weights), list(weights.values()), CLIENT_ADAPTERS
+        per_module, source = client_factor_pairs(run, r, weights), CLIENT_ADAPTERS
+        client_weights = list(weights.values())
     else:
         source = exact_global_update(run)
         if source is None:
@@ -242,7 +243,7 @@ def _tensors(pair):
     return (torch.from_numpy(np.ascontiguousarray(pair[0])), torch.from_numpy(np.ascontiguousarray(pair[1])))
 
 
-def _client_stacks(run, r: int, weights: dict[int, int]) -> dict[str, list]:
+def client_factor_pairs(run, r: int, weights: dict[int, int]) -> dict[str, list]:
     """module -> [(B_k, A_k) per aggregated client, in `weights` order] from the round's client adapters."""
     adapters = run.client_adapters(r)
     missing = [c for c in weights if c not in adapters]
@@ -321,21 +322,8 @@ def evaluate_taus(basis: FloristBasis, taus: list[float], device: str | None = N
     that τ's FLoRIST update of this round, evaluated as the run evaluated (one process), on
     `device` (auto, cuda or cpu; default: the run's run.device)."""
     from florist_mpi import replay
-    from florist_mpi.devices import select_device
-    from florist_mpi.model import adapted_modules
 
-    cfg = replay.logged_config(basis.path)
-    where = select_device(0, device or cfg.run.device, setting="the --eval device",
-                          fix="pass --device cpu (or auto)")
-    model, tokenizer = replay.load_initial_base(cfg, where)
-    modules = adapted_modules(model, cfg.lora.target_modules)
-    masters = replay.merge_rounds_before(modules, basis.path, cfg, basis.round_index)
-    evaluate = replay.Evaluator(cfg, model, tokenizer, where)
-    results = []
-    for tau in taus:
-        with replay.temporarily_merged(modules, basis.factors_at(tau), masters):
-            results.append(evaluate())
-    return results
+    return replay.evaluate_updates(basis.path, basis.round_index, (basis.factors_at(tau) for tau in taus), device)
 
 
 def _plot_eval(basis: FloristBasis, table, path: Path) -> None:

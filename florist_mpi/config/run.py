@@ -60,5 +60,7 @@ class EvalConfig(Section):
 
 class LogConfig(Section):
     client_adapters: bool = Field(
-        False, json_schema_extra=CONTRACT, description="also store every client's factors (needed by `sweep-tau`)"
+        False,
+        json_schema_extra=CONTRACT,
+        description="also store every client's factors (needed by `sweep-tau` and `compare-methods`)",
     )
