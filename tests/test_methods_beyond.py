@@ -1,0 +1,165 @@
+"""FedEx-LoRA (`fedex`) and HetLoRA (`hetlora`): the math against independent numpy computations,
+their bytes and server FLOPs, and whole runs (exact global model, resume, report, export)."""
+from __future__ import annotations
+
+import math
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from florist_mpi import methods, simclock
+from florist_mpi.aggregation import aggregate
+from florist_mpi.methods.base import contract_breach
+
+RANKS = (4, 2, 3)
+SAMPLES = (10.0, 30.0, 20.0)
+M, N = 7, 5
+
+
+def client_factors(seed=0, ranks=RANKS, m=M, n=N):
+    rng = np.random.default_rng(seed)
+    return [(rng.standard_normal((m, r)), rng.standard_normal((r, n))) for r in ranks]
+
+
+def padded(X, width, axis):
+    pad = [(0, 0), (0, 0)]
+    pad[axis] = (0, width - X.shape[axis])
+    return np.pad(X, pad)
+
+
+def numpy_average(factors, weights):
+    """Σ w_k pad(B_k), Σ w_k pad(A_k): ranks zero-padded to the largest."""
+    width = max(B.shape[1] for B, _ in factors)
+    B = sum(w * padded(B, width, 1) for w, (B, _) in zip(weights, factors))
+    A = sum(w * padded(A, width, 0) for w, (_, A) in zip(weights, factors))
+    return B, A
+
+
+def as_torch(factors):
+    return [(torch.from_numpy(B), torch.from_numpy(A)) for B, A in factors]
+
+
+# ------------------------------------------------------------------ FedEx-LoRA
+
+
+def test_fedex_averages_like_fedit_and_its_residual_makes_the_update_exact():
+    factors = client_factors(1)
+    p = np.array(SAMPLES) / sum(SAMPLES)
+    B_bar, A_bar = numpy_average(factors, p)
+    exact = sum(w * B @ A for w, (B, A) in zip(p, factors))
+    result = aggregate("fedex", as_torch(factors), list(SAMPLES), tau=0.5)  # τ is not fedex's business
+    assert result.rank == max(RANKS) and result.padded
+    np.testing.assert_allclose(result.B.numpy(), B_bar, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(result.A.numpy(), A_bar, rtol=1e-12, atol=1e-12)
+    left, right = (x.numpy() for x in result.residual)
+    assert left.shape == (M, sum(RANKS) + max(RANKS)) and right.shape == (sum(RANKS) + max(RANKS), N)
+    np.testing.assert_allclose(left @ right, exact - B_bar @ A_bar, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(result.B.numpy() @ result.A.numpy() + left @ right, exact, rtol=1e-10, atol=1e-12)
+    assert float(np.abs(exact - B_bar @ A_bar).max()) > 0.1  # the residual is not trivially zero here
+    assert contract_breach(result, _stack(factors), torch.float64) is None
+
+
+def test_fedex_leaves_zero_weight_clients_out_of_the_residual():
+    factors = client_factors(2)
+    result = aggregate("fedex", as_torch(factors), [5.0, 0.0, 5.0], tau=1.0)
+    q = RANKS[0] + RANKS[2] + max(RANKS)
+    assert result.residual[0].shape == (M, q) and result.residual[1].shape == (q, N)
+    exact = 0.5 * (factors[0][0] @ factors[0][1] + factors[2][0] @ factors[2][1])
+    total = result.B.numpy() @ result.A.numpy() + result.residual[0].numpy() @ result.residual[1].numpy()
+    np.testing.assert_allclose(total, exact, rtol=1e-10, atol=1e-12)
+
+
+def _stack(factors):
+    from florist_mpi.lowrank import stack_factors
+
+    return stack_factors(as_torch(factors))
+
+
+def test_contract_catches_a_malformed_residual():
+    factors = client_factors(3)
+    result = aggregate("fedex", as_torch(factors), list(SAMPLES), tau=1.0)
+    left, right = result.residual
+    result.residual = (left, right[:-1])  # q × n no longer matches m × q
+    assert "residual factors" in contract_breach(result, _stack(factors), torch.float64)
+    result.residual = (left.float(), right.float())
+    assert "residual factors must be torch.float64" in contract_breach(result, _stack(factors), torch.float64)
+
+
+def test_fedex_downlink_counts_the_residual_in_its_cheaper_form():
+    fedex = methods.get("fedex")
+    # low-rank form cheaper: q (m + n) < m n
+    assert fedex.downlink_floats(4, 2, 100, 80, 12) == 4 * 180 + 12 * 180
+    # dense cheaper: q (m + n) = 30 · 15 > m n = 56
+    assert fedex.downlink_floats(4, 2, 7, 8, 30) == 4 * 15 + 56
+    # every client receives the whole rank-r_max average, whatever its own rank
+    assert fedex.downlink_floats(4, 1, 100, 80, 0) == 4 * 180
+    shapes = {"q": (100, 80), "v": (7, 8)}
+    got = simclock.download_bytes("fedex", shapes, {"q": 4, "v": 4}, 2, {"q": 12, "v": 30})
+    assert got == 4 * (4 * 180 + 12 * 180 + 4 * 15 + 56)
+    assert simclock.upload_bytes("fedex", shapes, 3) == 4 * 3 * (180 + 15)
+
+
+def test_fedex_and_hetlora_plans_are_the_hand_counts():
+    m, n, K, R, r_max = 300, 200, 5, 19, 6
+    fedex = methods.get("fedex").plan(m, n, K, R, r_max, r_max)
+    assert fedex.flops == 2 * R * (m + n) + m * r_max
+    het = methods.get("hetlora").plan(m, n, K, R, r_max, r_max)
+    assert het.flops == 2 * K * r_max**2 * (m + n) + 2 * K * r_max**2 + 2 * R * (m + n)
+    ranks = [6, 4, 4, 3, 2]
+    for name in ("fedex", "hetlora"):
+        want = methods.get(name).plan(m, n, 5, sum(ranks), 6, 6).flops
+        assert simclock.aggregation_flops(name, {"w": (m, n)}, ranks, {"w": 6}) == want
+
+
+# ------------------------------------------------------------------ HetLoRA
+
+
+def test_hetlora_weights_clients_by_the_norms_of_their_updates():
+    factors = client_factors(4)
+    norms = np.array([np.linalg.norm(B @ A, "fro") for B, A in factors])  # formed densely, here only
+    w = norms / norms.sum()
+    B_bar, A_bar = numpy_average(factors, w)
+    result = aggregate("hetlora", as_torch(factors), list(SAMPLES), tau=1.0)
+    assert result.rank == max(RANKS) and result.padded
+    np.testing.assert_allclose(result.B.numpy(), B_bar, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(result.A.numpy(), A_bar, rtol=1e-12, atol=1e-12)
+    # sample counts do not enter (the paper's weights): other counts, the same result
+    again = aggregate("hetlora", as_torch(factors), [1.0, 1.0, 1.0], tau=1.0)
+    assert torch.equal(again.B, result.B) and torch.equal(again.A, result.A)
+    # each client receives the global adapter truncated to its own rank
+    assert result.client_ranks.tolist() == list(RANKS)
+    for (B, A), r in zip(result.client_factors, RANKS):
+        np.testing.assert_array_equal(B.numpy(), result.B.numpy()[:, :r])
+        np.testing.assert_array_equal(A.numpy(), result.A.numpy()[:r])
+    assert contract_breach(result, _stack(factors), torch.float64) is None
+
+
+def test_hetlora_update_norms_match_dense_norms_and_skip_empty_clients():
+    from florist_mpi.lowrank import update_norms
+
+    factors = client_factors(5, ranks=(3, 1, 5), m=40, n=9)
+    want = [np.linalg.norm(B @ A, "fro") for B, A in factors]
+    np.testing.assert_allclose(update_norms(_stack(factors)).numpy(), want, rtol=1e-12)
+    # a client without samples is left out; an all-zero round falls back to the sample weights
+    result = aggregate("hetlora", as_torch(factors), [1.0, 0.0, 1.0], tau=1.0)
+    w = np.array([want[0], 0.0, want[2]]) / (want[0] + want[2])
+    np.testing.assert_allclose(result.B.numpy(), numpy_average(factors, w)[0], rtol=1e-12, atol=1e-12)
+    zeros = [(np.zeros_like(B), A) for B, A in factors]
+    flat = aggregate("hetlora", as_torch(zeros), [1.0, 1.0, 2.0], tau=1.0)
+    np.testing.assert_allclose(flat.A.numpy(), numpy_average(zeros, [0.25, 0.25, 0.5])[1], rtol=1e-12)
+
+
+def test_hetlora_downlink_is_each_clients_truncation():
+    shapes = {"q": (100, 80), "v": (7, 8)}
+    for client_rank in (1, 4, 6):
+        got = simclock.download_bytes("hetlora", shapes, {"q": 4, "v": 4}, client_rank)
+        assert got == 4 * min(client_rank, 4) * (180 + 15)
+    assert simclock.upload_bytes("hetlora", shapes, 3) == 4 * 3 * (180 + 15)
+
+
+def test_both_are_registered_after_the_paper_methods():
+    assert methods.names()[-2:] == ("fedex", "hetlora")
+    assert methods.get("fedex").keeps_base and methods.get("fedex").folds_residual
+    assert methods.get("hetlora").keeps_base and not methods.get("hetlora").folds_residual
