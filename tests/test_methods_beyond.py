@@ -2,8 +2,6 @@
 their bytes and server FLOPs, and whole runs (exact global model, resume, report, export)."""
 from __future__ import annotations
 
-import math
-
 import h5py
 import numpy as np
 import pytest
@@ -163,3 +161,169 @@ def test_both_are_registered_after_the_paper_methods():
     assert methods.names()[-2:] == ("fedex", "hetlora")
     assert methods.get("fedex").keeps_base and methods.get("fedex").folds_residual
     assert methods.get("hetlora").keeps_base and not methods.get("hetlora").folds_residual
+
+
+# ------------------------------------------------------------------ whole runs
+
+
+DEMO_SMALL = ["--set", "run.rounds=2", "--set", "train.local_steps=2", "--set", "data.synthetic.examples_per_client=16",
+              "--set", "data.synthetic.eval_examples=32"]
+
+
+def demo_run(tmp_path, method, ranks=1):
+    from conftest import REPO
+    from test_run import run_ok
+
+    log = tmp_path / f"{method}.h5"
+    run_ok(ranks, REPO / "configs/demo.yaml", "--set", f"federation.method={method}", "--set", f"run.output={log}",
+           *DEMO_SMALL)
+    return log
+
+
+def logged_round(log, round_index):
+    """(client id -> module -> (B, A) float64, client id -> p_k, module -> global (B, A), module -> residual)."""
+    with h5py.File(log, "r") as handle:
+        group = handle[f"rounds/{round_index:05d}"]
+        samples = dict(zip(group["clients/id"][()].tolist(), group["clients/num_samples"][()].tolist()))
+        adapters = {
+            int(c): {m: (node[m]["B"][()].astype(np.float64), node[m]["A"][()].astype(np.float64)) for m in node}
+            for c, node in group["client_adapters"].items()
+        }
+        total = sum(samples[c] for c in adapters)
+        p = {c: samples[c] / total for c in adapters}
+        glob = {m: (node["B"][()].astype(np.float64), node["A"][()].astype(np.float64))
+                for m, node in group["global"].items()}
+        residual = {m: (node["residual_B"][()].astype(np.float64), node["residual_A"][()].astype(np.float64))
+                    for m, node in group["global"].items() if "residual_B" in node}
+        attrs = dict(group.attrs)
+    return adapters, p, glob, residual, attrs
+
+
+def exact_update(adapters, p, module):
+    return sum(p[c] * adapters[c][module][0] @ adapters[c][module][1] for c in adapters)
+
+
+def shapes_of(glob):
+    return {m: (B.shape[0], A.shape[1]) for m, (B, A) in glob.items()}
+
+
+@pytest.fixture(scope="module")
+def fedex_log(tmp_path_factory):
+    return demo_run(tmp_path_factory.mktemp("fedex"), "fedex", ranks=2)
+
+
+@pytest.mark.mpi
+def test_fedex_run_global_model_is_base_plus_the_exact_updates(fedex_log):
+    """After round 0 the global model is W_0 + ΔW_0; after round 1, W_0 + (ΔW_0 − B̄_0 Ā_0) + ΔW_1: the
+    residual of round 0 stays in the base and round 1's clients started from B̄_0 Ā_0. Both from the client
+    adapters alone (numpy), against the model rebuilt from the log, and the logged eval loss."""
+    from florist_mpi import replay, storage
+    from florist_mpi.model import adapted_modules
+
+    cfg = replay.logged_config(fedex_log)
+    model, tokenizer = replay.load_initial_base(cfg)
+    modules = adapted_modules(model, cfg.lora.target_modules)
+    initial = {name: module.weight.detach().double().numpy().copy() for name, module in modules.items()}
+    rounds = [logged_round(fedex_log, r) for r in (0, 1)]
+    kept_before = {}
+    for r, (adapters, p, glob, residual, attrs) in enumerate(rounds):
+        ranks = {c: next(iter(adapters[c].values()))[0].shape[1] for c in adapters}
+        for module, (B, A) in glob.items():
+            delta = exact_update(adapters, p, module)
+            B_bar, A_bar = numpy_average([adapters[c][module] for c in adapters], [p[c] for c in adapters])
+            np.testing.assert_allclose(B, B_bar, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(A, A_bar, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(B @ A + residual[module][0] @ residual[module][1], delta,
+                                       rtol=1e-4, atol=1e-5 * np.abs(delta).max())
+            assert residual[module][0].shape[1] == sum(ranks.values()) + max(ranks.values())
+        # bytes: every one of the 8 clients receives B̄, Ā (rank r_max) and the residual, whichever form is smaller
+        down = sum(B.shape[1] * (B.shape[0] + A.shape[1]) + min(residual[m][0].shape[1] * (B.shape[0] + A.shape[1]),
+                                                                B.shape[0] * A.shape[1])
+                   for m, (B, A) in glob.items())
+        assert attrs["bytes_down"] == 4 * cfg.federation.num_clients * down
+        up = sum(ranks[c] * (m + n) for c in adapters for m, n in shapes_of(glob).values())
+        assert attrs["bytes_up"] == 4 * up
+        with storage.open_log(fedex_log) as handle:
+            masters = replay.merge_rounds_before(modules, fedex_log, cfg, r + 1)  # the base: residuals of 0..r
+            factors = storage.read_global_factors(handle, r)
+        with replay.temporarily_merged(modules, factors, masters):
+            for name, module in modules.items():
+                want = initial[name] + kept_before.get(name, 0.0) + exact_update(adapters, p, name)
+                got = module.weight.detach().double().numpy()
+                assert np.abs(got - want).max() <= 1e-5 * (np.abs(want).max()), name
+            loss, _ = replay.Evaluator(cfg, model, tokenizer)()
+            assert loss == pytest.approx(float(attrs["eval_loss"]), rel=1e-5)
+        for name in modules:  # round r's residual stays in the base for the rounds after it
+            kept_before[name] = kept_before.get(name, 0.0) + residual[name][0] @ residual[name][1]
+        for name, module in modules.items():  # undo the merge of rounds 0..r for the next round's rebuild
+            with torch.no_grad():
+                module.weight.copy_(torch.from_numpy(initial[name]).to(module.weight.dtype))
+
+
+@pytest.mark.mpi
+def test_fedex_resume_gives_the_uninterrupted_log(tmp_path, fedex_log):
+    from conftest import REPO
+    from test_run import run_ok
+
+    log = tmp_path / "resumed.h5"
+    common = ["--set", "federation.method=fedex", "--set", f"run.output={log}", *DEMO_SMALL]
+    run_ok(2, REPO / "configs/demo.yaml", *common, "--set", "run.rounds=1")
+    run_ok(2, REPO / "configs/demo.yaml", *common, "--resume")
+    for r in (0, 1):
+        full, resumed = logged_round(fedex_log, r), logged_round(log, r)
+        for part in (0, 2, 3):  # client adapters, global factors, residuals
+            assert full[part].keys() == resumed[part].keys()
+        for module, pair in full[3].items():
+            assert all(np.array_equal(x, y) for x, y in zip(pair, resumed[3][module])), (r, module)
+        for module, pair in full[2].items():
+            assert all(np.array_equal(x, y) for x, y in zip(pair, resumed[2][module])), (r, module)
+        assert full[4]["bytes_down"] == resumed[4]["bytes_down"] and full[4]["eval_loss"] == resumed[4]["eval_loss"]
+
+
+@pytest.mark.mpi
+def test_hetlora_run_aggregates_with_norm_weights_and_sends_truncations(tmp_path):
+    from florist_mpi.cli import main as cli_main
+
+    log = demo_run(tmp_path, "hetlora")
+    for r in (0, 1):
+        adapters, _, glob, residual, attrs = logged_round(log, r)
+        assert not residual
+        clients = sorted(adapters)
+        ranks = {c: next(iter(adapters[c].values()))[0].shape[1] for c in clients}
+        for module, (B, A) in glob.items():
+            norms = np.array([np.linalg.norm(adapters[c][module][0] @ adapters[c][module][1]) for c in clients])
+            B_bar, A_bar = numpy_average([adapters[c][module] for c in clients], norms / norms.sum())
+            np.testing.assert_allclose(B, B_bar, rtol=1e-4, atol=1e-6 * np.abs(B_bar).max())
+            np.testing.assert_allclose(A, A_bar, rtol=1e-4, atol=1e-6 * np.abs(A_bar).max())
+        down = sum(min(ranks[c], B.shape[1]) * (B.shape[0] + A.shape[1]) for c in clients for B, A in glob.values())
+        assert attrs["bytes_down"] == 4 * down  # the demo's 8 clients all take part
+    assert cli_main(["report", str(log)]) == 0
+    out = tmp_path / "adapter"
+    assert cli_main(["export", str(log), "--out", str(out), "--no-base"]) == 0
+    from safetensors.numpy import load_file
+
+    tensors = load_file(out / "adapter_model.safetensors")
+    _, _, glob, _, _ = logged_round(log, 1)
+    for module, (B, A) in glob.items():  # the global model is base + the last round's B̄Ā
+        key = f"base_model.model.{module}.lora_"
+        got = tensors[key + "B.weight"].astype(np.float64) @ tensors[key + "A.weight"].astype(np.float64)
+        assert np.abs(got - B @ A).max() <= 1e-5 * np.abs(B @ A).max(), module
+
+
+@pytest.mark.mpi
+def test_fedex_report_and_export(tmp_path, fedex_log):
+    from safetensors.numpy import load_file
+
+    from florist_mpi.cli import main as cli_main
+
+    assert cli_main(["report", str(fedex_log)]) == 0
+    out = tmp_path / "adapter"
+    assert cli_main(["export", str(fedex_log), "--out", str(out), "--no-base"]) == 0
+    tensors = load_file(out / "adapter_model.safetensors")
+    _, _, glob0, residual0, _ = logged_round(fedex_log, 0)
+    _, _, glob1, residual1, _ = logged_round(fedex_log, 1)
+    for module, (B, A) in glob1.items():  # both residuals in the base, round 1's B̄Ā beside it
+        want = residual0[module][0] @ residual0[module][1] + residual1[module][0] @ residual1[module][1] + B @ A
+        key = f"base_model.model.{module}.lora_"
+        got = tensors[key + "B.weight"].astype(np.float64) @ tensors[key + "A.weight"].astype(np.float64)
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), module
