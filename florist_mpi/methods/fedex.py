@@ -39,5 +39,5 @@ class FedEx(Method):
         # logged spectrum of the rank-r_max product is not charged
         return costmodel.RoutePlan("average", 2.0 * R * (m + n) + m * r_max, costmodel.spectrum_flops(m, n, r_max))
 
-    def exact_global_update(self, run):
-        return "fedex's logged global update (B̄Ā plus the residual folded into the base, exact)"
+    # exact_global_update stays None: the logged B, A alone are not ΔW (the residual completes it), so
+    # sweep-tau re-aggregates the logged client adapters
