@@ -52,6 +52,8 @@ class RoundOutcome:
     excluded: list[tuple[int, str]]  # (client id, reason), sorted
     results: dict[str, AggregationResult] = field(default_factory=dict)  # module -> the method's result
     global_factors: GlobalFactors = field(default_factory=dict)
+    # every rank's: module -> fp32 residual factors (m×q, q×n) merged into the base (FedEx-LoRA); else empty
+    residuals: GlobalFactors = field(default_factory=dict)
     # seconds of the aggregation itself on rank 0 (root mode); None in sharded mode, where every owner
     # times its own share and the round's phase timings already take the slowest rank's
     time_aggregate: float | None = None
@@ -141,10 +143,13 @@ class RootAggregation(Aggregation):
         start = time.perf_counter()
         root_factors = outcome.global_factors if world.is_root else None
         global_factors = exchange.broadcast_global(world, root_factors, self.shapes)
+        residuals = {}
+        if self.method.folds_residual:  # the residual travels as a second set of factors (same broadcast)
+            residuals = exchange.broadcast_global(world, outcome.residuals if world.is_root else None, self.shapes)
         timings["time_broadcast"] = time.perf_counter() - start
         if outcome is None:
             outcome = RoundOutcome(received=[], kept=[], excluded=[])
-        outcome.global_factors = global_factors
+        outcome.global_factors, outcome.residuals = global_factors, residuals
         return outcome
 
     def _aggregate_at_root(self, round_index: int, received: list[ReceivedClient], stacks: exchange.ClientStacks,
@@ -169,6 +174,8 @@ class RootAggregation(Aggregation):
             name: (results[name].B.float().contiguous().numpy(), results[name].A.float().contiguous().numpy())
             for name in self.shapes
         }
+        if self.method.folds_residual:
+            outcome.residuals = {name: exchange.residual_pair(results[name]) for name in self.shapes}
         return outcome
 
     def publish(self, outcome, commit):
@@ -213,6 +220,7 @@ class ShardedAggregation(Aggregation):
             excluded=state.excluded,
             results=state.results,
             global_factors=state.global_factors,
+            residuals=state.residuals if self.method.folds_residual else {},
             sharded=state,
         )
 

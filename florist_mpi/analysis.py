@@ -327,6 +327,12 @@ class Run:
             group = handle["rounds"][storage.round_key(r)]["global"]
             return {m: (group[m]["B"][()], group[m]["A"][()]) for m in self.modules}
 
+    def residual_factors(self, round_index: int | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Module -> (m×q, q×n) float32 residual merged into the base that round (FedEx-LoRA); {} otherwise."""
+        r = self.resolve_round(round_index)
+        with _reading(self.path) as handle:
+            return storage.read_residual_factors(handle, r)
+
     def has_client_adapters(self, round_index: int | None = None) -> bool:
         r = self.resolve_round(round_index)
         with _reading(self.path) as handle:

@@ -225,6 +225,15 @@ def _unpack_factors(buffer: np.ndarray, shapes, ranks: dict[str, int]):
     return factors, offset
 
 
+def residual_pair(result) -> tuple[np.ndarray, np.ndarray]:
+    """A result's residual factors as contiguous fp32 arrays (rank 0 when the result has none)."""
+    m, n = result.B.shape[0], result.A.shape[1]
+    if result.residual is None:
+        return np.zeros((m, 0), np.float32), np.zeros((0, n), np.float32)
+    left, right = result.residual
+    return left.float().contiguous().cpu().numpy(), right.float().contiguous().cpu().numpy()
+
+
 def broadcast_global(world, global_factors: dict[str, Pair] | None, shapes):
     """Every rank gets rank 0's global factors (module -> (B, A), float32)."""
     names = list(shapes)

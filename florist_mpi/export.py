@@ -2,8 +2,9 @@
 
     florist-mpi export runs/demo.h5 --out runs/demo-adapter [--round R] [--no-base]
 
-The cumulative update of module W after round R is Σ_{t≤R} B_t A_t (FlexLoRA: the
-round-R global update, since it never merges). Its factors are compressed exactly
+The cumulative update of module W after round R is Σ_{t≤R} B_t A_t (FlexLoRA and HetLoRA:
+the round-R global update, since they never merge; FedEx-LoRA: the residuals of rounds ≤ R,
+merged into the base, plus the round-R B @ A kept beside it). Its factors are compressed exactly
 (FLoRIST at τ = 1 over the rounds, so the rank is the true rank of the sum) and
 written with one rank per module through PEFT's `rank_pattern`, with
 `alpha_pattern` = rank so that PEFT's scaling α/r is exactly 1. Modules whose
@@ -53,12 +54,16 @@ def cumulative_update(run: Run, round_index: int | None) -> tuple[dict[str, tupl
     # a method that keeps the base logs the whole update each round (the last round that aggregated a
     # client holds it); the others log increments (a round that aggregated nobody logs rank 0)
     included = [t for t in run.round_indices if t <= r]
-    if methods.get(run.method).keeps_base:
+    method = methods.get(run.method)
+    # FedEx-LoRA merged every round's residual into the base and kept the last B @ A beside it
+    per_round = [run.residual_factors(t) for t in included] if method.folds_residual else []
+    if method.keeps_base:
         included = [t for t in included if run.rounds.loc[t, "num_clients"] > 0][-1:]
-    per_round = [run.global_factors(t) for t in included]
+    per_round += [run.global_factors(t) for t in included]
     result = {}
     for module in run.modules:
-        pairs = [(torch.from_numpy(f[module][0]).double(), torch.from_numpy(f[module][1]).double()) for f in per_round]
+        pairs = [(torch.from_numpy(f[module][0]).double(), torch.from_numpy(f[module][1]).double())
+                 for f in per_round if module in f]
         pairs = [(B, A) for B, A in pairs if B.shape[1] > 0]
         if not pairs:
             continue

@@ -86,11 +86,12 @@ class Federation:
         """Replay the logged rounds onto the freshly built base, and the clock's state."""
         with storage.open_log(self.log.output) as handle:
             self.initial_eval = float(handle.attrs.get("initial_eval_loss", math.nan))
-            last = self.model.replay(handle)
+            last, residuals = self.model.replay(handle)
             rounds = storage.completed_rounds(handle)
             if self.clock is not None and rounds:
                 total = handle["rounds"][storage.round_key(rounds[-1])].attrs["sim_clock_s"]
-                self.clock.restore(total, {name: int(B.shape[1]) for name, (B, _) in last.items()})
+                self.clock.restore(total, {name: int(B.shape[1]) for name, (B, _) in last.items()},
+                                   {name: int(left.shape[1]) for name, (left, _) in residuals.items()})
 
     def _run_round(self, round_index: int) -> None:
         cfg, world = self.cfg, self.world
@@ -123,9 +124,10 @@ class Federation:
         outcome = self.aggregation.aggregate(round_index, updates, left_out, timings)
         if not outcome.empty:  # an empty round leaves the global model, and what clients download, as it was
             if self.clock is not None:
-                self.clock.advance({name: int(B.shape[1]) for name, (B, _) in outcome.global_factors.items()})
+                self.clock.advance({name: int(B.shape[1]) for name, (B, _) in outcome.global_factors.items()},
+                                   {name: int(left.shape[1]) for name, (left, _) in outcome.residuals.items()})
             with timed(timings, "time_merge", self.device):
-                self.model.apply(outcome.global_factors)
+                self.model.apply(outcome.global_factors, outcome.residuals)
         timings.setdefault("time_merge", 0.0)
         self.model.check_consistency(round_index)
 

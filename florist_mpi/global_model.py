@@ -2,8 +2,10 @@
 
 Every rank holds one; after every round each merges the same broadcast factors, so their
 copies stay bitwise equal (checked by a digest, `check_consistency`). Methods that keep the
-base (FlexLoRA) do not merge: their global model is base + the last global update, which
-clients also start from (`client_init`). Evaluation of the global model is split over ranks.
+base (FlexLoRA, HetLoRA) do not merge: their global model is base + the last global update, which
+clients also start from (`client_init`). FedEx-LoRA keeps its update too, but merges the round's
+residual into the base, so that base + the kept update is the exact global model. Evaluation of
+the global model is split over ranks.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ class GlobalModel:
         self.modules = adapted_modules(model, cfg.lora.target_modules)
         self.shapes: dict[str, tuple[int, int]] = {name: tuple(m.weight.shape) for name, m in self.modules.items()}
         self.masters = float32_masters(self.modules)  # merges of bf16/fp16 weights go through fp32
-        # the kept global update clients start from (methods that keep the base: FlexLoRA)
+        # the kept global update clients start from (methods that keep the base: FlexLoRA, HetLoRA, FedEx-LoRA)
         self.client_init: GlobalFactors | None = None
         self.eval_set = self._load_eval_shard(tokenizer)
 
@@ -45,24 +47,30 @@ class GlobalModel:
 
     # ------------------------------------------------------------------ updates
 
-    def apply(self, global_factors: GlobalFactors) -> None:
-        """The round's global update: merged into the base, or kept beside it (FlexLoRA)."""
+    def apply(self, global_factors: GlobalFactors, residuals: GlobalFactors | None = None) -> None:
+        """The round's global update: merged into the base, or kept beside it (FlexLoRA, HetLoRA). FedEx-LoRA
+        keeps B @ A beside the base and merges the residual (module -> m×q, q×n factors) into it, so that
+        base + B @ A is the exact global model."""
+        if residuals:
+            merge_update(self.modules, residuals, self.masters)
         if self.method.keeps_base:
             self.client_init = global_factors
         else:
             merge_update(self.modules, global_factors, self.masters)
 
-    def replay(self, handle) -> GlobalFactors | None:
-        """Apply a log's global updates onto the freshly built base (bitwise the run's own ops);
-        returns the last global update applied (None when no round had one)."""
-        factors = None
+    def replay(self, handle) -> tuple[GlobalFactors | None, GlobalFactors]:
+        """Apply a log's global updates (and residuals) onto the freshly built base (bitwise the run's own
+        ops); returns the last global update applied (None when no round had one) and its residuals."""
+        factors, residuals = None, {}
         for round_index in storage.completed_rounds(handle):
             if storage.round_is_empty(handle, round_index):
                 continue  # no client was aggregated: the global model stayed as it was
             logged = storage.read_global_factors(handle, round_index)
             factors = {name: logged[name] for name in self.shapes}  # model order
-            self.apply(factors)
-        return factors
+            logged = storage.read_residual_factors(handle, round_index)
+            residuals = {name: logged[name] for name in self.shapes if name in logged}
+            self.apply(factors, residuals)
+        return factors, residuals
 
     def check_consistency(self, round_index: int) -> None:
         """Every rank's adapted weights must be bitwise equal after a merge (a cheap digest)."""
@@ -89,7 +97,7 @@ class GlobalModel:
         if self.eval_set is None:
             return math.nan, math.nan
         if self.method.keeps_base and self.client_init is not None:
-            # the base is kept (FlexLoRA): the global model is base + the kept global update
+            # the base is kept (FlexLoRA, HetLoRA, FedEx-LoRA): the global model is base + the kept global update
             with temporarily_merged(self.modules, self.client_init, self.masters):
                 return self._evaluate_model()
         return self._evaluate_model()

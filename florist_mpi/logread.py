@@ -181,6 +181,14 @@ def read_global_factors(handle: LogHandle, round_index: int) -> dict[str, tuple[
     return {module: (group[module]["B"][()], group[module]["A"][()]) for module in group.keys()}
 
 
+def read_residual_factors(handle: LogHandle, round_index: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """module -> (residual_B m×q, residual_A q×n) merged into the base that round (FedEx-LoRA); {} for
+    a round (or a method) without one."""
+    group = handle["rounds"][round_key(round_index)]["global"]
+    return {module: (group[module]["residual_B"][()], group[module]["residual_A"][()])
+            for module in group.keys() if "residual_B" in group[module]}
+
+
 def read_modules(handle: LogHandle) -> list[str]:
     return [m.decode() if isinstance(m, bytes) else str(m) for m in handle.attrs["modules"]]
 

@@ -87,9 +87,12 @@ class AggregationResult:
     rank: int
     singular_values: torch.Tensor  # spectrum the rank was chosen from (float64)
     energy: float  # retained fraction Σ_{i≤r_g} σ_i² / Σ σ_i²
-    client_ranks: torch.Tensor | None = None  # flexlora: client k receives the rank-client_ranks[k] prefix
-    padded: bool = False  # fedit: heterogeneous ranks were zero-padded to the largest
+    client_ranks: torch.Tensor | None = None  # flexlora, hetlora: client k receives the rank-client_ranks[k] prefix
+    padded: bool = False  # fedit, fedex, hetlora: heterogeneous ranks were zero-padded to the largest
     method: str = ""
+    # fedex: low-rank factors (m × q, q × n) of the part of ΔW that B @ A misses; the round's global
+    # update is B @ A + residual[0] @ residual[1] (the residual is folded into the base)
+    residual: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def client_factors(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
@@ -545,3 +548,66 @@ def ffa(stack: ClientStack, p: torch.Tensor, out_dtype) -> AggregationResult:
     B = weighted_sum_of_factors(stack, p, "B")
     A = shared_A.to(out_dtype, memory_format=torch.contiguous_format, copy=True)  # never the caller's buffer
     return AggregationResult(_out(B, out_dtype), A, width, spectrum_of(B, shared_A.double()), 1.0, method="ffa")
+
+
+def fedex(stack: ClientStack, p: torch.Tensor, out_dtype) -> AggregationResult:
+    """FedEx-LoRA (arXiv 2410.09432): FedIT's averages B̄ = Σ p_k B_k, Ā = Σ p_k A_k (ranks zero-padded to
+    r_max), plus the residual ΔW − B̄Ā that makes the round exact, in low-rank form:
+
+        ΔW − B̄Ā = B_s diag(p) A_s − B̄Ā = [B_s diag(p) | −B̄] [A_s; Ā]     (m × q, q × n; q = R' + r_max)
+
+    with R' = Σ r_k over the clients with p_k > 0 (the others add nothing and are left out). The p-scaled
+    B stack is formed once and serves both the average and the residual.
+    """
+    p_column = stack.per_column(p)
+    scaled_B = _scaled_float64(stack.B, p_column[None, :])  # B_s diag(p), m × R
+    A_s = stack.A.to(torch.float64)
+    width = int(stack.ranks.max())
+    B = torch.zeros(stack.shape[0], width, dtype=torch.float64, device=stack.B.device).index_add_(
+        1, stack.position, scaled_B)
+    A = torch.zeros(width, stack.shape[1], dtype=torch.float64, device=stack.A.device).index_add_(
+        0, stack.position, A_s * p_column[:, None])
+    live = p_column > 0
+    residual = (_out(torch.cat([scaled_B[:, live], -B], dim=1), out_dtype), _out(torch.cat([A_s[live], A]), out_dtype))
+    padded = bool((stack.ranks != stack.ranks[0]).any())
+    return AggregationResult(_out(B, out_dtype), _out(A, out_dtype), width, spectrum_of(B, A), 1.0, padded=padded,
+                             method="fedex", residual=residual)
+
+
+def update_norms(stack: ClientStack) -> torch.Tensor:
+    """‖B_k A_k‖_F per client (float64, K), without forming any m × n product:
+
+        ‖B_k A_k‖_F² = trace(A_kᵀ B_kᵀ B_k A_k) = trace((B_kᵀ B_k)(A_k A_kᵀ)) = Σ_ij (B_kᵀB_k)_ij (A_k A_kᵀ)_ij
+
+    (both r_k × r_k Grams symmetric). Each client's factors are zero-padded to r_max in one K × m × r_max
+    batch (K × r_max × n for A), so the K Grams are one batched product each.
+    """
+    K, (m, n), width = stack.count, stack.shape, int(stack.ranks.max())
+    B_batch = torch.zeros(K, width, m, dtype=torch.float64, device=stack.B.device)
+    A_batch = torch.zeros(K, width, n, dtype=torch.float64, device=stack.A.device)
+    B_batch[stack.column_client, stack.position] = stack.B.T.to(torch.float64)  # row j of B_kᵀ, client k
+    A_batch[stack.column_client, stack.position] = stack.A.to(torch.float64)
+    gram_B = B_batch @ B_batch.transpose(1, 2)  # K × r_max × r_max: B_kᵀ B_k
+    gram_A = A_batch @ A_batch.transpose(1, 2)  # A_k A_kᵀ
+    return (gram_B * gram_A).sum(dim=(1, 2)).clamp(min=0.0).sqrt()
+
+
+def hetlora(stack: ClientStack, p: torch.Tensor, out_dtype) -> AggregationResult:
+    """HetLoRA (arXiv 2401.06432): sparsity-weighted aggregation of zero-padded factors.
+
+    The paper weights client k by the Frobenius norm of its update, S_k = ‖B_k A_k‖_F, normalised:
+    w_k = S_k / Σ S_j, in place of the sample-count weights (sample counts do not enter: the paper
+    replaces data-size weighting by this norm). A client with p_k = 0 (no samples) is left out. Then
+    B̄ = Σ w_k pad(B_k) (m × r_max), Ā = Σ w_k pad(A_k) (r_max × n); client k receives the first r_k
+    columns of B̄ and rows of Ā (client_ranks = r_k). When every update is zero the norms carry no
+    information and the sample weights p are used.
+    """
+    norms = torch.where(p > 0, update_norms(stack).to(p.device), torch.zeros_like(p))
+    total = float(norms.sum())
+    weights = norms / total if total > 0 and math.isfinite(total) else p
+    B, A = weighted_sum_of_factors(stack, weights, "B"), weighted_sum_of_factors(stack, weights, "A")
+    padded = bool((stack.ranks != stack.ranks[0]).any())
+    return AggregationResult(
+        _out(B, out_dtype), _out(A, out_dtype), B.shape[1], spectrum_of(B, A), 1.0,
+        client_ranks=stack.ranks.clamp(max=B.shape[1]), padded=padded, method="hetlora",
+    )

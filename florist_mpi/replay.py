@@ -1,7 +1,9 @@
 """Rebuilding a run's models offline, from its log alone (no training, one process).
 
 The base weights after round r are the initial base plus the logged global updates
-of rounds 0..r (FlexLoRA never merges: its global model is base + that round's update).
+of rounds 0..r (FlexLoRA and HetLoRA never merge: their global model is base + that round's
+update; FedEx-LoRA merges only each round's residual, `global/<module>/residual_{B,A}`, and
+its global model is that base + the round's B @ A).
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ def load_initial_base(cfg: ExperimentConfig, device: torch.device | None = None)
 
 
 def merge_rounds_before(model_modules, log_path, cfg: ExperimentConfig, round_index: int) -> dict:
-    """Apply the logged global updates of rounds < round_index (nothing for methods that keep the base).
+    """Apply the logged global updates of rounds < round_index (methods that keep the base: nothing, but
+    FedEx-LoRA's residuals, which it merged into the base).
 
     Returns the fp32 masters of weights stored in 16 bits (see model.float32_masters),
     which later temporary merges must go through, as the run's own merges did.
@@ -38,12 +41,16 @@ def merge_rounds_before(model_modules, log_path, cfg: ExperimentConfig, round_in
     from florist_mpi.model import float32_masters, merge_update
 
     masters = float32_masters(model_modules)
-    if methods.get(cfg.federation.method).keeps_base:
+    method = methods.get(cfg.federation.method)
+    if method.keeps_base and not method.folds_residual:
         return masters
     with storage.open_log(log_path) as handle:
         for r in storage.completed_rounds(handle):
             if r < round_index:
-                merge_update(model_modules, storage.read_global_factors(handle, r), masters)
+                # FedEx-LoRA merged each round's residual into the base and kept B @ A beside it
+                merge_update(model_modules, storage.read_residual_factors(handle, r), masters)
+                if not method.keeps_base:
+                    merge_update(model_modules, storage.read_global_factors(handle, r), masters)
     return masters
 
 

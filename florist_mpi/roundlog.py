@@ -69,14 +69,15 @@ class RoundLog:
         """fp32 bytes the aggregated clients uploaded."""
         return BYTES_PER_FLOAT * sum(count * self._factor_floats(r) for r, count in Counter(kept_ranks).items())
 
-    def bytes_down(self, global_factors) -> int:
-        """fp32 bytes the server sends, summed over every client (each gets its own prefix in FlexLoRA);
+    def bytes_down(self, global_factors, residuals=None) -> int:
+        """fp32 bytes the server sends, summed over every client (`Method.downlink_floats`: each gets its own
+        prefix in FlexLoRA and HetLoRA; FedEx-LoRA adds the residual, module -> (m×q, q×n) in `residuals`);
         nothing after a round without a global update."""
-        total = 0
+        total, residuals = 0, residuals or {}
         for client_rank, count in self.client_ranks.items():
-            for B, A in global_factors.values():
-                r = self.method.download_rank(B.shape[1], client_rank)
-                total += count * self.method.wire_floats(r, B.shape[0], A.shape[1])
+            for name, (B, A) in global_factors.items():
+                q = residuals[name][0].shape[1] if name in residuals else 0
+                total += count * self.method.downlink_floats(B.shape[1], client_rank, B.shape[0], A.shape[1], q)
         return BYTES_PER_FLOAT * total
 
     # ----------------------------------------------------------------- record
@@ -114,7 +115,7 @@ class RoundLog:
             "tau": float(self.cfg.federation.tau),
             **{k: float(v) for k, v in timings.items()},
             "bytes_up": int(self.bytes_up([c.rank for c in outcome.kept])),
-            "bytes_down": int(self.bytes_down(outcome.global_factors)),
+            "bytes_down": int(self.bytes_down(outcome.global_factors, outcome.residuals)),
             "clients_aggregated": len(outcome.kept),
             "eval_loss": float(evaluation[0]),
             "eval_accuracy": float(evaluation[1]),
@@ -127,7 +128,7 @@ class RoundLog:
             attrs["time_startup"] = float(self.launch["time_startup"])  # this launch's, on its first round
         return storage.RoundRecord(
             index=round_index, attrs=attrs, clients=clients, excluded=outcome.excluded,
-            global_factors=self._global_record(outcome), ranks=ranks,
+            global_factors=self._global_record(outcome), ranks=ranks, residuals=outcome.residuals or None,
         )
 
     def _launch_attrs(self) -> dict:

@@ -13,7 +13,8 @@ A round, every step a collective over all ranks:
    holds every module's factors of every client.
 4. Aggregate. Owners aggregate their modules, in parallel across ranks, with the same
    `aggregate_adapter` call (same clients, same order, same weights) as root mode.
-5. All-gather. Every rank receives every module's global factors, rank, energy and spectrum.
+5. All-gather. Every rank receives every module's global factors, rank, energy and spectrum (and
+   residual factors, FedEx-LoRA).
 6. Log (log.client_adapters only). Rank 0 receives the client adapters from their owners
    one module at a time, while the round is written (`stream_client_adapters`).
 """
@@ -38,6 +39,7 @@ from florist_mpi.exchange import (
     ClientUpdate,
     ReceivedClient,
     factor_floats,
+    residual_pair,
 )
 
 Pair = tuple[np.ndarray, np.ndarray]
@@ -54,6 +56,7 @@ class ShardedRound:
     owned: dict[str, list[Pair]] = field(default_factory=dict)  # this rank's modules: kept clients' (B, A)
     results: dict[str, AggregationResult] = field(default_factory=dict)  # every module (global B, A as tensors)
     global_factors: dict[str, Pair] = field(default_factory=dict)  # every module, float32
+    residuals: dict[str, Pair] = field(default_factory=dict)  # every module's residual, float32 (FedEx-LoRA)
     time_scatter: float = 0.0
     time_aggregate: float = 0.0  # this rank's own aggregation work
     time_allgather: float = 0.0
@@ -171,39 +174,50 @@ def scatter_to_owners(world, updates: list[ClientUpdate], shapes, owners: dict[s
 
 
 def allgather_results(world, shapes, owners: dict[str, int], results: dict[str, AggregationResult], method: str):
-    """Every rank gets every module's (B, A) in float32 and its AggregationResult (rank, energy, spectrum)."""
+    """Every rank gets every module's (B, A) in float32, its AggregationResult (rank, energy, spectrum, residual)
+    and its residual factors (module -> fp32 m×q, q×n; rank 0 unless the method folds one, FedEx-LoRA)."""
     owned = [name for name in shapes if owners[name] == world.rank]
     summary, payload = [], []
     for name in owned:
         result = results[name]
         spectrum = result.singular_values.double().cpu().numpy().reshape(-1)
-        summary.extend([float(result.rank), float(result.energy), float(spectrum.size), *spectrum.tolist()])
+        left, right = residual_pair(result)  # rank 0 unless the method folds a residual (FedEx-LoRA)
+        summary.extend([float(result.rank), float(result.energy), float(spectrum.size), *spectrum.tolist(),
+                        float(left.shape[1])])
         payload.extend(
             [
                 result.B.float().contiguous().cpu().numpy().reshape(-1),
                 result.A.float().contiguous().cpu().numpy().reshape(-1),
+                left.reshape(-1),
+                right.reshape(-1),
             ]
         )
     rows, counts = comm.allgather_rows(world, np.asarray(summary, dtype=np.float64).reshape(-1, 1))
     summaries = np.split(rows.reshape(-1), np.cumsum(counts)[:-1])
     buffers = comm.allgatherv_float32(world, np.concatenate(payload) if payload else np.empty(0, np.float32))
 
-    global_factors, gathered = {}, {}
+    global_factors, residuals, gathered = {}, {}, {}
     for rank, (values, buffer) in enumerate(zip(summaries, buffers)):
         at, offset = 0, 0
         for name in (n for n in shapes if owners[n] == rank):
             r, energy, length = int(values[at]), float(values[at + 1]), int(values[at + 2])
             spectrum = values[at + 3 : at + 3 + length].copy()
-            at += 3 + length
+            q = int(values[at + 3 + length])
+            at += 4 + length
             m, n = shapes[name]
             B = buffer[offset : offset + m * r].reshape(m, r)
             A = buffer[offset + m * r : offset + r * (m + n)].reshape(r, n)
             offset += r * (m + n)
-            global_factors[name] = (B, A)
+            left = buffer[offset : offset + m * q].reshape(m, q)
+            right = buffer[offset + m * q : offset + q * (m + n)].reshape(q, n)
+            offset += q * (m + n)
+            global_factors[name], residuals[name] = (B, A), (left, right)
             gathered[name] = AggregationResult(
-                torch.from_numpy(B), torch.from_numpy(A), r, torch.from_numpy(spectrum), energy, method=method
+                torch.from_numpy(B), torch.from_numpy(A), r, torch.from_numpy(spectrum), energy, method=method,
+                residual=(torch.from_numpy(left), torch.from_numpy(right)) if q else None,
             )
-    return {name: global_factors[name] for name in shapes}, {name: gathered[name] for name in shapes}
+    return ({name: global_factors[name] for name in shapes}, {name: gathered[name] for name in shapes},
+            {name: residuals[name] for name in shapes})
 
 
 # ------------------------------------------------------------------ the round
@@ -242,7 +256,8 @@ def sharded_round(
     state.time_aggregate = time.perf_counter() - start
 
     start = time.perf_counter()
-    state.global_factors, state.results = allgather_results(world, shapes, state.owners, results, method)
+    state.global_factors, state.results, state.residuals = allgather_results(
+        world, shapes, state.owners, results, method)
     state.time_allgather = time.perf_counter() - start
     return state
 

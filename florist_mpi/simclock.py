@@ -108,14 +108,16 @@ def upload_bytes(method: str, shapes: Mapping[str, tuple[int, int]], client_rank
 
 
 def download_bytes(method: str, shapes: Mapping[str, tuple[int, int]], global_ranks: Mapping[str, int] | None,
-                   client_rank: int) -> int:
-    """fp32 bytes of the global factors (module -> r_g) one client receives; FlexLoRA sends each client
-    its rank-r_k prefix. None (before the first aggregation) is nothing to receive."""
+                   client_rank: int, residual_ranks: Mapping[str, int] | None = None) -> int:
+    """fp32 bytes of the global factors (module -> r_g) one client receives (`Method.downlink_floats`):
+    FlexLoRA and HetLoRA send each client its rank-r_k prefix; FedEx-LoRA also sends the residual
+    (module -> its rank q, `residual_ranks`) in the cheaper of its low-rank and dense forms. None
+    (before the first aggregation) is nothing to receive."""
     if global_ranks is None:
         return 0
-    total, method = 0, methods.get(method)
+    total, method, residual_ranks = 0, methods.get(method), residual_ranks or {}
     for name, (m, n) in shapes.items():
-        total += method.wire_floats(method.download_rank(global_ranks[name], client_rank), m, n)
+        total += method.downlink_floats(global_ranks[name], client_rank, m, n, residual_ranks.get(name, 0))
     return BYTES_PER_FLOAT * total
 
 
@@ -237,6 +239,10 @@ def aggregation_flops(
                        projected on r_g vectors: 2 m n r_g
                 (b: the strips a Gram's triangle is formed in, costmodel.gram_strips)
       flexlora  2 m n R + 6 l s² + 20 s³      forming ΔW, then its thin SVD
+      fedex     2 R (m + n) + m r_max         FedIT's weighted sums, then −B̄ for the residual's factors
+                                              (its left block B_s diag(p) is the sums' own scaled stack)
+      hetlora   2 K r_max² (m + n + 1)        the update norms ‖B_k A_k‖_F from r_max-padded Grams,
+                + 2 R (m + n)                 then the norm-weighted sums of B and A
     A logged spectrum (fedit, ffa, flora) is the simulator's work, not a server's: not charged.
     """
     K, R, r_max = len(client_ranks), sum(client_ranks), max(client_ranks, default=0)
@@ -287,12 +293,15 @@ class Clock:
         self.target = cfg.federation.participants_per_round()
         self.profile = resolve_profile(cfg.system, cfg.federation.num_clients, cfg.run.seed, tables)
         self.global_ranks: dict[str, int] | None = None  # module -> r_g of the last round (what clients download)
+        self.residual_ranks: dict[str, int] = {}  # module -> rank of the last round's residual (FedEx-LoRA)
         self.total_s = 0.0  # sim_clock_s so far
         self.round: RoundPlan | None = None  # the current round's plan
 
-    def restore(self, total_s: float, global_ranks: Mapping[str, int]) -> None:
-        """The running total and the global ranks the next round's clients download, from the log."""
+    def restore(self, total_s: float, global_ranks: Mapping[str, int],
+                residual_ranks: Mapping[str, int] | None = None) -> None:
+        """The running total and the global (and residual) ranks the next round's clients download, from the log."""
         self.total_s, self.global_ranks = float(total_s), dict(global_ranks)
+        self.residual_ranks = dict(residual_ranks or {})
 
     def client_work(self, client_id: int, tokens: int) -> ClientWork:
         """What a client does this round, from the tokens its local work processes (padding included)."""
@@ -302,7 +311,7 @@ class Clock:
             client_id=client_id,
             tokens=tokens,
             flops=tokens * per_token,
-            bytes_down=download_bytes(self.method, self.shapes, self.global_ranks, rank),
+            bytes_down=download_bytes(self.method, self.shapes, self.global_ranks, rank, self.residual_ranks),
             bytes_up=upload_bytes(self.method, self.shapes, rank),
         )
 
@@ -315,9 +324,10 @@ class Clock:
                                schedule=schedule(times, self.target, self.system.deadline_s))
         return self.round.schedule
 
-    def advance(self, global_ranks: Mapping[str, int]) -> None:
-        """The round's global ranks: what the next round's clients download."""
+    def advance(self, global_ranks: Mapping[str, int], residual_ranks: Mapping[str, int] | None = None) -> None:
+        """The round's global ranks (and residual ranks, FedEx-LoRA): what the next round's clients download."""
         self.global_ranks = dict(global_ranks)
+        self.residual_ranks = dict(residual_ranks or {})
 
     def columns(self, participants: list[int]) -> dict[str, np.ndarray]:
         """clients/ datasets, aligned with clients/id (zero bytes and NaN times: did not start)."""

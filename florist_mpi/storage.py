@@ -71,6 +71,7 @@ from florist_mpi.logread import (
     open_log,
     read_global_factors,
     read_modules,
+    read_residual_factors,
     round_is_empty,
 )
 
@@ -78,6 +79,7 @@ __all__ = [  # the log's public API (with the names it takes from logfiles and l
     "FORMAT_VERSION", "ROUND_DIGITS", "ROUNDS_SUFFIX", "LogError", "LogHandle", "RoundRecord", "RoundWriter",
     "RunHeader", "SplitLog", "append_round", "begin_round", "check_new_log", "completed_rounds", "create_log",
     "decode_str", "is_split", "legacy_create_log", "open_log", "pack_log", "read_global_factors", "read_modules",
+    "read_residual_factors",
     "relink_log", "round_is_empty", "round_key", "rounds_folder", "RANK_COLUMNS",
 ]
 
@@ -108,6 +110,8 @@ class RoundRecord:
     global_factors: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, int, float]]
     client_adapters: ClientAdapters | None = None
     ranks: dict[str, np.ndarray] | None = None  # ranks/<column>: one value per MPI rank
+    # module -> (m×q, q×n) residual merged into the base (FedEx-LoRA): global/<module>/residual_{B,A}
+    residuals: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
 
 
 @dataclass
@@ -239,6 +243,10 @@ def _write_round(group: h5py.Group, record: RoundRecord) -> None:
         node.create_dataset("singular_values", data=np.asarray(sv, dtype=np.float64))
         node.attrs["rank"] = int(rank)
         node.attrs["energy"] = float(energy)
+        if record.residuals and module in record.residuals:
+            left, right = record.residuals[module]
+            node.create_dataset("residual_B", data=np.ascontiguousarray(left, dtype=np.float32))
+            node.create_dataset("residual_A", data=np.ascontiguousarray(right, dtype=np.float32))
 
 
 def _write_client_module(group: h5py.Group, module: str, factors: ClientModule) -> None:

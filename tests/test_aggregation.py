@@ -145,8 +145,12 @@ def test_weights_are_normalised_sample_counts(method):
         factors = [(B, factors[0][1]) for B, _ in factors]
     counts = [1, 2, 3]
     expected = dense_sum(factors, counts)  # Σ (n_k / Σ n) B_k A_k
-    if method == "fedit":  # FedIT multiplies the averages: (Σ p_k B_k)(Σ p_k A_k)
+    if method in ("fedit", "fedex", "hetlora"):  # the product of the averages: (Σ p_k B_k)(Σ p_k A_k)
+        # (fedex's B @ A; its residual completes ΔW) with HetLoRA's p_k ∝ ‖B_k A_k‖_F, whatever the counts
         p = [c / 6 for c in counts]
+        if method == "hetlora":
+            norms = [float(torch.linalg.norm(B.double() @ A.double())) for B, A in factors]
+            p = [w / sum(norms) for w in norms]
         B_mean = sum(pk * B.double() for pk, (B, _) in zip(p, factors))
         expected = B_mean @ sum(pk * A.double() for pk, (_, A) in zip(p, factors))
     if method == "flexlora":  # the weighted sum's SVD cut to the largest client rank, 3

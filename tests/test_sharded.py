@@ -63,7 +63,8 @@ def test_aggregation_mode_is_validated():
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("ranks, chunk, method", [(1, 1 << 28, "florist"), (3, 5, "florist"), (4, 1, "florist"),
-                                                  (3, 7, "fedit"), (3, 7, "flora"), (2, 7, "flexlora"), (3, 7, "ffa")])
+                                                  (3, 7, "fedit"), (3, 7, "flora"), (2, 7, "flexlora"), (3, 7, "ffa"),
+                                                  (3, 7, "fedex"), (2, 7, "hetlora")])
 def test_sharded_exchange_equals_aggregating_in_one_place(ranks, chunk, method):
     env = mpi_env()
     env["FLORIST_MPI_CHUNK_ELEMENTS"] = str(chunk)
@@ -100,8 +101,9 @@ def logged(log) -> dict:
                 node = group["global"][module]
                 out[(r, module, "rank")] = int(node.attrs["rank"])
                 out[(r, module, "energy")] = float(node.attrs["energy"])
-                for key in ("B", "A", "singular_values"):
-                    out[(r, module, key)] = node[key][()]
+                for key in ("B", "A", "singular_values", "residual_B", "residual_A"):  # residual: fedex only
+                    if key in node:
+                        out[(r, module, key)] = node[key][()]
             for client in group.get("client_adapters", {}):
                 for module in group["client_adapters"][client]:
                     for key in "BA":

@@ -8,7 +8,7 @@ methods up here. Adding a method = one module with a `Method` subclass (see base
 
 from __future__ import annotations
 
-from florist_mpi.methods import fedit, ffa, flexlora, flora, florist
+from florist_mpi.methods import fedex, fedit, ffa, flexlora, flora, florist, hetlora
 from florist_mpi.methods.base import Method, contract_breach
 
 _REGISTRY: dict[str, Method] = {}
@@ -53,7 +53,8 @@ def check_result(method: Method, result, stack) -> None:
         )
 
 
-for _builtin in (florist.Florist(), fedit.FedIT(), flora.FLoRA(), flexlora.FlexLoRA(), ffa.FFALoRA()):
+for _builtin in (florist.Florist(), fedit.FedIT(), flora.FLoRA(), flexlora.FlexLoRA(), ffa.FFALoRA(), fedex.FedEx(),
+                 hetlora.HetLoRA()):
     register(_builtin)
 
 __all__ = ["Method", "check_result", "get", "names", "register", "unregister"]

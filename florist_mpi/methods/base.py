@@ -15,7 +15,11 @@ method added from outside hears of a breach at once, with its name):
     every rank slices the buffer by that rank;
   * B and A are in `out_dtype` on the inputs' device, `singular_values` is a 1-D tensor and
     `energy` a number in [0, 1];
-  * `client_ranks`, when set (FlexLoRA), holds one prefix rank ≤ rank per client;
+  * `client_ranks`, when set (FlexLoRA, HetLoRA), holds one prefix rank ≤ rank per client;
+  * `residual`, when set (FedEx-LoRA, whose class sets `folds_residual`), is a pair of factors
+    (m×q, q×n, q ≥ 0) in `out_dtype` on the inputs' device: the round's global update is
+    B @ A + residual[0] @ residual[1], and the residual is merged into the base while B @ A is
+    kept beside it;
   * it never writes into the stack's B and A (the caller's, often an exchange buffer) and
     never returns them as B or A (copy instead).
 
@@ -47,6 +51,9 @@ class Method:
     # The global update is kept beside the base instead of merged into it: clients start each
     # round from it (their rank-r_k prefix) and the global model is base + update (FlexLoRA).
     keeps_base: ClassVar[bool] = False
+    # The result carries a `residual` (m×q, q×n factors) that every rank merges into the base after the
+    # round, beside the kept B @ A (FedEx-LoRA); it travels with the global factors and is logged.
+    folds_residual: ClassVar[bool] = False
 
     # ------------------------------------------------------------------ math
 
@@ -75,6 +82,11 @@ class Method:
     def download_rank(self, global_rank: int, client_rank: int) -> int:
         """Rank of the global factors one client receives."""
         return global_rank
+
+    def downlink_floats(self, global_rank: int, client_rank: int, m: int, n: int, residual_rank: int = 0) -> int:
+        """Floats one rank-`client_rank` client receives for one m×n module after a round whose global
+        factors have rank `global_rank` (and, for methods that fold one, a rank-`residual_rank` residual)."""
+        return self.wire_floats(self.download_rank(global_rank, client_rank), m, n)
 
     def plan(self, m: int, n: int, K: int, R: int, r_max: int, r_g: int) -> RoutePlan:
         """The route `aggregate` takes on one m×n module and its FLOPs (florist_mpi.costmodel): K clients,
@@ -124,4 +136,20 @@ def contract_breach(result: Any, stack: ClientStack, out_dtype) -> str | None:
         result.client_ranks.shape != (stack.count,) or bool((result.client_ranks > rank).any())
     ):
         return f"client_ranks must hold {stack.count} prefix ranks of at most {rank}"
+    return _residual_breach(result.residual, stack, out_dtype)
+
+
+def _residual_breach(residual: Any, stack: ClientStack, out_dtype) -> str | None:
+    """What breaks the contract in a result's `residual` (None, or m×q and q×n factors), or None."""
+    if residual is None:
+        return None
+    (m, n), device = stack.shape, stack.B.device
+    if not isinstance(residual, tuple) or len(residual) != 2:
+        return "residual must be None or a pair (m×q factor, q×n factor)"
+    left, right = residual
+    if (left.dim() != 2 or right.dim() != 2 or left.shape[0] != m or right.shape[1] != n
+            or left.shape[1] != right.shape[0]):
+        return f"residual factors are {tuple(left.shape)} and {tuple(right.shape)}; they must be {m}×q and q×{n}"
+    if left.dtype != out_dtype or right.dtype != out_dtype or left.device != device or right.device != device:
+        return f"residual factors must be {out_dtype} on {device} (got {left.dtype} on {left.device})"
     return None

@@ -57,6 +57,10 @@ for name in shapes:
     assert np.array_equal(state.global_factors[name][1], want.A.float().numpy()), name
     assert np.array_equal(got.singular_values.numpy(), want.singular_values.double().numpy()), name
     assert got.energy == want.energy
+    if want.residual is not None:  # fedex: the residual factors travel with the global ones
+        for got_factor, want_factor in zip(state.residuals[name], want.residual):
+            assert np.array_equal(got_factor, want_factor.float().numpy()), name
+        assert all(torch.equal(g, w.float()) for g, w in zip(got.residual, want.residual)), name
 
 if world.is_root:
     streamed = list(sharding.stream_client_adapters(world, state, shapes))
