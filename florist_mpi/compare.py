@@ -44,7 +44,6 @@ import numpy as np
 
 from florist_mpi import methods
 from florist_mpi.analysis import CLIENT_ADAPTERS_HINT, Run, open_run
-from florist_mpi.errors import UserError
 from florist_mpi.storage import LogError
 
 BYTES_PER_FLOAT = 4  # factors travel as fp32
@@ -312,6 +311,7 @@ def comparison_document(logged: LoggedRound, taus: list[float], rows: list[Row],
 
 
 def main(args) -> int:
+    from florist_mpi.report.formatting import plots_dir
     from florist_mpi.sweep import parse_taus
 
     taus = parse_taus(args.taus)
@@ -333,17 +333,3 @@ def main(args) -> int:
         note = sys.stderr if args.json else sys.stdout  # --json keeps stdout one JSON object
         print(f"wrote {', '.join(str(p) for p in written)}", file=note)
     return 0
-
-
-def plots_dir(path) -> Path:
-    """The --plots folder, created if missing; a one-line error when it cannot be."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"--plots '{path}' exists and is not a directory: give a directory for the PNG files")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(
-            f"cannot create --plots directory '{path}' ({err.strerror}): choose a writable location"
-        ) from None
-    return path

@@ -4,12 +4,11 @@ from __future__ import annotations
 import json
 import math
 import sys
-from pathlib import Path
 
 from florist_mpi.analysis import open_run
 from florist_mpi.errors import UserError
 from florist_mpi.report.documents import per_round_rows, report_document
-from florist_mpi.report.formatting import run_labels
+from florist_mpi.report.formatting import plots_dir, run_labels
 from florist_mpi.report.plots import write_plots
 from florist_mpi.report.scaling import scaling_study
 from florist_mpi.report.scaling_forms import scaling_document, scaling_rows, scaling_text
@@ -63,7 +62,7 @@ def main(args) -> int:
         return scaling_main(runs, labels, args)
     machine = args.csv or args.json
     if args.plots:
-        plot_dir = _plot_dir(args.plots)
+        plot_dir = plots_dir(args.plots)
     if args.csv:
         per_round_rows(runs, labels).to_csv(sys.stdout, index=False, float_format="%.10g")
     elif args.json:
@@ -81,7 +80,7 @@ def main(args) -> int:
 def scaling_main(runs: list, labels: list[str], args) -> int:
     """`report --scaling`: the study's text, CSV or JSON on stdout, and its figures with --plots."""
     study = scaling_study(runs, labels, skip_first_round=args.skip_first_round)  # refuses a mixed set first
-    plot_dir = _plot_dir(args.plots) if args.plots else None
+    plot_dir = plots_dir(args.plots) if args.plots else None
     if args.csv:
         scaling_rows(study).to_csv(sys.stdout, index=False, float_format="%.10g")
     elif args.json:
@@ -94,17 +93,3 @@ def scaling_main(runs: list, labels: list[str], args) -> int:
         note = sys.stderr if args.csv or args.json else sys.stdout
         print(f"wrote {len(written)} plots to {plot_dir}/: " + ", ".join(p.name for p in written), file=note)
     return 0
-
-
-def _plot_dir(text: str) -> Path:
-    """The --plots folder, created if missing; a one-line error when it cannot be."""
-    path = Path(text)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"--plots '{path}' exists and is not a directory: give a directory for the PNG files")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(
-            f"cannot create --plots directory '{path}' ({err.strerror}): choose a writable location"
-        ) from None
-    return path

@@ -1,10 +1,27 @@
-"""Plain-text helpers of `report` (and `sweep-tau`): run labels, number and byte formats, aligned tables."""
+"""Plain-text helpers of `report` (and `sweep-tau`, `compare-methods`): run labels, number and byte formats,
+aligned tables, the --plots folder."""
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
 import numpy as np
+
+from florist_mpi.errors import UserError
+
+
+def plots_dir(path) -> Path:
+    """The --plots folder, created if missing; a one-line error when it cannot be."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--plots '{path}' exists and is not a directory: give a directory for the PNG files")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(
+            f"cannot create --plots directory '{path}' ({err.strerror}): choose a writable location"
+        ) from None
+    return path
 
 
 def run_labels(paths: list[Path]) -> list[str]:
