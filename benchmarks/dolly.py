@@ -328,7 +328,7 @@ def command_line(args, parser: argparse.ArgumentParser) -> str:
     changed = [
         f"--{name.replace('_', '-')} {value}"
         for name, value in sorted(vars(args).items())
-        if name not in ("out", "readme", "quick", "section") and value != parser.get_default(name)
+        if name not in ("out", "readme", "quick", "section", "rows") and value != parser.get_default(name)
     ]
     return " ".join([".venv/bin/python benchmarks/dolly.py", *changed])
 
