@@ -90,7 +90,9 @@ class Federation:
             rounds = storage.completed_rounds(handle)
             if self.clock is not None and rounds:
                 total = handle["rounds"][storage.round_key(rounds[-1])].attrs["sim_clock_s"]
-                self.clock.restore(total, {name: int(B.shape[1]) for name, (B, _) in last.items()},
+                # None: every logged round was empty, so there is no global update to download yet
+                ranks = None if last is None else {name: int(B.shape[1]) for name, (B, _) in last.items()}
+                self.clock.restore(total, ranks,
                                    {name: int(left.shape[1]) for name, (left, _) in residuals.items()})
 
     def _run_round(self, round_index: int) -> None:

@@ -297,10 +297,12 @@ class Clock:
         self.total_s = 0.0  # sim_clock_s so far
         self.round: RoundPlan | None = None  # the current round's plan
 
-    def restore(self, total_s: float, global_ranks: Mapping[str, int],
+    def restore(self, total_s: float, global_ranks: Mapping[str, int] | None,
                 residual_ranks: Mapping[str, int] | None = None) -> None:
-        """The running total and the global (and residual) ranks the next round's clients download, from the log."""
-        self.total_s, self.global_ranks = float(total_s), dict(global_ranks)
+        """The running total and the global (and residual) ranks the next round's clients download, from the log
+        (None: no round has had a global update yet, as at the start of a run)."""
+        self.total_s = float(total_s)
+        self.global_ranks = None if global_ranks is None else dict(global_ranks)
         self.residual_ranks = dict(residual_ranks or {})
 
     def client_work(self, client_id: int, tokens: int) -> ClientWork:

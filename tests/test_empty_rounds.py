@@ -161,3 +161,24 @@ def test_a_rejected_client_counts_in_the_wait(tmp_path):
     arrivals = clients["sim_download_s"] + clients["sim_compute_s"] + clients["sim_upload_s"]
     assert arrivals[3] > arrivals[:3].max()  # the rejected client is the last to arrive
     assert rnd["attrs"]["sim_time_s"] == pytest.approx(rnd["attrs"]["sim_server_s"] + arrivals[3], rel=1e-12)
+
+
+def test_a_run_whose_every_round_was_empty_resumes_like_the_uninterrupted_run(tmp_path):
+    """Nothing was ever aggregated (no global update to replay): resume goes on, and the simulated
+    figures equal those of the same rounds run in one go."""
+    system = dict(SYSTEM, deadline_s=1e-6)  # nobody can arrive in time, round 0 included
+    config, log = write_config(tmp_path, "never.yaml", run={"rounds": 1, "seed": 3}, system=system,
+                               federation={"method": "florist"})
+    run_ok(1, config)
+    config, _ = write_config(tmp_path, "never.yaml", run={"rounds": 2, "seed": 3}, system=system,
+                             federation={"method": "florist"})
+    run_ok(1, config, "--resume")
+    whole, whole_log = write_config(tmp_path, "whole.yaml", run={"rounds": 2, "seed": 3}, system=system,
+                                    federation={"method": "florist"})
+    run_ok(1, whole)
+    resumed, straight = rounds_of(log), rounds_of(whole_log)
+    assert [r["attrs"]["clients_aggregated"] for r in resumed] == [0, 0]
+    for a, b in zip(resumed, straight):
+        for key in ("sim_time_s", "sim_clock_s", "eval_loss", "bytes_down"):
+            assert a["attrs"][key] == b["attrs"][key], key
+        assert (a["clients"]["sim_download_s"] == b["clients"]["sim_download_s"]).all()
