@@ -90,10 +90,7 @@ class Federation:
             rounds = storage.completed_rounds(handle)
             if self.clock is not None and rounds:
                 total = handle["rounds"][storage.round_key(rounds[-1])].attrs["sim_clock_s"]
-                # None: every logged round was empty, so there is no global update to download yet
-                ranks = None if last is None else {name: int(B.shape[1]) for name, (B, _) in last.items()}
-                self.clock.restore(total, ranks,
-                                   {name: int(left.shape[1]) for name, (left, _) in residuals.items()})
+                self.clock.restore(total, last, residuals)  # last: None when every logged round was empty
 
     def _run_round(self, round_index: int) -> None:
         cfg, world = self.cfg, self.world
@@ -126,8 +123,7 @@ class Federation:
         outcome = self.aggregation.aggregate(round_index, updates, left_out, timings)
         if not outcome.empty:  # an empty round leaves the global model, and what clients download, as it was
             if self.clock is not None:
-                self.clock.advance({name: int(B.shape[1]) for name, (B, _) in outcome.global_factors.items()},
-                                   {name: int(left.shape[1]) for name, (left, _) in outcome.residuals.items()})
+                self.clock.advance(outcome.global_factors, outcome.residuals)
             with timed(timings, "time_merge", self.device):
                 self.model.apply(outcome.global_factors, outcome.residuals)
         timings.setdefault("time_merge", 0.0)

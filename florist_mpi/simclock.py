@@ -297,13 +297,15 @@ class Clock:
         self.total_s = 0.0  # sim_clock_s so far
         self.round: RoundPlan | None = None  # the current round's plan
 
-    def restore(self, total_s: float, global_ranks: Mapping[str, int] | None,
-                residual_ranks: Mapping[str, int] | None = None) -> None:
-        """The running total and the global (and residual) ranks the next round's clients download, from the log
+    def restore(self, total_s: float, global_factors: Mapping[str, tuple] | None,
+                residuals: Mapping[str, tuple] | None = None) -> None:
+        """The running total, and the last global update the next round's clients download, from the log
         (None: no round has had a global update yet, as at the start of a run)."""
         self.total_s = float(total_s)
-        self.global_ranks = None if global_ranks is None else dict(global_ranks)
-        self.residual_ranks = dict(residual_ranks or {})
+        if global_factors is None:
+            self.global_ranks, self.residual_ranks = None, {}
+        else:
+            self.advance(global_factors, residuals)
 
     def client_work(self, client_id: int, tokens: int) -> ClientWork:
         """What a client does this round, from the tokens its local work processes (padding included)."""
@@ -326,10 +328,11 @@ class Clock:
                                schedule=schedule(times, self.target, self.system.deadline_s))
         return self.round.schedule
 
-    def advance(self, global_ranks: Mapping[str, int], residual_ranks: Mapping[str, int] | None = None) -> None:
-        """The round's global ranks (and residual ranks, FedEx-LoRA): what the next round's clients download."""
-        self.global_ranks = dict(global_ranks)
-        self.residual_ranks = dict(residual_ranks or {})
+    def advance(self, global_factors: Mapping[str, tuple], residuals: Mapping[str, tuple] | None = None) -> None:
+        """The round's global factors (module -> (B m×r_g, A r_g×n)) and residual factors (FedEx-LoRA):
+        what the next round's clients download; the clock keeps their ranks."""
+        self.global_ranks = {name: int(B.shape[1]) for name, (B, _) in global_factors.items()}
+        self.residual_ranks = {name: int(left.shape[1]) for name, (left, _) in (residuals or {}).items()}
 
     def columns(self, participants: list[int]) -> dict[str, np.ndarray]:
         """clients/ datasets, aligned with clients/id (zero bytes and NaN times: did not start)."""
